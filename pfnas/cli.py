@@ -1,0 +1,214 @@
+"""``pfnas`` command line. User errors print one line and exit with code 2."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from .config import PfnasError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Per-layer prompt fusion search for frozen Vision Transformers.")
+baseline_app = typer.Typer(no_args_is_help=True, help="Discrete baselines under the search budget.")
+data_app = typer.Typer(no_args_is_help=True, help="Data set utilities.")
+app.add_typer(baseline_app, name="baseline")
+app.add_typer(data_app, name="data")
+console = Console()
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="Experiment YAML (defaults: embedded offline demo).")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a field, e.g. --set search.arch_lr=1e-3 (repeatable).")
+OutOpt = typer.Option(None, "--out", "-o", help="Output directory (default: <output_dir>/<name>).")
+
+
+def _cfg(config: Optional[Path], overrides: Optional[List[str]]):
+    return load_config(config, overrides)
+
+
+def _out(cfg, out: Optional[Path], suffix: str = "") -> Path:
+    return Path(out) if out else Path(cfg.output_dir) / (cfg.name + suffix)
+
+
+@app.command()
+def search(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt):
+    """Bilevel search only: writes policy.json, alpha.pt, search.pt and log.jsonl (resumes if present)."""
+    from .engine import Experiment, run_search
+
+    cfg = _cfg(config, overrides)
+    out_dir = _out(cfg, out)
+    exp = Experiment.build(cfg)
+    phase = run_search(exp, out_dir, progress=True)
+    console.print(f"policy: {json.dumps(phase.model.discretize())}")
+    console.print(f"wrote {out_dir / 'policy.json'}")
+
+
+@app.command()
+def retrain(policy: Path = typer.Option(..., "--policy", "-p", help="policy.json / .yaml from `pfnas search`."),
+            config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+            out: Optional[Path] = OutOpt):
+    """Retrain a fixed policy on train+val and report test accuracy (resumes if present)."""
+    from .engine import Experiment, backbone_param_count, run_retrain
+    from .model import load_policy
+
+    cfg = _cfg(config, overrides)
+    pol = load_policy(policy)
+    out_dir = _out(cfg, out, "-retrain")
+    exp = Experiment.build(cfg)
+    phase = run_retrain(exp, pol, out_dir, progress=True)
+    last = phase.history[-1]
+    tuned = phase.model.tuned_parameter_count()
+    res = {"test_acc": last.get("test_acc"), "tuned_params": tuned,
+           "tuned_percent": 100 * tuned / backbone_param_count(exp.backbone), "policy": pol}
+    (out_dir / "result.json").write_text(json.dumps(res, indent=1, default=str))
+    console.print(f"test acc {res['test_acc']:.4f}  tuned params {tuned} ({res['tuned_percent']:.2f}%)")
+
+
+@app.command()
+def run(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt):
+    """Search, discretize, retrain and test in one go (the engine's main job)."""
+    from .engine import run_experiment
+
+    cfg = _cfg(config, overrides)
+    out_dir = _out(cfg, out)
+    res = run_experiment(cfg, out_dir, progress=True)
+    console.print(f"policy: {json.dumps({str(k): v for k, v in res.policy.items()})}")
+    console.print(f"test acc {res.test_acc:.4f}  tuned params {res.tuned_params} ({res.tuned_percent:.2f}%)  "
+                  f"search {res.search_time_s:.1f}s  retrain {res.retrain_time_s:.1f}s  -> {out_dir}")
+
+
+@app.command()
+def tune(space: Path = typer.Option(..., "--space", help="Search-space YAML (search_spaces/*.yaml)."),
+         address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS",
+                                               help="Ray cluster address (auto, ray://...); default: local."),
+         tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                                    help="MLflow tracking URI (default sqlite:///mlflow.db)."),
+         experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment / study name."),
+         storage: Optional[Path] = typer.Option(None, "--storage", help="Ray Tune storage path (results, checkpoints)."),
+         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted study (Tuner.restore)."),
+         num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Override the space's num_samples."),
+         overrides: Optional[List[str]] = SetOpt):
+    """Ray Tune study with OptunaSearch over a YAML space; every trial logs to MLflow."""
+    from .tune import run_tune
+
+    summary = run_tune(space, address=address, tracking_uri=tracking_uri, experiment=experiment,
+                       storage=str(storage) if storage else None, resume=resume, overrides=overrides,
+                       num_samples=num_samples)
+    console.print(summary)
+
+
+@app.command()
+def compare(experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment (default: all)."),
+            tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
+            metric: str = typer.Option("test_acc", "--metric"),
+            out: Path = typer.Option(Path("compare"), "--out", "-o", help="Folder for CSV, plot and best YAML.")):
+    """Table of runs from MLflow (rich + CSV), accuracy vs tuned-params plot, best config as YAML."""
+    from .tracking import compare_runs
+
+    compare_runs(tracking_uri=tracking_uri, experiment=experiment, metric=metric, out_dir=out, console=console)
+
+
+@app.command()
+def bench(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+          batch_size: int = typer.Option(32, "--batch-size"), steps: int = typer.Option(10, "--steps"),
+          warmup: int = typer.Option(3, "--warmup"),
+          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table as JSON here.")):
+    """Images/s of frozen forward, VPT-deep, soft / single-path search and retrained-policy steps."""
+    from .bench import run_bench
+
+    cfg = _cfg(config, overrides)
+    run_bench(cfg, batch_size=batch_size, steps=steps, warmup=warmup, out=out, console=console)
+
+
+@data_app.command("check")
+def data_check(path: Path = typer.Argument(..., help="Data root or task folder."),
+               kind: Optional[str] = typer.Option(None, "--kind", help="vtab|fgvc|hta|imagefolder (auto)."),
+               task: Optional[str] = typer.Option(None, "--task")):
+    """Report classes, per-split counts and broken files of a data set."""
+    from .data import check_dataset
+
+    report = check_dataset(path, kind=kind, task=task)
+    console.print(report.render())
+    for p in report.problems:
+        console.print(f"[red]problem:[/red] {p}")
+    for b in report.broken:
+        console.print(f"[red]broken:[/red] {b}")
+    if not report.ok:
+        raise typer.Exit(2)
+
+
+@baseline_app.command("fixed")
+def baseline_fixed(op: str = typer.Option(..., "--op", help="prepend|add|affine|cross_attn (prepend = VPT-deep)."),
+                   config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+                   seeds: int = typer.Option(1, "--seeds"), out: Optional[Path] = OutOpt):
+    """Retrain a single-op policy on every layer."""
+    from .baselines import fixed_baseline
+
+    cfg = _cfg(config, overrides)
+    console.print(fixed_baseline(cfg, op, seeds=seeds, out_dir=_out(cfg, out, f"-fixed-{op}")))
+
+
+@baseline_app.command("probe")
+def baseline_probe(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+                   seeds: int = typer.Option(1, "--seeds"), out: Optional[Path] = OutOpt):
+    """Linear probe: head only on the frozen CLS feature."""
+    from .baselines import fixed_baseline
+
+    cfg = _cfg(config, overrides)
+    console.print(fixed_baseline(cfg, "none", seeds=seeds, out_dir=_out(cfg, out, "-probe")))
+
+
+@baseline_app.command("random")
+def baseline_random(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+                    samples: int = typer.Option(8, "--samples", help="Policies sampled."),
+                    weight_sharing: bool = typer.Option(False, "--weight-sharing/--no-weight-sharing"),
+                    out: Optional[Path] = OutOpt):
+    """Random search over layer policies under the differentiable search's budget."""
+    from .baselines import random_search
+
+    cfg = _cfg(config, overrides)
+    console.print(random_search(cfg, samples=samples, weight_sharing=weight_sharing,
+                                out_dir=_out(cfg, out, "-random")))
+
+
+@baseline_app.command("evolution")
+def baseline_evolution(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+                       population: int = typer.Option(6, "--population"), sample: int = typer.Option(3, "--sample"),
+                       cycles: int = typer.Option(12, "--cycles"), out: Optional[Path] = OutOpt):
+    """Regularized (aging) evolution over layer policies under the same budget."""
+    from .baselines import regularized_evolution
+
+    cfg = _cfg(config, overrides)
+    console.print(regularized_evolution(cfg, population=population, sample=sample, cycles=cycles,
+                                        out_dir=_out(cfg, out, "-evolution")))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point: run the typer app, turning user errors into one line and exit code 2."""
+    try:
+        app(args=argv, prog_name="pfnas", standalone_mode=False)
+    except PfnasError as e:
+        print(f"pfnas: error: {e}", file=sys.stderr)
+        return (2)
+    except (typer.Exit, SystemExit) as e:
+        code = getattr(e, "exit_code", getattr(e, "code", 0))
+        return (code if isinstance(code, int) else 1)
+    except KeyboardInterrupt:
+        print("pfnas: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return (130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            print(f"pfnas: error: {e.format_message()}", file=sys.stderr)
+            return (2)
+        if isinstance(e, click.exceptions.Abort):
+            return (130)
+        raise
+    return (0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Experiment configuration: pydantic v2 models, YAML loading and ``--set a.b=c`` overrides.
+
+Every model forbids unknown fields, so a typo in a YAML file or an override fails with a
+:class:`ConfigError` that names the field instead of being silently ignored.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+OPS: tuple[str, ...] = ("prepend", "add", "affine", "cross_attn")
+
+
+class PfnasError(Exception):
+    """A user-facing error: the CLI prints its message on one line and exits with code 2."""
+
+
+class ConfigError(PfnasError):
+    """Invalid configuration field or value."""
+
+
+class DataError(PfnasError):
+    """Missing or malformed data set."""
+
+
+class ModelError(PfnasError):
+    """Unknown model name or unreadable checkpoint."""
+
+
+class TrainingError(PfnasError):
+    """Training diverged (NaN/inf loss) or ran out of memory."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneConfig(_Strict):
+    """Frozen timm VisionTransformer. ``checkpoint`` loads a local file instead of hub weights."""
+
+    name: str = "vit_tiny_patch16_224"
+    pretrained: bool = False
+    checkpoint: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=lambda: {"img_size": 32, "patch_size": 4, "depth": 4})
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    checkpoint_num_classes: int | None = None  # classes of the head stored in ``checkpoint`` (dropped)
+
+
+class DataConfig(_Strict):
+    """Where the images come from. ``kind=synthetic`` is the embedded offline default."""
+
+    kind: Literal["vtab", "fgvc", "hta", "imagefolder", "synthetic"] = "synthetic"
+    root: str | None = None
+    task: str | None = None
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    augment: bool | None = None  # None: FGVC-style crop+flip for fgvc/hta, none for vtab (VPT recipe)
+    resident: bool = True  # decode once and keep uint8 tensors on the training device
+    synthetic_classes: int = Field(4, ge=2)
+    synthetic_per_class: int = Field(64, ge=4)
+
+    @model_validator(mode="after")
+    def _root_needed(self) -> "DataConfig":
+        if self.kind != "synthetic" and not self.root:
+            raise ValueError(f"data.root is required for data.kind={self.kind!r}")
+        return self
+
+
+class PromptConfig(_Strict):
+    """Per-layer prompts and the candidate fusion operators."""
+
+    length: int = Field(10, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    fusion_dim: int = Field(8, ge=1)  # reduced dim of the affine / cross_attn projections
+    ops: list[str] = Field(default_factory=lambda: list(OPS))
+
+    @field_validator("ops")
+    @classmethod
+    def _known_ops(cls, v: list[str]) -> list[str]:
+        bad = [o for o in v if o not in OPS]
+        if bad or not v:
+            raise ValueError(f"unknown fusion op(s) {bad}; choose from {list(OPS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("prompts.ops has duplicates")
+        return v
+
+
+class OptimConfig(_Strict):
+    """SGD recipe for prompts + head (VPT: momentum 0.9, cosine decay, linear warmup)."""
+
+    lr: float = Field(0.5, gt=0)  # base lr for batch 256, scaled by batch_size/256
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    warmup_epochs: int = Field(1, ge=0)
+    grad_clip: float | None = 5.0
+
+
+class TemperatureConfig(_Strict):
+    start: float = Field(1.0, gt=0)
+    end: float = Field(1.0, gt=0)
+    schedule: Literal["constant", "linear", "cosine", "exponential"] = "constant"
+
+
+class SearchConfig(_Strict):
+    """Bilevel DARTS/GDAS search over the per-layer fusion operators."""
+
+    epochs: int = Field(10, ge=1)
+    mode: Literal["softmax", "gumbel"] = "softmax"
+    order: Literal[1, 2] = 1
+    arch_lr: float = Field(3e-4, gt=0)
+    arch_betas: tuple[float, float] = (0.5, 0.999)
+    arch_weight_decay: float = Field(1e-3, ge=0)
+    arch_warmup_epochs: int = Field(0, ge=0)  # epochs of weight-only training before alpha moves
+    unrolled_lr: float | None = None  # xi of the second-order step; None: current prompt lr
+    entropy_weight: float = 0.0  # >0 pushes alpha to be decisive, <0 keeps it spread
+    tau: TemperatureConfig = Field(default_factory=TemperatureConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+
+
+class TrainConfig(_Strict):
+    """Retraining of a fixed (discretized) policy on train+val, evaluated on test."""
+
+    epochs: int = Field(10, ge=1)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+
+
+class PAEConfig(_Strict):
+    """Prompt-Agnostic Evolution plug-in (frequency init, Koopman and Lyapunov losses)."""
+
+    enabled: bool = False
+    freq_init: bool = True
+    n_bands: int = Field(8, ge=1)  # sliding radial band masks scored on the centred FFT
+    band_width: float = Field(0.25, gt=0, le=1)  # as a fraction of the max radius
+    score_batch: int = Field(64, ge=1)
+    koopman_weight: float = Field(0.1, ge=0)
+    lyapunov_weight: float = Field(0.01, ge=0)
+    latent_dim: int = Field(32, ge=1)
+
+
+class ExperimentConfig(_Strict):
+    """One search + retrain experiment."""
+
+    name: str = "pfnas"
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    output_dir: str = "runs"
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    prompts: PromptConfig = Field(default_factory=PromptConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    pae: PAEConfig = Field(default_factory=PAEConfig)
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line naming the first offending field, e.g. ``search.arch_lr: Input should be greater than 0``."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "__root__")
+    loc = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "config"
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    more = len(err.errors()) - 1
+    return f"{loc}: {msg}" + (f" (+{more} more)" if more > 0 else "")
+
+
+def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if nxt is None:
+            nxt = cur[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {k!r} is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings; values are parsed as YAML scalars/lists."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, val = item.split("=", 1)
+        try:
+            parsed = yaml.safe_load(val) if val != "" else ""
+        except yaml.YAMLError:
+            parsed = val
+        _set_path(raw, key.strip(), parsed)
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return data
+
+
+def validate(model: type[BaseModel], raw: dict[str, Any], prefix: str = ""):
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, prefix)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Build an :class:`ExperimentConfig` from an optional YAML file plus ``--set`` overrides."""
+    raw = read_yaml(path) if path else {}
+    return validate(ExperimentConfig, apply_overrides(raw, overrides))
+
+
+def merge_dotted(cfg: ExperimentConfig, params: dict[str, Any]) -> ExperimentConfig:
+    """Return a copy of ``cfg`` with dotted keys (``search.arch_lr``) replaced, validated again."""
+    raw = cfg.model_dump(mode="json")
+    for k, v in params.items():
+        _set_path(raw, k, v)
+    return validate(ExperimentConfig, raw)
+
+
+def dump_config(cfg: BaseModel, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,478 @@
+"""Training engine: bilevel search, discretization, retraining, evaluation, checkpoint/resume.
+
+No Ray or MLflow here: the orchestration layer drives :func:`run_experiment` (or the phases
+directly) through the ``on_epoch`` callback and the checkpoint files the engine writes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from itertools import cycle
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ExperimentConfig, OptimConfig, PfnasError, TemperatureConfig, TrainingError, dump_config
+from .data import TaskData, load_task
+from .model import PromptedViT, backbone_input, load_backbone, save_policy
+
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+# ----------------------------------------------------------------------------- helpers
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PfnasError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def temperature(cfg: TemperatureConfig, progress: float) -> float:
+    """Temperature at ``progress`` in [0, 1] of the search."""
+    t = min(max(progress, 0.0), 1.0)
+    a, b = cfg.start, cfg.end
+    if cfg.schedule == "constant":
+        return a
+    if cfg.schedule == "linear":
+        return a + (b - a) * t
+    if cfg.schedule == "cosine":
+        return b + (a - b) * 0.5 * (1 + math.cos(math.pi * t))
+    return a * (b / a) ** t  # exponential
+
+
+def lr_at(optim: OptimConfig, batch_size: int, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """VPT schedule: lr scaled by batch/256, linear warmup, then cosine decay to 0."""
+    base = optim.lr * batch_size / 256.0
+    warm = optim.warmup_epochs * steps_per_epoch
+    total = max(epochs * steps_per_epoch, 1)
+    if step < warm:
+        return base * (step + 1) / warm
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+
+
+def autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def _check_finite(loss: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingError(f"non-finite loss ({loss.item()}) {where}; lower the learning rate")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TaskData, split: str, batch_size: int, device: torch.device,
+             precision: str = "auto") -> dict[str, float]:
+    """Top-1 accuracy and mean loss of ``model`` on ``split``."""
+    was_training = model.training
+    model.eval()
+    n, correct, loss_sum = 0, 0, 0.0
+    for x, y in data.batches(split, batch_size):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        n += y.numel()
+    model.train(was_training)
+    return {"acc": correct / max(n, 1), "loss": loss_sum / max(n, 1)}
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- phases
+class Phase:
+    """One resumable training phase (search or retrain); ``run_epoch`` returns that epoch's metrics."""
+
+    name = "phase"
+    seed_offset = 0  # distinct data-order streams for search and retrain
+
+    def __init__(self, cfg: ExperimentConfig, model: PromptedViT, data: TaskData, device: torch.device,
+                 epochs: int, optim: OptimConfig, train_split: str, extra_loss: Any = None):
+        self.cfg, self.model, self.data, self.device = cfg, model.to(device), data, device
+        self.epochs, self.optim_cfg, self.train_split = epochs, optim, train_split
+        self.extra_loss = extra_loss  # PAE regulariser: module with .loss(model) and parameters
+        self.epoch = 0
+        self.step = 0
+        self.batch_size = cfg.data.batch_size
+        n = data.num_images(train_split)
+        self.steps_per_epoch = max(n // self.batch_size, 1) if n >= self.batch_size else 1
+        params = model.weight_parameters() + (list(extra_loss.parameters()) if extra_loss is not None else [])
+        self.weights = params
+        self.opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.seed_offset)
+        self.history: list[dict[str, Any]] = []
+
+    @property
+    def lr(self) -> float:
+        return lr_at(self.optim_cfg, self.batch_size, self.step, self.steps_per_epoch, self.epochs)
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.device, self.cfg.precision):
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        return loss, logits
+
+    def _weight_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr
+        loss, logits = self._loss(x, y)
+        total = loss
+        if self.extra_loss is not None:
+            total = total + self.extra_loss.loss(self.model)
+        _check_finite(total, f"in {self.name} epoch {self.epoch + 1} step {self.step}")
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        if self.optim_cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.weights, self.optim_cfg.grad_clip)
+        self.opt.step()
+        self.step += 1
+        return loss.item() * y.numel(), int((logits.argmax(-1) == y).sum())
+
+    def _train_batches(self):
+        return self.data.batches(self.train_split, self.batch_size, shuffle=True, generator=self.gen,
+                                 drop_last=self.data.num_images(self.train_split) >= self.batch_size)
+
+    # --- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {"phase": self.name, "epoch": self.epoch, "step": self.step,
+                "model": self.model.trainable_state_dict(), "opt": self.opt.state_dict(),
+                "extra": self.extra_loss.state_dict() if self.extra_loss is not None else None,
+                "gen": self.gen.get_state(), "rng": rng_state(), "history": self.history}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        if st.get("phase") != self.name:
+            raise PfnasError(f"checkpoint is for phase {st.get('phase')!r}, not {self.name!r}")
+        self.model.load_trainable_state_dict(st["model"])
+        self.opt.load_state_dict(st["opt"])
+        if self.extra_loss is not None and st.get("extra") is not None:
+            self.extra_loss.load_state_dict(st["extra"])
+        self.epoch, self.step, self.history = st["epoch"], st["step"], list(st["history"])
+        self.gen.set_state(st["gen"])
+        set_rng_state(st["rng"])
+
+    def run_epoch(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class SearchPhase(Phase):
+    """Bilevel search: prompts + head on ``train``, alpha on ``val`` (first or second order)."""
+
+    name = "search"
+    seed_offset = 1
+
+    def __init__(self, cfg: ExperimentConfig, model: PromptedViT, data: TaskData, device: torch.device,
+                 extra_loss: Any = None):
+        if model.alpha is None:
+            raise PfnasError("search needs a supernet (PromptedViT with policy=None)")
+        model.mode = cfg.search.mode
+        super().__init__(cfg, model, data, device, cfg.search.epochs, cfg.search.optim, "train", extra_loss)
+        s = cfg.search
+        self.arch_opt = torch.optim.Adam(model.arch_parameters(), lr=s.arch_lr, betas=tuple(s.arch_betas),
+                                         weight_decay=s.arch_weight_decay)
+        model.tau = temperature(s.tau, 0.0)
+
+    def state_dict(self):
+        return {**super().state_dict(), "arch_opt": self.arch_opt.state_dict()}
+
+    def load_state_dict(self, st):
+        super().load_state_dict(st)
+        self.arch_opt.load_state_dict(st["arch_opt"])
+
+    def _arch_loss(self, x, y) -> torch.Tensor:
+        loss, _ = self._loss(x, y)
+        if self.cfg.search.entropy_weight:
+            p = F.softmax(self.model.alpha, -1)
+            loss = loss + self.cfg.search.entropy_weight * -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+        return loss
+
+    def _arch_step(self, xt, yt, xv, yv) -> float:
+        alpha = self.model.alpha
+        if self.cfg.search.order == 1:
+            loss = self._arch_loss(xv, yv)
+            _check_finite(loss, f"in the arch step, epoch {self.epoch + 1}")
+            self.arch_opt.zero_grad(set_to_none=True)
+            alpha.grad = torch.autograd.grad(loss, alpha)[0]
+        else:
+            loss = self._second_order_grad(xt, yt, xv, yv)
+        self.arch_opt.step()
+        return loss.item()
+
+    def _second_order_grad(self, xt, yt, xv, yv) -> torch.Tensor:
+        """DARTS unrolled gradient: dL_val(w', a)/da - xi * Hessian-vector product by finite differences."""
+        alpha, ws = self.model.alpha, self.model.weight_parameters()
+        xi = self.cfg.search.unrolled_lr or self.lr
+        wd = self.optim_cfg.weight_decay
+        backup = [w.detach().clone() for w in ws]
+        gw = torch.autograd.grad(self._loss(xt, yt)[0], ws, allow_unused=True)
+        with torch.no_grad():  # one virtual SGD step: w' = w - xi (g + wd w)
+            for w, g in zip(ws, gw):
+                w.sub_(xi * ((g if g is not None else 0) + wd * w))
+        loss_v = self._arch_loss(xv, yv)
+        _check_finite(loss_v, f"in the unrolled arch step, epoch {self.epoch + 1}")
+        grads = torch.autograd.grad(loss_v, [alpha] + ws, allow_unused=True)
+        d_alpha, dw = grads[0], [g if g is not None else torch.zeros_like(w) for g, w in zip(grads[1:], ws)]
+        eps = 0.01 / (torch.sqrt(sum((g.float() ** 2).sum() for g in dw)) + 1e-12)
+        hvp = []
+        for sign in (1.0, -2.0):  # w + eps dw, then w - eps dw
+            with torch.no_grad():
+                for w, b, g in zip(ws, backup, dw):
+                    w.copy_(b + (eps * g if sign > 0 else -eps * g))
+            hvp.append(torch.autograd.grad(self._loss(xt, yt)[0], alpha)[0])
+        with torch.no_grad():
+            for w, b in zip(ws, backup):
+                w.copy_(b)
+        self.arch_opt.zero_grad(set_to_none=True)
+        alpha.grad = d_alpha - xi * (hvp[0] - hvp[1]) / (2 * eps)
+        return loss_v
+
+    def run_epoch(self) -> dict[str, Any]:
+        s = self.cfg.search
+        self.model.train()
+        self.model.tau = temperature(s.tau, self.epoch / max(self.epochs - 1, 1))
+        t0 = time.perf_counter()
+        n = correct = 0
+        loss_sum = arch_loss_sum = 0.0
+        arch_steps = 0
+        val_iter = cycle(list(self.data.batches("val", self.batch_size, shuffle=True, generator=self.gen)))
+        update_arch = self.epoch >= s.arch_warmup_epochs
+        for x, y in self._train_batches():
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if update_arch:
+                xv, yv = (t.to(self.device, non_blocking=True) for t in next(val_iter))
+                arch_loss_sum += self._arch_step(x, y, xv, yv)
+                arch_steps += 1
+            l, c = self._weight_step(x, y)
+            loss_sum, correct, n = loss_sum + l, correct + c, n + y.numel()
+        dt = time.perf_counter() - t0
+        self.epoch += 1
+        val = evaluate(self.model, self.data, "val", self.cfg.data.eval_batch_size, self.device, self.cfg.precision)
+        ent = self.model.alpha_entropy()
+        m = {"phase": self.name, "epoch": self.epoch, "train_loss": loss_sum / max(n, 1),
+             "train_acc": correct / max(n, 1), "val_acc": val["acc"], "val_loss": val["loss"],
+             "arch_loss": arch_loss_sum / max(arch_steps, 1), "tau": self.model.tau, "lr": self.lr,
+             "alpha_entropy": sum(ent) / len(ent), "alpha_entropy_per_layer": ent,
+             "alpha": self.model.alpha_probs().tolist(), "policy": self.model.discretize(),
+             "epoch_time_s": dt, "images_per_s": n / max(dt, 1e-9)}
+        self.history.append({k: v for k, v in m.items() if k != "alpha"})
+        return m
+
+
+class RetrainPhase(Phase):
+    """Train a fixed policy on ``trainval`` and evaluate on ``test`` every ``eval_every`` epochs."""
+
+    name = "retrain"
+    seed_offset = 2
+
+    def __init__(self, cfg: ExperimentConfig, model: PromptedViT, data: TaskData, device: torch.device,
+                 extra_loss: Any = None, train_split: str = "trainval", eval_split: str = "test",
+                 epochs: int | None = None, eval_every: int = 1):
+        super().__init__(cfg, model, data, device, epochs or cfg.train.epochs, cfg.train.optim, train_split,
+                         extra_loss)
+        self.eval_split, self.eval_every = eval_split, eval_every
+
+    def run_epoch(self) -> dict[str, Any]:
+        self.model.train()
+        t0 = time.perf_counter()
+        n = correct = 0
+        loss_sum = 0.0
+        for x, y in self._train_batches():
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            l, c = self._weight_step(x, y)
+            loss_sum, correct, n = loss_sum + l, correct + c, n + y.numel()
+        dt = time.perf_counter() - t0
+        self.epoch += 1
+        m: dict[str, Any] = {"phase": self.name, "epoch": self.epoch, "train_loss": loss_sum / max(n, 1),
+                             "train_acc": correct / max(n, 1), "lr": self.lr, "epoch_time_s": dt,
+                             "images_per_s": n / max(dt, 1e-9)}
+        if self.epoch % self.eval_every == 0 or self.epoch == self.epochs:
+            ev = evaluate(self.model, self.data, self.eval_split, self.cfg.data.eval_batch_size, self.device,
+                          self.cfg.precision)
+            m[f"{self.eval_split}_acc"], m[f"{self.eval_split}_loss"] = ev["acc"], ev["loss"]
+        self.history.append(m)
+        return m
+
+
+def fit(phase: Phase, ckpt_path: str | Path | None = None, on_epoch: EpochCallback | None = None,
+        log_path: str | Path | None = None, progress: bool = False, stop_after: int | None = None) -> Phase:
+    """Run ``phase`` to its last epoch, resuming from and saving to ``ckpt_path`` after every epoch.
+
+    ``stop_after`` ends early after that many epochs in this call (used to simulate interruption).
+    """
+    ckpt = Path(ckpt_path) if ckpt_path else None
+    if ckpt is not None and ckpt.is_file():
+        phase.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False))
+    bar = None
+    if progress and phase.epoch < phase.epochs:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                       TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+        bar.start()
+        task = bar.add_task(phase.name, total=phase.epochs, completed=phase.epoch, info="")
+    done = 0
+    try:
+        while phase.epoch < phase.epochs and (stop_after is None or done < stop_after):
+            try:
+                m = phase.run_epoch()
+            except torch.cuda.OutOfMemoryError:
+                raise TrainingError(f"out of GPU memory in {phase.name}; lower data.batch_size "
+                                    f"(now {phase.batch_size}) or prompts.length") from None
+            done += 1
+            if ckpt is not None:
+                save_atomic(phase.state_dict(), ckpt)
+            if log_path:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({k: v for k, v in m.items() if k != "alpha"}) + "\n")
+            if bar is not None:
+                acc = m.get("val_acc", m.get("test_acc"))
+                bar.update(task, completed=phase.epoch,
+                           info=f"loss {m['train_loss']:.3f}" + (f" acc {acc:.3f}" if acc is not None else ""))
+            if on_epoch is not None:
+                on_epoch(m)
+    finally:
+        if bar is not None:
+            bar.stop()
+    return phase
+
+
+# ----------------------------------------------------------------------------- experiment
+@dataclass
+class Experiment:
+    """Everything built from a config: frozen backbone, data on the device, device."""
+
+    cfg: ExperimentConfig
+    backbone: nn.Module
+    data: TaskData
+    device: torch.device
+
+    @classmethod
+    def build(cls, cfg: ExperimentConfig, data: TaskData | None = None, backbone: nn.Module | None = None):
+        device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        backbone = backbone if backbone is not None else load_backbone(cfg.backbone)
+        backbone = backbone.to(device)
+        if data is None:
+            size, mean, std = backbone_input(backbone)
+            data = load_task(cfg.data, img_size=size, mean=mean, std=std,
+                             device=device if cfg.data.resident else "cpu", seed=cfg.seed)
+        return cls(cfg, backbone, data, device)
+
+    def supernet(self) -> PromptedViT:
+        seed_everything(self.cfg.seed)
+        return PromptedViT(self.backbone, self.data.num_classes, self.cfg.prompts, None, self.cfg.search.mode)
+
+    def fixed(self, policy: dict | list) -> PromptedViT:
+        seed_everything(self.cfg.seed + 1)
+        return PromptedViT(self.backbone, self.data.num_classes, self.cfg.prompts, policy)
+
+    def pae(self, model: PromptedViT):
+        """PAE regulariser for ``model`` (frequency init applied now), or None when disabled."""
+        if not self.cfg.pae.enabled:
+            return None
+        from .pae import apply_pae
+
+        return apply_pae(self.cfg.pae, model, self.data, self.device, self.cfg.seed)
+
+
+@dataclass
+class ExperimentResult:
+    policy: dict[int, str]
+    test_acc: float
+    tuned_params: int
+    tuned_percent: float
+    search_history: list[dict[str, Any]] = field(default_factory=list)
+    retrain_history: list[dict[str, Any]] = field(default_factory=list)
+    search_time_s: float = 0.0
+    retrain_time_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        d = self.__dict__.copy()
+        d["policy"] = {str(k): v for k, v in self.policy.items()}
+        return d
+
+
+def backbone_param_count(backbone: nn.Module) -> int:
+    return sum(p.numel() for p in backbone.parameters())
+
+
+def run_search(exp: Experiment, out_dir: str | Path, on_epoch: EpochCallback | None = None,
+               progress: bool = False, stop_after: int | None = None) -> SearchPhase:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = exp.supernet()
+    phase = SearchPhase(exp.cfg, model, exp.data, exp.device, exp.pae(model))
+    fit(phase, out / "search.pt", on_epoch, out / "log.jsonl", progress, stop_after)
+    if phase.epoch >= phase.epochs:
+        save_policy(model.discretize(), out / "policy.json")
+        torch.save(model.alpha.detach().cpu(), out / "alpha.pt")
+    return phase
+
+
+def run_retrain(exp: Experiment, policy: dict | list, out_dir: str | Path, on_epoch: EpochCallback | None = None,
+                progress: bool = False, stop_after: int | None = None, eval_every: int = 1) -> RetrainPhase:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = exp.fixed(policy)
+    phase = RetrainPhase(exp.cfg, model, exp.data, exp.device, exp.pae(model), eval_every=eval_every)
+    fit(phase, out / "retrain.pt", on_epoch, out / "log.jsonl", progress, stop_after)
+    return phase
+
+
+def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_epoch: EpochCallback | None = None,
+                   progress: bool = False, exp: Experiment | None = None) -> ExperimentResult:
+    """Search, discretize, retrain on train+val and test; resumes from the checkpoints in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    exp = exp or Experiment.build(cfg)
+    t0 = time.perf_counter()
+    search = run_search(exp, out, on_epoch, progress)
+    t1 = time.perf_counter()
+    policy = search.model.discretize()
+    retrain = run_retrain(exp, policy, out, on_epoch, progress)
+    t2 = time.perf_counter()
+    final = retrain.history[-1]
+    tuned = retrain.model.tuned_parameter_count()
+    res = ExperimentResult(policy=policy, test_acc=final.get("test_acc", float("nan")), tuned_params=tuned,
+                           tuned_percent=100.0 * tuned / backbone_param_count(exp.backbone),
+                           search_history=search.history, retrain_history=retrain.history,
+                           search_time_s=t1 - t0, retrain_time_s=t2 - t1)
+    (out / "result.json").write_text(json.dumps(res.to_json(), indent=1))
+    return res

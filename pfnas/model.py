@@ -1,0 +1,349 @@
+"""Frozen timm ViT with per-layer learnable prompts fused by one of four operators.
+
+Every operator splits into ``fuse`` (build the block input from tokens and prompts) and ``split``
+(keep the image-token outputs of the block), so a layer's output always has the shape of its input:
+
+* ``prepend``    [prefix; P; patches] -> block -> drop prompt outputs (VPT-deep)
+* ``add``        block(X + mean(P))                         (VPT "add-1": one summary broadcast)
+* ``affine``     block((1 + gamma(s)) * X + beta(s)), s = mean(P), gamma/beta zero at init
+* ``cross_attn`` block(X + W_o attn(LN(X) W_q, P W_k, P W_v)), reduced dim, W_o zero at init
+
+A :class:`PromptedViT` built with ``policy=None`` is the search supernet: every layer mixes all
+candidate ops with weights ``softmax(alpha_l / tau)`` (DARTS) or a hard Gumbel sample (GDAS, only
+the sampled op runs). Built with a policy ``{layer: op}`` it is the fixed, retrainable model.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import OPS, BackboneConfig, ModelError, PfnasError, PromptConfig
+
+FIXED_OPS = OPS + ("none",)  # "none": the plain frozen block, no prompts (linear probe)
+
+
+# ----------------------------------------------------------------------------- backbone
+def _checkpoint_head_classes(path: Path) -> int | None:
+    """Number of classes of the head stored in a checkpoint file, if it has one."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_slice("head.weight").get_shape()[0] if "head.weight" in f.keys() else None
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd.get("model", sd)) if isinstance(sd, dict) else sd
+        w = sd.get("head.weight") if isinstance(sd, dict) else None
+        return int(w.shape[0]) if w is not None else None
+    except Exception as e:  # unreadable file
+        raise ModelError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+
+
+def load_backbone(cfg: BackboneConfig) -> nn.Module:
+    """Create a frozen timm VisionTransformer from the hub or a local checkpoint (eval mode)."""
+    import timm
+
+    if not timm.is_model(cfg.name):
+        raise ModelError(f"unknown timm model {cfg.name!r} (see timm.list_models('vit*'))")
+    kwargs = dict(cfg.kwargs)
+    pretrained = cfg.pretrained
+    if cfg.checkpoint:
+        path = Path(cfg.checkpoint).expanduser()
+        if not path.is_file():
+            raise ModelError(f"backbone checkpoint not found: {path}")
+        overlay: dict = {"file": str(path)}
+        n_head = cfg.checkpoint_num_classes or _checkpoint_head_classes(path)
+        if n_head:
+            overlay["num_classes"] = n_head
+        if cfg.mean and cfg.std:
+            overlay.update(mean=tuple(cfg.mean), std=tuple(cfg.std))
+        if "img_size" in kwargs:
+            s = kwargs["img_size"]
+            overlay["input_size"] = (3, s, s) if isinstance(s, int) else (3, *s)
+        kwargs["pretrained_cfg_overlay"] = overlay
+        pretrained = True
+    try:
+        model = timm.create_model(cfg.name, pretrained=pretrained, num_classes=0, **kwargs)
+    except PfnasError:
+        raise
+    except (RuntimeError, OSError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = f"checkpoint {cfg.checkpoint}" if cfg.checkpoint else ("hub weights" if pretrained else "config")
+        raise ModelError(f"cannot build {cfg.name} from {where}: {first[:300]}") from None
+    for attr in ("blocks", "patch_embed", "_pos_embed", "norm", "forward_head"):
+        if not hasattr(model, attr):
+            raise ModelError(f"{cfg.name} is not a timm VisionTransformer (no .{attr})")
+    if cfg.mean and cfg.std:
+        model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(cfg.mean), "std": tuple(cfg.std)}
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def backbone_input(backbone: nn.Module) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """(image size, mean, std) the backbone expects."""
+    size = backbone.patch_embed.img_size
+    size = int(size[0]) if isinstance(size, (tuple, list)) else int(size)
+    pc = getattr(backbone, "pretrained_cfg", {}) or {}
+    mean = tuple(pc.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(pc.get("std", (0.229, 0.224, 0.225)))
+    return size, mean, std
+
+
+# ----------------------------------------------------------------------------- operators
+class FusionOp(nn.Module):
+    """Base operator: ``fuse`` builds the block input, ``split`` keeps the image-token outputs."""
+
+    changes_length = False
+
+    def fuse(self, x: torch.Tensor, p: torch.Tensor, n_prefix: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def split(self, y: torch.Tensor, n_prefix: int, n_prompts: int) -> torch.Tensor:
+        return y
+
+
+class Prepend(FusionOp):
+    changes_length = True
+
+    def fuse(self, x, p, n_prefix):
+        pe = p.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        return torch.cat([x[:, :n_prefix], pe, x[:, n_prefix:]], dim=1)
+
+    def split(self, y, n_prefix, n_prompts):
+        return torch.cat([y[:, :n_prefix], y[:, n_prefix + n_prompts :]], dim=1)
+
+
+class Add(FusionOp):
+    def fuse(self, x, p, n_prefix):
+        return x + p.mean(0).to(x.dtype)
+
+
+class Affine(FusionOp):
+    """Scale and shift from the prompt summary through a rank-``r`` map; identity at init."""
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.down = nn.Parameter(torch.randn(dim, rank) / math.sqrt(dim))
+        self.up = nn.Parameter(torch.zeros(rank, 2 * dim))
+
+    def fuse(self, x, p, n_prefix):
+        gamma, beta = ((p.mean(0) @ self.down) @ self.up).to(x.dtype).chunk(2, dim=-1)
+        return x * (1 + gamma) + beta
+
+
+class CrossAttn(FusionOp):
+    """Tokens attend to the prompts in a reduced dimension; the output projection starts at zero."""
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.q = nn.Linear(dim, rank, bias=False)
+        self.k = nn.Linear(dim, rank, bias=False)
+        self.v = nn.Linear(dim, rank, bias=False)
+        self.o = nn.Linear(rank, dim, bias=False)
+        nn.init.zeros_(self.o.weight)
+
+    def fuse(self, x, p, n_prefix):
+        q = self.q(F.layer_norm(x, x.shape[-1:])).unsqueeze(1)  # B,1,T,r
+        k = self.k(p.to(x.dtype))[None, None].expand(x.shape[0], -1, -1, -1)  # B,1,M,r
+        v = self.v(p.to(x.dtype))[None, None].expand(x.shape[0], -1, -1, -1)
+        return x + self.o(F.scaled_dot_product_attention(q, k, v).squeeze(1))
+
+
+class Identity(FusionOp):
+    def fuse(self, x, p, n_prefix):
+        return x
+
+
+def make_op(name: str, dim: int, rank: int) -> FusionOp:
+    if name == "prepend":
+        return Prepend()
+    if name == "add":
+        return Add()
+    if name == "affine":
+        return Affine(dim, rank)
+    if name == "cross_attn":
+        return CrossAttn(dim, rank)
+    if name == "none":
+        return Identity()
+    raise PfnasError(f"unknown fusion op {name!r}; choose from {list(FIXED_OPS)}")
+
+
+# ----------------------------------------------------------------------------- policies
+def normalize_policy(policy: dict | list, depth: int) -> dict[int, str]:
+    """Accept ``{layer: op}`` (str or int keys) or a list of ops; check length and op names."""
+    if isinstance(policy, (list, tuple)):
+        policy = dict(enumerate(policy))
+    out = {int(k): str(v) for k, v in policy.items()}
+    if sorted(out) != list(range(depth)):
+        raise PfnasError(f"policy must name an op for each of the {depth} layers, got layers {sorted(out)}")
+    bad = {k: v for k, v in out.items() if v not in FIXED_OPS}
+    if bad:
+        raise PfnasError(f"policy has unknown op(s) {bad}; choose from {list(FIXED_OPS)}")
+    return out
+
+
+def save_policy(policy: dict[int, str], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({str(k): v for k, v in sorted(policy.items())}, indent=1))
+
+
+def load_policy(path: str | Path) -> dict[int, str]:
+    p = Path(path)
+    if not p.is_file():
+        raise PfnasError(f"policy file not found: {p}")
+    text = p.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if isinstance(data, dict) and "policy" in data:
+        data = data["policy"]
+    if not isinstance(data, (dict, list)):
+        raise PfnasError(f"{p}: a policy is a {{layer: op}} mapping or a list of ops")
+    return {int(k): v for k, v in (data.items() if isinstance(data, dict) else enumerate(data))}
+
+
+# ----------------------------------------------------------------------------- layers and model
+class PromptLayer(nn.Module):
+    """Prompts of one block plus its candidate operators (one for a fixed policy, several for search)."""
+
+    def __init__(self, ops: Iterable[str], length: int, dim: int, rank: int, init_bound: float):
+        super().__init__()
+        self.op_names = list(ops)
+        self.ops = nn.ModuleList(make_op(o, dim, rank) for o in self.op_names)
+        self.uses_prompts = any(o != "none" for o in self.op_names)
+        self.prompts = nn.Parameter(torch.empty(length if self.uses_prompts else 0, dim))
+        nn.init.uniform_(self.prompts, -init_bound, init_bound)
+
+    def run_op(self, i: int, block: nn.Module, x: torch.Tensor, p: torch.Tensor, n_prefix: int) -> torch.Tensor:
+        op = self.ops[i]
+        return op.split(block(op.fuse(x, p, n_prefix)), n_prefix, p.shape[0])
+
+    def run_mixed(self, block, x, p, n_prefix, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of every op's block output; same-length inputs share one batched block call."""
+        out = 0.0
+        same = [i for i, op in enumerate(self.ops) if not op.changes_length]
+        for i, op in enumerate(self.ops):
+            if op.changes_length:
+                out = out + weights[i] * self.run_op(i, block, x, p, n_prefix)
+        if same:
+            B = x.shape[0]
+            ys = block(torch.cat([self.ops[i].fuse(x, p, n_prefix) for i in same], dim=0))
+            for j, i in enumerate(same):
+                out = out + weights[i] * ys[j * B : (j + 1) * B]
+        return out
+
+
+class PromptedViT(nn.Module):
+    """Frozen ViT + per-layer prompts/operators + a linear head on the pooled feature.
+
+    ``policy=None`` builds the search supernet over ``prompt_cfg.ops`` with architecture
+    weights ``alpha`` [depth, n_ops]; a policy builds the fixed model with one op per layer.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, prompt_cfg: PromptConfig,
+                 policy: dict | list | None = None, mode: str = "softmax"):
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.depth = len(backbone.blocks)
+        self.dim = backbone.embed_dim
+        self.n_prefix = int(getattr(backbone, "num_prefix_tokens", 1))
+        self.mode = mode
+        self.tau = 1.0
+        patch = backbone.patch_embed.patch_size
+        patch_area = patch[0] * patch[1] if isinstance(patch, (tuple, list)) else patch * patch
+        bound = math.sqrt(6.0 / float(3 * patch_area + self.dim))  # VPT's uniform init
+        self.candidates = list(prompt_cfg.ops)
+        self.policy = normalize_policy(policy, self.depth) if policy is not None else None
+        layer_ops = ([[self.policy[l]] for l in range(self.depth)] if self.policy is not None
+                     else [self.candidates] * self.depth)
+        self.layers = nn.ModuleList(
+            PromptLayer(ops, prompt_cfg.length, self.dim, prompt_cfg.fusion_dim, bound) for ops in layer_ops)
+        self.prompt_dropout = nn.Dropout(prompt_cfg.dropout)
+        self.alpha = (nn.Parameter(1e-3 * torch.randn(self.depth, len(self.candidates)))
+                      if self.policy is None else None)
+        self.head = nn.Linear(self.dim, num_classes)
+        self._sampled: torch.Tensor | None = None
+
+    # --- parameter groups
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [self.alpha] if self.alpha is not None else []
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if p.requires_grad and n != "alpha"
+                and not n.startswith("backbone.")]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.named_parameters() if not n.startswith("backbone.")}
+
+    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        missing = self.load_state_dict(sd, strict=False)
+        bad = [k for k in missing.missing_keys if not k.startswith("backbone.")]
+        if bad or missing.unexpected_keys:
+            raise PfnasError(f"checkpoint does not match the model (missing {bad[:3]}, "
+                             f"unexpected {missing.unexpected_keys[:3]})")
+
+    def tuned_parameter_count(self) -> int:
+        """Parameters a deployed model adds to the backbone (prompts, op weights, head; no alpha)."""
+        return sum(p.numel() for p in self.weight_parameters())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # frozen backbone: dropout/droppath stay off, as in VPT
+        return self
+
+    # --- architecture
+    def op_weights(self) -> torch.Tensor:
+        """[depth, n_ops] mixing weights for the current forward (soft, or hard one-hot straight-through)."""
+        if self.mode == "gumbel" and self.training:
+            return F.gumbel_softmax(self.alpha, tau=self.tau, hard=True, dim=-1)
+        if self.mode == "gumbel":  # evaluate the supernet at its current argmax
+            return F.one_hot(self.alpha.argmax(-1), self.alpha.shape[-1]).to(self.alpha.dtype)
+        return F.softmax(self.alpha / self.tau, dim=-1)
+
+    def alpha_probs(self) -> torch.Tensor:
+        return F.softmax(self.alpha.detach().float(), dim=-1)
+
+    def alpha_entropy(self) -> list[float]:
+        """Per-layer entropy of softmax(alpha), normalised to [0, 1] by log(n_ops)."""
+        p = self.alpha_probs()
+        h = -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(max(p.shape[-1], 2))
+        return h.tolist()
+
+    def discretize(self) -> dict[int, str]:
+        """Argmax policy ``{layer: op}`` of the supernet."""
+        return {l: self.candidates[i] for l, i in enumerate(self.alpha.detach().argmax(-1).tolist())}
+
+    # --- forward
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        bb = self.backbone
+        x = bb.patch_embed(x)
+        x = bb._pos_embed(x)
+        x = bb.patch_drop(x) if hasattr(bb, "patch_drop") else x
+        return bb.norm_pre(x) if hasattr(bb, "norm_pre") else x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        weights = self.op_weights() if self.alpha is not None else None
+        for l, (block, layer) in enumerate(zip(self.backbone.blocks, self.layers)):
+            p = self.prompt_dropout(layer.prompts)
+            if weights is None:
+                x = layer.run_op(0, block, x, p, self.n_prefix)
+            elif self.mode == "gumbel":
+                i = int(weights[l].argmax())  # single path: only the sampled op runs
+                x = weights[l, i] * layer.run_op(i, block, x, p, self.n_prefix)
+            else:
+                x = layer.run_mixed(block, x, p, self.n_prefix, weights[l])
+        return self.backbone.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone.forward_head(self.forward_features(x), pre_logits=True)
+        return self.head(feats)

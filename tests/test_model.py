@@ -1,0 +1,142 @@
+"""Operators, supernet and policies on a tiny random-init timm ViT."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_BACKBONE
+from pfnas.config import BackboneConfig, ModelError, PromptConfig
+from pfnas.model import PromptedViT, load_backbone, load_policy, normalize_policy, save_policy
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return load_backbone(BackboneConfig(**TINY_BACKBONE))
+
+
+def vpt_deep_reference(bb, prompts: torch.Tensor, head: torch.nn.Linear, img: torch.Tensor) -> torch.Tensor:
+    """VPT-deep written from its definition: prompts after CLS, overwritten before every block."""
+    x = bb.norm_pre(bb._pos_embed(bb.patch_embed(img)))
+    B, M = x.shape[0], prompts.shape[1]
+    x = torch.cat([x[:, :1], prompts[0].expand(B, -1, -1), x[:, 1:]], dim=1)
+    for i, blk in enumerate(bb.blocks):
+        if i > 0:
+            x = torch.cat([x[:, :1], prompts[i].expand(B, -1, -1), x[:, 1 + M:]], dim=1)
+        x = blk(x)
+    return head(bb.norm(x)[:, 0])
+
+
+def test_all_prepend_equals_vpt_deep(backbone):
+    model = PromptedViT(backbone, 5, PromptConfig(length=3, dropout=0.1), policy=["prepend"] * 2).eval()
+    prompts = torch.stack([layer.prompts.detach() for layer in model.layers])
+    img = torch.randn(4, 3, 16, 16)
+    ref = vpt_deep_reference(backbone, prompts, model.head, img)
+    torch.testing.assert_close(model(img), ref, rtol=1e-5, atol=1e-5)
+    # the prompts matter: perturbing them changes the output
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.prompts.add_(torch.randn_like(layer.prompts))
+    assert not torch.allclose(model(img), ref, atol=1e-4)
+
+
+def test_vpt_init_bound(backbone):
+    model = PromptedViT(backbone, 5, PromptConfig(length=50), policy=["prepend"] * 2)
+    bound = (6.0 / (3 * 16 + 32)) ** 0.5
+    p = model.layers[0].prompts
+    assert p.abs().max() <= bound and p.abs().max() > 0.8 * bound
+
+
+@pytest.mark.parametrize("op", ["affine", "cross_attn"])
+def test_zero_init_ops_start_as_identity(backbone, op):
+    """affine and cross_attn are zero-initialised: the model starts as the plain frozen backbone."""
+    img = torch.randn(2, 3, 16, 16)
+    fused = PromptedViT(backbone, 5, PromptConfig(length=3), policy=[op] * 2).eval()
+    plain = PromptedViT(backbone, 5, PromptConfig(length=3), policy=["none"] * 2).eval()
+    plain.head.load_state_dict(fused.head.state_dict())
+    torch.testing.assert_close(fused(img), plain(img))
+
+
+def test_mixed_layer_is_weighted_sum_of_ops(backbone):
+    torch.manual_seed(1)
+    cfg = PromptConfig(length=3, dropout=0.0)
+    sup = PromptedViT(backbone, 5, cfg).eval()
+    for layer in sup.layers:  # make every op non-trivial
+        for op in layer.ops:
+            for p in op.parameters():
+                torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():
+        sup.alpha.copy_(torch.randn_like(sup.alpha))
+    sup.tau = 0.7
+    x = sup.embed(torch.randn(2, 3, 16, 16))
+    block, layer = backbone.blocks[0], sup.layers[0]
+    w = torch.softmax(sup.alpha[0] / 0.7, -1)
+    expect = sum(w[i] * layer.run_op(i, block, x, layer.prompts, 1) for i in range(len(layer.ops)))
+    got = layer.run_mixed(block, x, layer.prompts, 1, sup.op_weights()[0])
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_reaches_prompts_ops_head_and_alpha_only(backbone):
+    sup = PromptedViT(backbone, 5, PromptConfig(length=3)).train()
+    loss = torch.nn.functional.cross_entropy(sup(torch.randn(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    assert all(p.grad is None for p in backbone.parameters())
+    assert sup.alpha.grad is not None and sup.alpha.grad.abs().sum() > 0
+    for layer in sup.layers:
+        assert layer.prompts.grad is not None and layer.prompts.grad.abs().sum() > 0
+    assert sup.head.weight.grad.abs().sum() > 0
+    assert not backbone.training  # frozen backbone stays in eval mode under model.train()
+
+
+def test_gumbel_single_path_runs_one_op_per_layer(backbone):
+    sup = PromptedViT(backbone, 5, PromptConfig(length=3), mode="gumbel").train()
+    calls = []
+    hooks = [b.register_forward_hook(lambda m, i, o: calls.append(i[0].shape)) for b in backbone.blocks]
+    out = sup(torch.randn(4, 3, 16, 16))
+    for h in hooks:
+        h.remove()
+    assert len(calls) == 2 and all(s[0] == 4 for s in calls)  # one block call per layer, batch not tripled
+    out.sum().backward()
+    assert sup.alpha.grad is not None and sup.alpha.grad.abs().sum() > 0  # straight-through gradient
+
+
+def test_tuned_params_and_discretize(backbone):
+    cfg = PromptConfig(length=3, fusion_dim=4)
+    assert PromptedViT(backbone, 5, cfg, policy=["add"] * 2).tuned_parameter_count() == 2 * 3 * 32 + 32 * 5 + 5
+    assert PromptedViT(backbone, 5, cfg, policy=["none"] * 2).tuned_parameter_count() == 32 * 5 + 5
+    sup = PromptedViT(backbone, 5, cfg)
+    with torch.no_grad():
+        sup.alpha.zero_()
+        sup.alpha[0, 2] = 1.0
+        sup.alpha[1, 3] = 1.0
+    assert sup.discretize() == {0: "affine", 1: "cross_attn"}
+    ent = sup.alpha_entropy()
+    assert len(ent) == 2 and all(0 < h < 1 for h in ent)
+
+
+def test_policy_roundtrip_and_validation(tmp_path):
+    save_policy({0: "add", 1: "prepend"}, tmp_path / "p.json")
+    assert load_policy(tmp_path / "p.json") == {0: "add", 1: "prepend"}
+    (tmp_path / "p.yaml").write_text("- affine\n- cross_attn\n")
+    assert load_policy(tmp_path / "p.yaml") == {0: "affine", 1: "cross_attn"}
+    with pytest.raises(Exception, match="each of the 2 layers"):
+        normalize_policy({0: "add"}, 2)
+    with pytest.raises(Exception, match="unknown op"):
+        normalize_policy(["add", "bogus"], 2)
+
+
+def test_unknown_model_and_missing_checkpoint():
+    with pytest.raises(ModelError, match="unknown timm model"):
+        load_backbone(BackboneConfig(name="vit_does_not_exist"))
+    with pytest.raises(ModelError, match="not found"):
+        load_backbone(BackboneConfig(checkpoint="/nonexistent/w.safetensors"))
+
+
+def test_proxy_backbone_loads_real_weights(shared_proxy):
+    ckpt, _ = shared_proxy
+    bb = load_backbone(BackboneConfig(checkpoint=str(ckpt), kwargs={"img_size": 32, "patch_size": 4}))
+    from safetensors.torch import load_file
+
+    sd = load_file(str(ckpt))
+    torch.testing.assert_close(bb.blocks[3].attn.qkv.weight, sd["blocks.3.attn.qkv.weight"].float())
+    assert all(not p.requires_grad for p in bb.parameters())
