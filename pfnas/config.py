@@ -44,7 +44,7 @@ class BackboneConfig(_Strict):
     name: str = "vit_tiny_patch16_224"
     pretrained: bool = False
     checkpoint: str | None = None
-    kwargs: dict[str, Any] = Field(default_factory=lambda: {"img_size": 32, "patch_size": 4, "depth": 4})
+    kwargs: dict[str, Any] = Field(default_factory=lambda: {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 96, "num_heads": 3})
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     checkpoint_num_classes: int | None = None  # classes of the head stored in ``checkpoint`` (dropped)
@@ -141,6 +141,25 @@ class PAEConfig(_Strict):
     latent_dim: int = Field(32, ge=1)
 
 
+class MethodConfig(_Strict):
+    """What an experiment runs: the differentiable search or a discrete baseline under its budget."""
+
+    kind: Literal["search", "fixed", "probe", "random", "evolution"] = "search"
+    op: str = "prepend"  # kind=fixed: the op used on every layer (prepend = VPT-deep)
+    samples: int = Field(8, ge=1)  # kind=random: policies sampled
+    weight_sharing: bool = False  # kind=random: rank samples inside one trained supernet
+    population: int = Field(6, ge=2)  # kind=evolution
+    sample_size: int = Field(3, ge=1)  # kind=evolution: tournament size S
+    budget_multiplier: float = Field(1.0, gt=0)  # x the search's budget (epochs x train images)
+
+    @field_validator("op")
+    @classmethod
+    def _known_op(cls, v: str) -> str:
+        if v not in OPS + ("none",):
+            raise ValueError(f"unknown fusion op {v!r}; choose from {list(OPS)}")
+        return v
+
+
 class ExperimentConfig(_Strict):
     """One search + retrain experiment."""
 
@@ -155,6 +174,7 @@ class ExperimentConfig(_Strict):
     search: SearchConfig = Field(default_factory=SearchConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     pae: PAEConfig = Field(default_factory=PAEConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:

@@ -1,0 +1,176 @@
+"""Bilevel search, retraining, checkpoint/resume and user-facing errors of the engine."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, tiny_config
+from pfnas.cli import main
+from pfnas.config import ConfigError, OptimConfig, TemperatureConfig, TrainingError, load_config
+from pfnas.engine import (Experiment, SearchPhase, fit, lr_at, run_experiment, run_retrain, run_search,
+                          temperature)
+
+
+@pytest.fixture(scope="module")
+def exp():
+    return Experiment.build(tiny_config())
+
+
+def _trainable(model):
+    return {k: v.clone() for k, v in model.trainable_state_dict().items()}
+
+
+def test_temperature_schedules():
+    for sched in ("constant", "linear", "cosine", "exponential"):
+        t = TemperatureConfig(start=5.0, end=0.5, schedule=sched)
+        assert temperature(t, 0.0) == pytest.approx(5.0)
+        assert temperature(t, 1.0) == pytest.approx(5.0 if sched == "constant" else 0.5)
+    assert temperature(TemperatureConfig(start=4, end=1, schedule="linear"), 0.5) == pytest.approx(2.5)
+    assert temperature(TemperatureConfig(start=4, end=1, schedule="exponential"), 0.5) == pytest.approx(2.0)
+    assert temperature(TemperatureConfig(start=4, end=1, schedule="cosine"), 0.5) == pytest.approx(2.5)
+
+
+def test_lr_schedule_scales_warms_up_and_decays():
+    o = OptimConfig(lr=1.0, warmup_epochs=1)
+    assert lr_at(o, 128, 0, 10, 5) == pytest.approx(0.5 / 10)  # scaled by 128/256, warmup step 1/10
+    assert lr_at(o, 128, 10, 10, 5) == pytest.approx(0.5)  # peak after warmup
+    assert lr_at(o, 128, 49, 10, 5) < 0.01
+
+
+def test_search_writes_policy_log_and_tracks_entropy(exp, tmp_path):
+    phase = run_search(exp, tmp_path)
+    lines = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2] and all(l["phase"] == "search" for l in lines)
+    assert len(lines[-1]["alpha_entropy_per_layer"]) == 2
+    assert all(0.0 <= h <= 1.0 for h in lines[-1]["alpha_entropy_per_layer"])
+    policy = json.loads((tmp_path / "policy.json").read_text())
+    assert policy == {str(k): v for k, v in phase.model.discretize().items()}
+    assert not torch.allclose(phase.model.alpha.detach(), torch.zeros_like(phase.model.alpha), atol=1e-3)
+
+
+def _one_arch_step(exp, order: int) -> torch.Tensor:
+    cfg = tiny_config(search={"order": order, "epochs": 2, "optim": {"lr": 1.0, "warmup_epochs": 0}})
+    model = exp.supernet()
+    phase = SearchPhase(cfg, model, exp.data, exp.device)
+    xt, yt = next(exp.data.batches("train", 16))
+    xv, yv = next(exp.data.batches("val", 16))
+    before = _trainable(model)
+    torch.manual_seed(0)
+    phase._arch_step(xt, yt, xv, yv)
+    after = _trainable(model)
+    for k in before:  # the weights are restored after the unrolled look-ahead
+        if k != "alpha":
+            torch.testing.assert_close(after[k], before[k])
+    assert not torch.equal(after["alpha"], before["alpha"])
+    return model.alpha.grad.clone()
+
+
+def test_second_order_step_differs_from_first_order(exp):
+    """Adam's first step is ~lr*sign(g) either way, so compare the architecture gradients."""
+    g1, g2 = _one_arch_step(exp, 1), _one_arch_step(exp, 2)
+    assert g1.abs().sum() > 0 and g2.abs().sum() > 0
+    assert not torch.allclose(g1, g2, rtol=1e-4, atol=1e-7)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    cfg = tiny_config(search={"epochs": 3, "mode": "gumbel", "tau": {"start": 2.0, "end": 0.5, "schedule": "linear"},
+                              "optim": {"lr": 1.0, "warmup_epochs": 1}},
+                      prompts={"length": 4, "dropout": 0.1, "fusion_dim": 4})
+    full = run_search(Experiment.build(cfg), tmp_path / "full")
+    run_search(Experiment.build(cfg), tmp_path / "cut", stop_after=1)
+    assert json.loads((tmp_path / "cut" / "log.jsonl").read_text().splitlines()[-1])["epoch"] == 1
+    torch.manual_seed(1234)  # a fresh process would have a different global RNG; the checkpoint restores it
+    resumed = run_search(Experiment.build(cfg), tmp_path / "cut")
+    a, b = _trainable(full.model), _trainable(resumed.model)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("epoch_time_s", "images_per_s")} for e in h]
+    assert strip(full.history) == strip(resumed.history)
+
+
+def test_retrain_and_experiment_end_to_end(tmp_path):
+    cfg = tiny_config()
+    res = run_experiment(cfg, tmp_path)
+    assert set(res.policy.values()) <= {"prepend", "add", "affine", "cross_attn"} and len(res.policy) == 2
+    assert 0.0 <= res.test_acc <= 1.0
+    assert res.tuned_params > 0 and 0 < res.tuned_percent < 100
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["test_acc"] == res.test_acc
+    phases = [json.loads(l)["phase"] for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert phases == ["search", "search", "retrain", "retrain"]
+    # rerunning resumes from finished checkpoints: no new epochs, same answer
+    again = run_experiment(cfg, tmp_path)
+    assert again.test_acc == res.test_acc
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 4
+
+
+def test_vpt_deep_learns_a_real_task_on_the_proxy_backbone(shared_proxy, tmp_path):
+    """Real pretrained features + real data: one epoch of all-prepend is far above chance (10%)."""
+    ckpt, root = shared_proxy
+    cfg = tiny_config(backbone={"name": "vit_tiny_patch16_224", "checkpoint": str(ckpt),
+                                "kwargs": {"img_size": 32, "patch_size": 4},
+                                "mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]},
+                      data={"kind": "vtab", "root": str(root), "task": "digits", "batch_size": 64},
+                      prompts={"length": 5, "dropout": 0.0, "fusion_dim": 4},
+                      train={"epochs": 1, "optim": {"lr": 0.5, "warmup_epochs": 0}})
+    exp = Experiment.build(cfg)
+    phase = run_retrain(exp, ["prepend"] * 12, tmp_path)
+    assert phase.history[-1]["test_acc"] > 0.4
+
+
+def test_training_loss_decreases(tmp_path):
+    cfg = tiny_config(train={"epochs": 6, "optim": {"lr": 1.0, "warmup_epochs": 0}})
+    phase = run_retrain(Experiment.build(cfg), ["prepend", "affine"], tmp_path, eval_every=6)
+    losses = [h["train_loss"] for h in phase.history]
+    assert losses[-1] < losses[0]
+
+
+def test_nan_loss_raises_training_error(tmp_path):
+    cfg = tiny_config(train={"epochs": 2, "optim": {"lr": 1e30, "warmup_epochs": 0, "grad_clip": None}})
+    exp = Experiment.build(cfg)
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        run_retrain(exp, ["add", "add"], tmp_path)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"^search\.bogus: unknown field"):
+        load_config(None, ["search.bogus=1"])
+    with pytest.raises(ConfigError, match=r"^search\.arch_lr: "):
+        load_config(None, ["search.arch_lr=-1"])
+    with pytest.raises(ConfigError, match=r"prompts\.ops"):
+        load_config(None, ["prompts.ops=[prepend,shuffle]"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  kind: vtab\n")
+    with pytest.raises(ConfigError, match="data.root is required"):
+        load_config(bad)
+    assert load_config(None, ["search.arch_lr=1e-3", "prompts.length=5"]).search.arch_lr == 1e-3
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["run", "--set", "search.nope=3"], "search.nope: unknown field"),
+    (["run", "--set", "backbone.name=vit_nonexistent"], "unknown timm model"),
+    (["run", "--set", "data.kind=vtab", "--set", "data.root=/nonexistent/vtab", "--set", "data.task=x"], "/nonexistent"),
+    (["run", "--config", "/nonexistent.yaml"], "config file not found"),
+])
+def test_cli_bad_input_exits_2_with_one_line(args, needle, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+
+
+def test_cli_process_exit_code_and_run(tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "pfnas", "search", "--set", "search.epochs=0"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and "search.epochs" in bad.stderr and "Traceback" not in bad.stderr
+    ok = subprocess.run([sys.executable, "-m", "pfnas", "run", "--out", str(tmp_path / "o"),
+                         "--set", "search.epochs=1", "--set", "train.epochs=1"],
+                        capture_output=True, text=True, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    res = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert len(res["policy"]) == 4 and not math.isnan(res["test_acc"])
