@@ -125,6 +125,7 @@ class TrainConfig(_Strict):
     """Retraining of a fixed (discretized) policy on train+val, evaluated on test."""
 
     epochs: int = Field(10, ge=1)
+    eval_every: int = Field(1, ge=1)  # test evaluation every N epochs (and always after the last)
     optim: OptimConfig = Field(default_factory=OptimConfig)
 
 
@@ -216,8 +217,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
     return raw
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+EMBEDDED_CONFIGS = Path(__file__).with_name("configs")
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A file path, or the name of an embedded config (``demo``, ``proxy``) in ``pfnas/configs``."""
     p = Path(path)
+    if not p.is_file() and p.suffix == "" and (EMBEDDED_CONFIGS / f"{p.name}.yaml").is_file():
+        return EMBEDDED_CONFIGS / f"{p.name}.yaml"
+    return p
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = resolve_config_path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:

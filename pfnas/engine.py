@@ -302,10 +302,10 @@ class RetrainPhase(Phase):
 
     def __init__(self, cfg: ExperimentConfig, model: PromptedViT, data: TaskData, device: torch.device,
                  extra_loss: Any = None, train_split: str = "trainval", eval_split: str = "test",
-                 epochs: int | None = None, eval_every: int = 1):
+                 epochs: int | None = None, eval_every: int | None = None):
         super().__init__(cfg, model, data, device, epochs or cfg.train.epochs, cfg.train.optim, train_split,
                          extra_loss)
-        self.eval_split, self.eval_every = eval_split, eval_every
+        self.eval_split, self.eval_every = eval_split, eval_every or cfg.train.eval_every
 
     def run_epoch(self) -> dict[str, Any]:
         self.model.train()
@@ -446,7 +446,8 @@ def run_search(exp: Experiment, out_dir: str | Path, on_epoch: EpochCallback | N
 
 
 def run_retrain(exp: Experiment, policy: dict | list, out_dir: str | Path, on_epoch: EpochCallback | None = None,
-                progress: bool = False, stop_after: int | None = None, eval_every: int = 1) -> RetrainPhase:
+                progress: bool = False, stop_after: int | None = None,
+                eval_every: int | None = None) -> RetrainPhase:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = exp.fixed(policy)
