@@ -115,6 +115,8 @@ class SearchConfig(_Strict):
     arch_betas: tuple[float, float] = (0.5, 0.999)
     arch_weight_decay: float = Field(1e-3, ge=0)
     arch_warmup_epochs: int = Field(0, ge=0)  # epochs of weight-only training before alpha moves
+    arch_every: int | None = Field(None, ge=1)  # weight steps per arch step; None: |train| // |val|,
+    # so one epoch uses the val split once (VTAB-1k: every 4th step, search cost ~1.25x VPT-deep)
     unrolled_lr: float | None = None  # xi of the second-order step; None: current prompt lr
     entropy_weight: float = 0.0  # >0 pushes alpha to be decisive, <0 keeps it spread
     tau: TemperatureConfig = Field(default_factory=TemperatureConfig)

@@ -207,6 +207,8 @@ class SearchPhase(Phase):
         self.arch_opt = torch.optim.Adam(model.arch_parameters(), lr=s.arch_lr, betas=tuple(s.arch_betas),
                                          weight_decay=s.arch_weight_decay)
         model.tau = temperature(s.tau, 0.0)
+        n_val = max(data.num_images("val"), 1)
+        self.arch_every = s.arch_every or max(data.num_images("train") // n_val, 1)
 
     def state_dict(self):
         return {**super().state_dict(), "arch_opt": self.arch_opt.state_dict()}
@@ -272,13 +274,17 @@ class SearchPhase(Phase):
         arch_steps = 0
         val_iter = cycle(list(self.data.batches("val", self.batch_size, shuffle=True, generator=self.gen)))
         update_arch = self.epoch >= s.arch_warmup_epochs
-        for x, y in self._train_batches():
+        for i, (x, y) in enumerate(self._train_batches()):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if update_arch:
+            if update_arch and i % self.arch_every == 0:
                 xv, yv = (t.to(self.device, non_blocking=True) for t in next(val_iter))
                 arch_loss_sum += self._arch_step(x, y, xv, yv)
                 arch_steps += 1
-            l, c = self._weight_step(x, y)
+            self.model.alpha.requires_grad_(False)  # the weight step needs no alpha gradient
+            try:
+                l, c = self._weight_step(x, y)
+            finally:
+                self.model.alpha.requires_grad_(True)
             loss_sum, correct, n = loss_sum + l, correct + c, n + y.numel()
         dt = time.perf_counter() - t0
         self.epoch += 1
@@ -286,7 +292,7 @@ class SearchPhase(Phase):
         ent = self.model.alpha_entropy()
         m = {"phase": self.name, "epoch": self.epoch, "train_loss": loss_sum / max(n, 1),
              "train_acc": correct / max(n, 1), "val_acc": val["acc"], "val_loss": val["loss"],
-             "arch_loss": arch_loss_sum / max(arch_steps, 1), "tau": self.model.tau, "lr": self.lr,
+             "arch_loss": arch_loss_sum / max(arch_steps, 1), "arch_steps": arch_steps, "tau": self.model.tau, "lr": self.lr,
              "alpha_entropy": sum(ent) / len(ent), "alpha_entropy_per_layer": ent,
              "alpha": self.model.alpha_probs().tolist(), "policy": self.model.discretize(),
              "epoch_time_s": dt, "images_per_s": n / max(dt, 1e-9)}

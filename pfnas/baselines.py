@@ -1,0 +1,492 @@
+"""Discrete baselines compared with the differentiable search at the same budget.
+
+Budget and cost are counted in images processed by a training (forward + backward) pass:
+
+* budget = ``search.epochs * n_train * method.budget_multiplier`` (``n_train``: images in ``train``);
+* the search's ``cost_images`` = weight-step images on ``train`` + images of the ``val`` batches
+  used by alpha steps (+ three extra ``train`` batches per alpha step when ``search.order == 2``,
+  for the unrolled gradient and the two finite-difference passes); see :func:`search_cost`;
+* a discrete baseline's ``cost_images`` = the images its candidates (or its weight-sharing
+  supernet) were trained on. Forward-only scoring passes on ``val`` are reported apart as
+  ``eval_images`` (the search's per-epoch val evaluation is not counted either);
+* the final retrain of the selected policy on ``trainval`` is identical for every method and is
+  not part of ``cost_images``. Fixed policies and the linear probe select nothing: cost 0.
+
+Every method writes into ``out_dir``: ``state.json`` (the selection loop), one subfolder per
+candidate (``cand_000/`` ... with the engine's checkpoint), ``shared/`` (weight-sharing supernet),
+``retrain/`` (final policy) and ``result.json``. Rerunning the same call continues where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .config import ExperimentConfig, PfnasError, dump_config, merge_dotted
+from .engine import (EpochCallback, Experiment, Phase, backbone_param_count, evaluate, fit, lr_at,
+                     run_experiment, run_retrain)
+from .model import PromptedViT
+
+PATH_LOGIT = 1e4  # alpha value that pins a gumbel supernet to one path (softmax of the rest is exactly 0)
+
+
+# ----------------------------------------------------------------------------- budget
+def _steps_per_epoch(n: int, batch_size: int) -> int:
+    """Steps of an engine epoch on ``n`` images (drop_last when ``n >= batch_size``)."""
+    return max(n // batch_size, 1) if n >= batch_size else 1
+
+
+def _images_per_step(n: int, batch_size: int) -> int:
+    return batch_size if n >= batch_size else n
+
+
+def budget_images(cfg: ExperimentConfig, data) -> int:
+    """Training images a baseline may spend: ``search.epochs * n_train * method.budget_multiplier``."""
+    return int(cfg.search.epochs * data.num_images("train") * cfg.method.budget_multiplier)
+
+
+def search_cost(cfg: ExperimentConfig, data) -> dict[str, int]:
+    """Images the differentiable search trains on, as :class:`~pfnas.engine.SearchPhase` draws them."""
+    s, bs = cfg.search, cfg.data.batch_size
+    n_train, n_val = data.num_images("train"), data.num_images("val")
+    spe, per = _steps_per_epoch(n_train, bs), _images_per_step(n_train, bs)
+    val_sizes = [min(bs, n_val - i) for i in range(0, n_val, bs)]  # the val list an epoch cycles through
+    arch_epochs = max(s.epochs - s.arch_warmup_epochs, 0)
+    train = s.epochs * spe * per
+    val = arch_epochs * sum(val_sizes[i % len(val_sizes)] for i in range(spe))
+    unrolled = 3 * arch_epochs * spe * per if s.order == 2 else 0
+    return {"train_images": train, "val_images": val, "unrolled_images": unrolled,
+            "total": train + val + unrolled}
+
+
+# ----------------------------------------------------------------------------- policies and evolution
+def random_policy(depth: int, ops: Sequence[str], rng: random.Random) -> dict[int, str]:
+    return {l: rng.choice(list(ops)) for l in range(depth)}
+
+
+def sample_policies(n: int, depth: int, ops: Sequence[str], rng: random.Random) -> list[dict[int, str]]:
+    """``n`` random policies, all distinct while the space (``len(ops) ** depth``) allows it."""
+    space = len(ops) ** depth
+    out: list[dict[int, str]] = []
+    seen: set[tuple[str, ...]] = set()
+    while len(out) < n:
+        p = random_policy(depth, ops, rng)
+        key = tuple(p[l] for l in range(depth))
+        if key in seen and len(seen) < space:
+            continue
+        seen.add(key)
+        out.append(p)
+    return out
+
+
+def mutate(policy: dict[int, str], ops: Sequence[str], rng: random.Random) -> dict[int, str]:
+    """Copy of ``policy`` with one uniformly chosen layer switched to a different op."""
+    if len(ops) < 2:
+        raise PfnasError("evolution needs at least two candidate ops (prompts.ops)")
+    child = {int(k): v for k, v in policy.items()}
+    layer = rng.choice(sorted(child))
+    child[layer] = rng.choice([o for o in ops if o != child[layer]])
+    return child
+
+
+def evolution_step(population: Sequence[dict[str, Any]], sample_size: int, ops: Sequence[str],
+                   rng: random.Random) -> tuple[int, dict[int, str]]:
+    """Tournament of regularized evolution: sample ``sample_size`` members with replacement, take the
+    best ``val_acc`` (ties: the first drawn) as parent; returns (parent index, mutated child policy)."""
+    drawn = rng.choices(range(len(population)), k=sample_size)
+    parent = max(drawn, key=lambda i: population[i]["val_acc"])  # max keeps the first of equal values
+    return parent, mutate(population[parent]["policy"], ops, rng)
+
+
+def age_out(population: Sequence[Any], child: Any) -> list[Any]:
+    """Append ``child`` and drop the oldest member (index 0): the population size stays constant."""
+    return list(population[1:]) + [child]
+
+
+def regularized_evolution_step(population: Sequence[dict[str, Any]], fitness: Callable[[dict[int, str]], float],
+                               sample_size: int, ops: Sequence[str], rng: random.Random
+                               ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One full cycle on in-memory members ``{"policy", "val_acc"}``: select, mutate, score, age."""
+    parent, policy = evolution_step(population, sample_size, ops, rng)
+    child = {"policy": policy, "val_acc": float(fitness(policy)), "parent": parent}
+    return age_out(population, child), child
+
+
+def _policy_json(policy: dict[int, str]) -> dict[str, str]:
+    return {str(k): v for k, v in sorted(policy.items())}
+
+
+def _policy_int(policy: dict) -> dict[int, str]:
+    return {int(k): v for k, v in policy.items()}
+
+
+# ----------------------------------------------------------------------------- budgeted training phases
+class BudgetPhase(Phase):
+    """Weight training on ``train`` for exactly ``max_steps`` steps (the last epoch is cut short) with
+    the search's optimiser recipe; scores ``score_split`` after the last step. Counts its images."""
+
+    name = "candidate"
+    seed_offset = 3
+
+    def __init__(self, cfg: ExperimentConfig, model: PromptedViT, data, device: torch.device, max_steps: int,
+                 extra_loss: Any = None, score_split: str | None = "val"):
+        super().__init__(cfg, model, data, device, 1, cfg.search.optim, "train", extra_loss)
+        self.max_steps = max(int(max_steps), 1)
+        self.epochs = math.ceil(self.max_steps / self.steps_per_epoch)
+        self.score_split = score_split
+        self.images = 0
+
+    @property
+    def lr(self) -> float:  # warmup + cosine over max_steps rather than whole epochs
+        return lr_at(self.optim_cfg, self.batch_size, self.step, self.steps_per_epoch,
+                     self.max_steps / self.steps_per_epoch)
+
+    def _weight_step(self, x, y):
+        out = super()._weight_step(x, y)
+        self.images += int(y.numel())
+        return out
+
+    def state_dict(self):
+        return {**super().state_dict(), "images": self.images}
+
+    def load_state_dict(self, st):
+        super().load_state_dict(st)
+        self.images = int(st["images"])
+
+    def run_epoch(self) -> dict[str, Any]:
+        self.model.train()
+        t0 = time.perf_counter()
+        n = correct = 0
+        loss_sum = 0.0
+        for x, y in self._train_batches():
+            if self.step >= self.max_steps:
+                break
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            l, c = self._weight_step(x, y)
+            loss_sum, correct, n = loss_sum + l, correct + c, n + y.numel()
+        dt = time.perf_counter() - t0
+        self.epoch += 1
+        m: dict[str, Any] = {"phase": self.name, "epoch": self.epoch, "train_loss": loss_sum / max(n, 1),
+                             "train_acc": correct / max(n, 1), "lr": self.lr, "epoch_time_s": dt,
+                             "images_per_s": n / max(dt, 1e-9), "images": self.images}
+        if self.score_split and self.epoch == self.epochs:
+            ev = evaluate(self.model, self.data, self.score_split, self.cfg.data.eval_batch_size, self.device,
+                          self.cfg.precision)
+            m[f"{self.score_split}_acc"], m[f"{self.score_split}_loss"] = ev["acc"], ev["loss"]
+        self.history.append(m)
+        return m
+
+
+def set_path(model: PromptedViT, ops_idx: Sequence[int]) -> None:
+    """Pin a gumbel-mode supernet to one op per layer (train and eval forward run only that path)."""
+    with torch.no_grad():
+        model.alpha.zero_()
+        model.alpha[torch.arange(model.depth), torch.as_tensor(list(ops_idx))] = PATH_LOGIT
+
+
+class SharedPhase(BudgetPhase):
+    """Uniform single-path supernet training (Li & Talwalkar): a random op per layer at every step."""
+
+    name = "shared"
+    seed_offset = 4
+
+    def __init__(self, cfg: ExperimentConfig, model: PromptedViT, data, device: torch.device, max_steps: int,
+                 extra_loss: Any = None):
+        model.mode, model.tau = "gumbel", 1.0
+        model.alpha.requires_grad_(False)  # alpha only selects the path; it is never trained here
+        super().__init__(cfg, model, data, device, max_steps, extra_loss, score_split=None)
+        self.path_gen = torch.Generator().manual_seed(cfg.seed * 1000 + 5)
+
+    def _weight_step(self, x, y):
+        set_path(self.model, torch.randint(len(self.model.candidates), (self.model.depth,),
+                                           generator=self.path_gen).tolist())
+        return super()._weight_step(x, y)
+
+    def state_dict(self):
+        return {**super().state_dict(), "path_gen": self.path_gen.get_state()}
+
+    def load_state_dict(self, st):
+        super().load_state_dict(st)
+        self.path_gen.set_state(st["path_gen"])
+
+
+# ----------------------------------------------------------------------------- state and helpers
+def _fingerprint(cfg: ExperimentConfig, **extra: Any) -> str:
+    raw = cfg.model_dump(mode="json")
+    for k in ("name", "output_dir", "device"):
+        raw.pop(k, None)
+    return hashlib.sha1(json.dumps([raw, extra], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load_state(out: Path, fingerprint: str) -> dict[str, Any]:
+    path = out / "state.json"
+    if not path.is_file():
+        return {"fingerprint": fingerprint}
+    st = json.loads(path.read_text())
+    if st.get("fingerprint") != fingerprint:
+        raise PfnasError(f"{out} holds a run with a different configuration; use another output folder")
+    return st
+
+
+def _save_state(out: Path, st: dict[str, Any]) -> None:
+    tmp = out / "state.json.tmp"
+    tmp.write_text(json.dumps(st, indent=1))
+    os.replace(tmp, out / "state.json")
+
+
+def _train_candidate(exp: Experiment, policy: dict[int, str], folder: Path, steps: int) -> dict[str, Any]:
+    """Train ``policy`` on ``train`` for ``steps`` steps (resumable), return its record with ``val_acc``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = exp.fixed(policy)
+    phase = BudgetPhase(exp.cfg, model, exp.data, exp.device, steps, exp.pae(model))
+    fit(phase, folder / "candidate.pt", log_path=folder / "log.jsonl")
+    last = phase.history[-1]
+    return {"policy": _policy_json(policy), "val_acc": last["val_acc"], "val_loss": last["val_loss"],
+            "train_loss": last["train_loss"], "images": phase.images, "steps": phase.step,
+            "time_s": sum(h["epoch_time_s"] for h in phase.history)}
+
+
+def _best(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Highest ``val_acc``; ties go to the earliest record."""
+    return max(records, key=lambda r: r["val_acc"])
+
+
+def _emit(on_epoch: EpochCallback | None, metrics: dict[str, Any]) -> None:
+    if on_epoch is not None:
+        on_epoch(metrics)
+
+
+def _finish(exp: Experiment, out: Path, policy: dict[int, str], on_epoch: EpochCallback | None, progress: bool,
+            res: dict[str, Any], t0: float) -> dict[str, Any]:
+    """Retrain ``policy`` on trainval, test it and write ``result.json``."""
+    phase = run_retrain(exp, policy, out / "retrain", on_epoch, progress)
+    tuned = phase.model.tuned_parameter_count()
+    res = {"method": exp.cfg.method.kind, "seed": exp.cfg.seed, "policy": _policy_json(policy), "val_acc": None,
+           "cost_images": 0, "budget_images": budget_images(exp.cfg, exp.data), "eval_images": 0, "history": [],
+           **res, "test_acc": phase.history[-1].get("test_acc", float("nan")), "tuned_params": tuned,
+           "tuned_percent": 100.0 * tuned / backbone_param_count(exp.backbone),
+           "retrain_history": phase.history, "time_s": time.perf_counter() - t0}
+    (out / "result.json").write_text(json.dumps(res, indent=1, default=str))
+    return res
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        from rich.console import Console
+
+        Console().print(msg)
+
+
+# ----------------------------------------------------------------------------- methods
+def _run_search(exp: Experiment, out: Path, on_epoch, progress, t0) -> dict[str, Any]:
+    r = run_experiment(exp.cfg, out, on_epoch, progress, exp=exp)
+    cost = search_cost(exp.cfg, exp.data)
+    res = {"method": "search", "seed": exp.cfg.seed, **r.to_json(),
+           "val_acc": r.search_history[-1]["val_acc"] if r.search_history else None,
+           "cost_images": cost["total"], "cost_breakdown": cost, "budget_images": budget_images(exp.cfg, exp.data),
+           "eval_images": exp.cfg.search.epochs * exp.data.num_images("val"), "history": r.search_history,
+           "time_s": time.perf_counter() - t0}
+    (out / "result.json").write_text(json.dumps(res, indent=1, default=str))
+    return res
+
+
+def _run_random(exp: Experiment, out: Path, on_epoch, progress, t0) -> dict[str, Any]:
+    """``method.samples`` distinct random policies. Without weight sharing each trains on ``train`` for
+    ``budget // (samples * batch)`` steps and is scored on ``val``; with it one uniform single-path
+    supernet trains for ``budget // batch`` steps and every sample is scored through it on ``val``."""
+    cfg, data = exp.cfg, exp.data
+    mc, depth, ops = cfg.method, len(exp.backbone.blocks), list(cfg.prompts.ops)
+    budget = budget_images(cfg, data)
+    per_step = _images_per_step(data.num_images("train"), cfg.data.batch_size)
+    st = _load_state(out, _fingerprint(cfg))
+    if "policies" not in st:
+        pols = sample_policies(mc.samples, depth, ops, random.Random(f"pfnas-random-{cfg.seed}"))
+        st["policies"] = [_policy_json(p) for p in pols]
+        _save_state(out, st)
+    policies = [_policy_int(p) for p in st["policies"]]
+    n_val = data.num_images("val")
+    if mc.weight_sharing:
+        steps = budget // per_step
+        if steps < 1:
+            raise PfnasError(f"budget of {budget} images is less than one batch; raise method.budget_multiplier")
+        model = exp.supernet()
+        model.mode = "gumbel"
+        phase = SharedPhase(cfg, model, data, exp.device, steps, exp.pae(model))
+        shared = out / "shared"
+        shared.mkdir(parents=True, exist_ok=True)
+        fit(phase, shared / "shared.pt",
+            lambda m: _emit(on_epoch, {**m, "cost_images": phase.images, "budget_images": budget}),
+            shared / "log.jsonl", progress)
+        spent = phase.images
+        records = st.setdefault("ranking", [])
+        index = {o: i for i, o in enumerate(model.candidates)}
+        for i in range(len(records), len(policies)):
+            set_path(model, [index[policies[i][l]] for l in range(depth)])
+            ev = evaluate(model, data, "val", cfg.data.eval_batch_size, exp.device, cfg.precision)
+            records.append({"id": i, "policy": _policy_json(policies[i]), "val_acc": ev["acc"], "val_loss": ev["loss"]})
+            _save_state(out, st)
+            _emit(on_epoch, {"phase": "random", "candidate": i, "val_acc": ev["acc"],
+                             "best_val_acc": _best(records)["val_acc"], "cost_images": spent, "budget_images": budget})
+        extra = {"shared_steps": phase.step, "shared_history": phase.history}
+    else:
+        steps = budget // (mc.samples * per_step)
+        if steps < 1:
+            raise PfnasError(f"budget of {budget} images cannot train {mc.samples} samples for one batch each; "
+                             "lower method.samples or raise method.budget_multiplier")
+        records = st.setdefault("done", [])
+        for i in range(len(records), len(policies)):
+            rec = {"id": i, **_train_candidate(exp, policies[i], out / f"cand_{i:03d}", steps)}
+            records.append(rec)
+            _save_state(out, st)
+            spent = sum(r["images"] for r in records)
+            _say(progress, f"candidate {i}: val acc {rec['val_acc']:.4f}  {rec['policy']}")
+            _emit(on_epoch, {"phase": "random", "candidate": i, "val_acc": rec["val_acc"],
+                             "train_loss": rec["train_loss"], "best_val_acc": _best(records)["val_acc"],
+                             "cost_images": spent, "budget_images": budget})
+        spent = sum(r["images"] for r in records)
+        extra = {"candidate_steps": steps}
+    best = _best(records)
+    res = {"weight_sharing": mc.weight_sharing, "samples": mc.samples, "val_acc": best["val_acc"],
+           "selected": best["id"], "cost_images": spent, "eval_images": len(records) * n_val,
+           "history": records, **extra}
+    return _finish(exp, out, _policy_int(best["policy"]), on_epoch, progress, res, t0)
+
+
+def _run_evolution(exp: Experiment, out: Path, on_epoch, progress, t0, cycles: int | None) -> dict[str, Any]:
+    """Aging evolution. Every candidate gets the same steps: the budget split over ``population + cycles``
+    candidates (``max(method.samples, population + 1)`` when ``cycles`` is None), at least one batch;
+    the loop ends when the next candidate would overrun the budget or the cycles run out."""
+    cfg, data = exp.cfg, exp.data
+    mc, depth, ops = cfg.method, len(exp.backbone.blocks), list(cfg.prompts.ops)
+    budget = budget_images(cfg, data)
+    per_step = _images_per_step(data.num_images("train"), cfg.data.batch_size)
+    planned = mc.population + cycles if cycles is not None else max(mc.samples, mc.population + 1)
+    steps = max(budget // (planned * per_step), 1)  # the loop below stops when the budget is spent
+    cand_images = steps * per_step
+    if mc.population * cand_images > budget:
+        raise PfnasError(f"budget of {budget} images cannot train the initial population of {mc.population} "
+                         "for one batch each; lower method.population or raise method.budget_multiplier")
+    st = _load_state(out, _fingerprint(cfg, cycles=cycles))
+    if "initial" not in st:
+        init = sample_policies(mc.population, depth, ops, random.Random(f"pfnas-evolution-init-{cfg.seed}"))
+        st.update(initial=[_policy_json(p) for p in init], members=[], population=[])
+        _save_state(out, st)
+    members, pop = st["members"], st["population"]
+    while True:
+        i = len(members)
+        parent, cycle = None, None
+        if i < mc.population:
+            policy = _policy_int(st["initial"][i])
+        else:
+            cycle = i - mc.population
+            if cycles is not None and cycle >= cycles:
+                break
+            p_idx, policy = evolution_step([members[j] for j in pop], mc.sample_size, ops,
+                                           random.Random(f"pfnas-evolution-{cfg.seed}-{cycle}"))
+            parent = pop[p_idx]
+        spent = sum(r["images"] for r in members)
+        if spent + cand_images > budget:
+            break
+        rec = {"id": i, "cycle": cycle, "parent": parent,
+               **_train_candidate(exp, policy, out / f"cand_{i:03d}", steps)}
+        members.append(rec)
+        st["population"] = pop = age_out(pop, i) if cycle is not None else pop + [i]
+        _save_state(out, st)
+        _say(progress, f"candidate {i}: val acc {rec['val_acc']:.4f}  {rec['policy']}")
+        _emit(on_epoch, {"phase": "evolution", "candidate": i, "cycle": -1 if cycle is None else cycle,
+                         "val_acc": rec["val_acc"], "train_loss": rec["train_loss"],
+                         "best_val_acc": _best(members)["val_acc"], "cost_images": spent + rec["images"],
+                         "budget_images": budget, "population_best_val_acc": max(members[j]["val_acc"] for j in pop)})
+    best = _best(members)
+    res = {"population": mc.population, "sample_size": mc.sample_size, "cycles": cycles,
+           "val_acc": best["val_acc"], "selected": best["id"], "cost_images": sum(r["images"] for r in members),
+           "eval_images": len(members) * data.num_images("val"), "candidate_steps": steps,
+           "final_population": list(pop), "history": members}
+    return _finish(exp, out, _policy_int(best["policy"]), on_epoch, progress, res, t0)
+
+
+def run_method(cfg: ExperimentConfig, out_dir: str | Path, on_epoch: EpochCallback | None = None,
+               progress: bool = False, *, exp: Experiment | None = None, cycles: int | None = None) -> dict[str, Any]:
+    """Run ``cfg.method.kind`` (search, fixed, probe, random, evolution) into ``out_dir``; resumable.
+
+    Returns the dict also written to ``out_dir/result.json``: method, seed, policy, val_acc,
+    test_acc, tuned_params, tuned_percent, cost_images, budget_images, eval_images, history, ...
+    ``cycles`` caps the evolution cycles on top of the budget (None: budget only).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    t0 = time.perf_counter()
+    exp = exp or Experiment.build(cfg)
+    kind = cfg.method.kind
+    if kind == "search":
+        return _run_search(exp, out, on_epoch, progress, t0)
+    if kind in ("fixed", "probe"):
+        op = "none" if kind == "probe" else cfg.method.op
+        return _finish(exp, out, {l: op for l in range(len(exp.backbone.blocks))}, on_epoch, progress,
+                       {"op": op}, t0)
+    if kind == "random":
+        return _run_random(exp, out, on_epoch, progress, t0)
+    if kind == "evolution":
+        return _run_evolution(exp, out, on_epoch, progress, t0, cycles)
+    raise PfnasError(f"unknown method.kind {kind!r}")
+
+
+# ----------------------------------------------------------------------------- CLI entry points
+_SUMMARY_KEYS = ("method", "op", "seed", "weight_sharing", "samples", "population", "sample_size", "cycles",
+                 "policy", "val_acc", "test_acc", "tuned_params", "tuned_percent", "cost_images", "budget_images",
+                 "time_s")
+
+
+def _summary(res: dict[str, Any], out: Path) -> dict[str, Any]:
+    s = {k: res[k] for k in _SUMMARY_KEYS if k in res}
+    s["out_dir"] = str(out)
+    return s
+
+
+def _default_out(cfg: ExperimentConfig, suffix: str) -> Path:
+    return Path(cfg.output_dir) / f"{cfg.name}-{suffix}"
+
+
+def fixed_baseline(cfg: ExperimentConfig, op: str, seeds: int = 1, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """``op`` on every layer (``none`` = linear probe), retrained and tested for seeds ``cfg.seed + i``.
+
+    Each seed runs in ``out_dir/seed<k>``; the summary has the mean and sample std (0 for one seed).
+    """
+    out = Path(out_dir) if out_dir else _default_out(cfg, "probe" if op == "none" else f"fixed-{op}")
+    kind = "probe" if op == "none" else "fixed"
+    runs = []
+    for i in range(max(int(seeds), 1)):
+        c = merge_dotted(cfg, {"seed": cfg.seed + i, "method.kind": kind, "method.op": op})
+        runs.append(run_method(c, out / f"seed{c.seed}"))
+    accs = [r["test_acc"] for r in runs]
+    summary = {"method": kind, "op": op, "seeds": [r["seed"] for r in runs], "test_accs": accs,
+               "test_acc_mean": statistics.fmean(accs), "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+               "tuned_params": runs[0]["tuned_params"], "tuned_percent": runs[0]["tuned_percent"],
+               "out_dir": str(out)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def random_search(cfg: ExperimentConfig, samples: int = 8, weight_sharing: bool = False,
+                  out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Random search over layer policies under the search's budget (optionally with weight sharing)."""
+    out = Path(out_dir) if out_dir else _default_out(cfg, "random")
+    c = merge_dotted(cfg, {"method.kind": "random", "method.samples": samples, "method.weight_sharing": weight_sharing})
+    return _summary(run_method(c, out, progress=True), out)
+
+
+def regularized_evolution(cfg: ExperimentConfig, population: int = 6, sample: int = 3, cycles: int | None = None,
+                          out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Regularized (aging) evolution under the search's budget; ``cycles`` caps the cycles as well."""
+    out = Path(out_dir) if out_dir else _default_out(cfg, "evolution")
+    c = merge_dotted(cfg, {"method.kind": "evolution", "method.population": population, "method.sample_size": sample})
+    return _summary(run_method(c, out, progress=True, cycles=cycles), out)

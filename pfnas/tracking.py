@@ -1,0 +1,448 @@
+"""MLflow tracking: a parent run per study, a nested run per trial, and comparison of logged runs.
+
+The engine never imports MLflow; :class:`RunLogger` turns its ``on_epoch`` metrics into MLflow calls.
+Tags written on every pfnas run (and read back by :func:`compare_runs`):
+
+* ``pfnas.kind``        ``study`` (parent), ``trial`` (one Tune trial) or ``run`` (a single experiment)
+* ``pfnas.label``       human label of the method and its tuned values (equal configs share a label)
+* ``pfnas.config_hash`` hash of the config without seed/name/output_dir/device: runs that share it are
+                        seeds of one configuration and are averaged by :func:`compare_runs`
+* ``mlflow.parentRunId`` on trial runs, the study's parent run
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .config import ExperimentConfig, PfnasError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+_HASH_EXCLUDE = ("seed", "name", "output_dir", "device")
+
+
+# ----------------------------------------------------------------------------- URIs and experiments
+def resolve_tracking_uri(uri: str | None = None, base_dir: str | Path | None = None) -> str:
+    """Absolute tracking URI: ``uri``, else env ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
+
+    Relative sqlite files and plain paths are made absolute against ``base_dir`` (default: the
+    current directory) so worker processes in other directories write to the same store.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    if uri.startswith("sqlite:///"):
+        rest = uri[len("sqlite:///"):]
+        if rest and rest != ":memory:" and not rest.startswith("/"):
+            return "sqlite:///" + os.path.normpath(str(base / Path(rest).expanduser()))
+        return uri
+    if "://" not in uri and not uri.startswith(("file:", "databricks")):
+        return Path(os.path.normpath(base / Path(uri).expanduser())).as_uri()
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:////") else None
+
+
+def get_experiment_id(client, name: str, tracking_uri: str) -> str:
+    """Id of MLflow experiment ``name``, created (artifacts next to a sqlite file) if missing."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = None
+    db = _sqlite_path(tracking_uri)
+    if db is not None:  # keep artifacts beside the database, not in whatever the cwd is
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "default"
+        location = (db.parent / "mlruns" / safe).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def make_client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+# ----------------------------------------------------------------------------- config helpers
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> dotted keys (lists and tuples stay values)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_params(cfg: ExperimentConfig) -> dict[str, str]:
+    """The flattened dotted config as MLflow param strings."""
+    return {k: (json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v))[:6000]
+            for k, v in flatten(cfg.model_dump(mode="json")).items()}
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """Hash of everything that defines a configuration except the seed and bookkeeping fields."""
+    d = cfg.model_dump(mode="json")
+    for k in _HASH_EXCLUDE:
+        d.pop(k, None)
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def method_label(cfg: ExperimentConfig) -> str:
+    """Short name of what ``cfg`` runs: ``search``, ``fixed:prepend``, ``probe``, ``random+ws``..."""
+    m = cfg.method
+    if m.kind == "search":
+        return "search" + ("-gdas" if cfg.search.mode == "gumbel" else "")
+    if m.kind == "fixed":
+        return f"fixed:{m.op}"
+    if m.kind == "random":
+        return "random" + ("+ws" if m.weight_sharing else "")
+    return m.kind
+
+
+def format_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+# ----------------------------------------------------------------------------- figures
+def alpha_heatmap(alpha: list[list[float]], ops: list[str], title: str = "softmax(alpha)"):
+    """Matplotlib figure (no pyplot state) of the layers x ops architecture weights."""
+    from matplotlib.figure import Figure
+
+    n_layers = len(alpha)
+    fig = Figure(figsize=(1.2 + 1.1 * len(ops), 0.9 + 0.35 * n_layers), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(alpha, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(ops)), labels=ops)
+    ax.set_yticks(range(n_layers), labels=[str(i) for i in range(n_layers)])
+    ax.set_xlabel("operator")
+    ax.set_ylabel("layer")
+    for i, row in enumerate(alpha):
+        for j, p in enumerate(row):
+            ax.text(j, i, f"{p:.2f}", ha="center", va="center", fontsize=7, color="w" if p < 0.6 else "k")
+    fig.colorbar(im, ax=ax)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- run logger
+class RunLogger:
+    """One MLflow run fed by the engine's epoch callback; never raises.
+
+    Any MLflow error (server down, locked database) logs one warning and pauses logging for
+    ``retry_s`` seconds; epoch metrics are buffered meanwhile and flushed when MLflow answers again.
+    Pass ``run_id`` to continue an existing run (a resumed trial).
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, cfg: ExperimentConfig | None = None,
+                 *, parent_run_id: str | None = None, run_id: str | None = None, tags: dict[str, str] | None = None,
+                 retry_s: float = 60.0):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail fast when a server is down
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        self.tracking_uri, self.experiment, self.run_name, self.cfg = tracking_uri, experiment, run_name, cfg
+        self.parent_run_id, self.run_id, self.retry_s = parent_run_id, run_id, retry_s
+        self.tags = dict(tags or {})
+        self.client = None
+        self._pending: list[Any] = []
+        self._paused_until = 0.0
+        self._warned = False
+        self._alpha: list[list[float]] | None = None
+        self._heatmap_logged = False
+        self._throughput: dict[str, list[float]] = {}
+        self._ensure_run()
+
+    # --- plumbing
+    def _ok(self) -> bool:
+        return time.monotonic() >= self._paused_until
+
+    def _fail(self, what: str, err: BaseException) -> None:
+        self._paused_until = time.monotonic() + self.retry_s
+        if not self._warned:
+            self._warned = True
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            log.warning("MLflow %s failed for run %s (%s); training continues, logging retries later",
+                        what, self.run_name, first)
+
+    def _call(self, what: str, fn) -> bool:
+        """Run ``fn()`` (which may use ``self.client``/``self.run_id``) unless MLflow is paused."""
+        if not self._ok() or not self._ensure_run():
+            return False
+        try:
+            fn()
+            return True
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            self._fail(what, e)
+            return False
+
+    def _ensure_run(self) -> bool:
+        if self.run_id is not None and self.client is not None:
+            return True
+        if not self._ok():
+            return False
+        try:
+            from mlflow.entities import Param
+
+            self.client = self.client or make_client(self.tracking_uri)
+            if self.run_id is not None:  # resumed: reopen the run, params are already there
+                self.client.update_run(self.run_id, status="RUNNING")
+                return True
+            exp_id = get_experiment_id(self.client, self.experiment, self.tracking_uri)
+            tags = dict(self.tags)
+            if self.parent_run_id:
+                tags["mlflow.parentRunId"] = self.parent_run_id
+            if self.cfg is not None:
+                tags.setdefault("pfnas.label", method_label(self.cfg))
+                tags.setdefault("pfnas.method", self.cfg.method.kind)
+                tags.setdefault("pfnas.config_hash", config_hash(self.cfg))
+            run = self.client.create_run(exp_id, tags=tags, run_name=self.run_name)
+            self.run_id = run.info.run_id
+            if self.cfg is not None:
+                params = [Param(k, v) for k, v in config_params(self.cfg).items()]
+                for i in range(0, len(params), 100):
+                    self.client.log_batch(self.run_id, params=params[i:i + 100])
+                self.client.log_dict(self.run_id, self.cfg.model_dump(mode="json"), "config.yaml")
+            return True
+        except Exception as e:  # noqa: BLE001
+            self._fail("run creation", e)
+            return False
+
+    def _flush(self) -> None:
+        if self._pending and self._call("metric logging", self._log_pending):
+            self._pending = []
+
+    def _log_pending(self) -> None:
+        for i in range(0, len(self._pending), 500):
+            self.client.log_batch(self.run_id, metrics=self._pending[i:i + 500])
+
+    def log_metrics(self, metrics: dict[str, Any], step: int = 0) -> None:
+        """Buffer finite scalars and try to send everything buffered."""
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if _scalar(v)]
+        self._flush()
+
+    # --- engine callbacks
+    def log_epoch(self, m: dict[str, Any]) -> None:
+        """``on_epoch`` metrics: scalars as ``<phase>/<name>`` at ``step=epoch``; alpha heatmap at search end."""
+        phase = str(m.get("phase", "run"))
+        step = int(m.get("epoch", 0))
+        self.log_metrics({f"{phase}/{k}": v for k, v in m.items() if k not in ("phase", "epoch")}, step)
+        if _scalar(m.get("images_per_s")):
+            self._throughput.setdefault(phase, []).append(float(m["images_per_s"]))
+        if phase == "search" and isinstance(m.get("alpha"), list):
+            self._alpha = m["alpha"]
+            if self.cfg is not None and self.cfg.method.kind == "search" and step >= self.cfg.search.epochs:
+                self._log_heatmap(m.get("policy"))
+
+    def _log_heatmap(self, policy: Any = None) -> None:
+        if self._alpha is None or self._heatmap_logged:
+            return
+        ops = list(self.cfg.prompts.ops) if self.cfg is not None else [str(i) for i in range(len(self._alpha[0]))]
+        title = "softmax(alpha)"
+        if isinstance(policy, dict):
+            title += "  policy: " + " ".join(str(v)[:4] for _, v in sorted(policy.items(), key=lambda kv: int(kv[0])))
+        fig = alpha_heatmap(self._alpha, ops, title)
+        if self._call("figure logging", lambda: self.client.log_figure(self.run_id, fig, "alpha_heatmap.png")):
+            self._heatmap_logged = True
+            alpha = {"ops": ops, "alpha": self._alpha}
+            self._call("artifact logging", lambda: self.client.log_dict(self.run_id, alpha, "alpha.json"))
+
+    def finish(self, result: dict[str, Any] | None = None, status: str = "FINISHED", error: str | None = None) -> None:
+        """Final metrics (test_acc, tuned params/percent, cost, throughput), the policy, and the run status."""
+        if result:
+            final = {k: result.get(k) for k in ("test_acc", "val_acc", "tuned_params", "tuned_percent",
+                                                "cost_images", "search_time_s", "retrain_time_s", "time_s")}
+            for phase, vals in self._throughput.items():
+                final[f"{phase}_images_per_s"] = sum(vals) / len(vals)
+            if "retrain" in self._throughput:
+                final["images_per_s"] = final["retrain_images_per_s"]
+            self.log_metrics(final)
+            self._log_heatmap(result.get("policy"))
+            if isinstance(result.get("policy"), dict):
+                policy = {str(k): v for k, v in result["policy"].items()}
+                self._call("artifact logging", lambda: self.client.log_dict(self.run_id, policy, "policy.json"))
+        else:
+            self._flush()
+        if error:
+            self._call("tag logging", lambda: self.client.set_tag(self.run_id, "pfnas.error", error[:5000]))
+        self._call("run termination", lambda: self.client.set_terminated(self.run_id, status))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self._call("tag logging", lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v))
+                                                                                for k, v in tags.items()]))
+
+
+# ----------------------------------------------------------------------------- compare
+def _iter_runs(client, experiment_ids: list[str]) -> Iterable[Any]:
+    token = None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string="", max_results=1000, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            break
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _avg(runs: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in runs if r[key] is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _human(n: float | None) -> str:
+    if n is None or not math.isfinite(n):
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def collect_rows(tracking_uri: str | None, experiment: str | None, metric: str) -> list[dict[str, Any]]:
+    """Finished pfnas trial/run records with ``metric``, grouped by config hash (seeds averaged)."""
+    uri = resolve_tracking_uri(tracking_uri)
+    client = make_client(uri)
+    try:
+        if experiment:
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                names = sorted(e.name for e in client.search_experiments())
+                raise PfnasError(f"MLflow experiment {experiment!r} not found at {uri} (have: {', '.join(names) or 'none'})")
+            exp_ids = [exp.experiment_id]
+        else:
+            exp_ids = [e.experiment_id for e in client.search_experiments()]
+    except PfnasError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreachable server, bad URI
+        raise PfnasError(f"cannot read MLflow at {uri}: {str(e).splitlines()[0][:200]}") from None
+    groups: dict[str, dict[str, Any]] = {}
+    for run in _iter_runs(client, exp_ids) if exp_ids else []:
+        tags, metrics = run.data.tags, run.data.metrics
+        if tags.get("pfnas.kind") not in ("trial", "run") or run.info.status != "FINISHED" or metric not in metrics:
+            continue
+        key = tags.get("pfnas.config_hash") or run.info.run_id
+        g = groups.setdefault(key, {"label": tags.get("pfnas.label") or run.info.run_name, "config_hash": key,
+                                    "method": tags.get("pfnas.method", ""), "runs": []})
+        g["runs"].append({"run_id": run.info.run_id, "value": metrics[metric],
+                          "tuned_params": metrics.get("tuned_params"), "tuned_percent": metrics.get("tuned_percent"),
+                          "cost_images": metrics.get("cost_images"), "study": tags.get("pfnas.study", ""),
+                          "artifact_uri": run.info.artifact_uri})
+    rows = []
+    for g in groups.values():
+        runs = g.pop("runs")
+        mean, std = _mean_std([r["value"] for r in runs])
+        best = max(runs, key=lambda r: r["value"]) if "loss" not in metric else min(runs, key=lambda r: r["value"])
+        rows.append({**g, "n": len(runs), "mean": mean, "std": std, "tuned_params": _avg(runs, "tuned_params"),
+                     "tuned_percent": _avg(runs, "tuned_percent"), "cost_images": _avg(runs, "cost_images"),
+                     "best_run_id": best["run_id"], "run_ids": [r["run_id"] for r in runs],
+                     "study": ",".join(sorted({r["study"] for r in runs if r["study"]}))})
+    rows.sort(key=lambda r: (r["mean"], -(r["tuned_params"] or 0)), reverse="loss" not in metric)
+    return rows
+
+
+def _plot(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 5), dpi=110)
+    ax = fig.add_subplot(1, 1, 1)
+    pts = [r for r in rows if r["tuned_params"]]
+    for r in pts:
+        ax.errorbar(r["tuned_params"], r["mean"], yerr=r["std"] if r["n"] > 1 else None, fmt="o", capsize=3)
+        ax.annotate(r["label"][:40], (r["tuned_params"], r["mean"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7)
+    if pts and max(r["tuned_params"] for r in pts) > 20 * min(r["tuned_params"] for r in pts):
+        ax.set_xscale("log")
+    ax.set_xlabel("tuned parameters")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs tuned parameters ({len(rows)} configurations)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def compare_runs(tracking_uri: str | None = None, experiment: str | None = None, metric: str = "test_acc",
+                 out_dir: str | Path = "compare", console=None) -> list[dict[str, Any]]:
+    """Table of logged pfnas runs sorted by ``metric`` (mean +- std over seeds of one config).
+
+    Writes ``compare.csv``, ``acc_vs_params.png`` and, when the best run logged its config,
+    ``best_config.yaml`` to ``out_dir``. Loss-like metrics (name containing ``loss``) sort ascending.
+    """
+    rows = collect_rows(tracking_uri, experiment, metric)
+    where = f"experiment {experiment!r}" if experiment else "any experiment"
+    if not rows:
+        raise PfnasError(f"no finished pfnas runs with metric {metric!r} in {where} at "
+                         f"{resolve_tracking_uri(tracking_uri)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "compare.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["rank", "label", "method", "n", f"{metric}_mean", f"{metric}_std", "tuned_params",
+                    "tuned_percent", "cost_images", "study", "config_hash", "best_run_id", "run_ids"])
+        for i, r in enumerate(rows, 1):
+            w.writerow([i, r["label"], r["method"], r["n"], r["mean"], r["std"], r["tuned_params"],
+                        r["tuned_percent"], r["cost_images"], r["study"], r["config_hash"], r["best_run_id"],
+                        " ".join(r["run_ids"])])
+    _plot(rows, metric, out / "acc_vs_params.png")
+    best_cfg = None
+    try:
+        client = make_client(resolve_tracking_uri(tracking_uri))
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(client.download_artifacts(rows[0]["best_run_id"], "config.yaml", tmp))
+            best_cfg = out / "best_config.yaml"
+            best_cfg.write_text(p.read_text())
+    except Exception:  # noqa: BLE001 - the run logged no config
+        best_cfg = None
+    if console is not None:
+        from rich.table import Table
+
+        t = Table(title=f"pfnas runs in {where} by {metric}")
+        for col in ("#", "label", "n", metric, "tuned params", "tuned %", "search cost"):
+            t.add_column(col, justify="left" if col == "label" else "right", overflow="fold")
+        for i, r in enumerate(rows, 1):
+            val = f"{r['mean']:.4f}" + (f" ± {r['std']:.4f}" if r["n"] > 1 else "")
+            pct = f"{r['tuned_percent']:.3f}" if r["tuned_percent"] is not None else "-"
+            t.add_row(str(i), r["label"], str(r["n"]), val, _human(r["tuned_params"]), pct,
+                      _human(r["cost_images"]) + (" img" if r["cost_images"] else ""))
+        console.print(t)
+        console.print(f"wrote {out / 'compare.csv'}, {out / 'acc_vs_params.png'}"
+                      + (f", {best_cfg}" if best_cfg else ""))
+    return rows

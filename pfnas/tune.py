@@ -1,0 +1,755 @@
+"""Ray Tune studies over the outer hyperparameters of an experiment, with Optuna TPE and MLflow.
+
+A *space* YAML (``search_spaces/*.yaml``, schema :class:`SpaceConfig`) names a base
+:class:`~pfnas.config.ExperimentConfig` and distributions over dotted config keys. :func:`run_tune`
+runs one Tune study per space (or one per entry of ``tasks``): every trial builds its config
+(base + ``--set`` overrides + sampled values), runs :func:`pfnas.baselines.run_method` (or the engine's
+``run_experiment`` when baselines are absent) in its own directory, reports every epoch to Tune with a
+checkpoint of that directory (so a restored trial resumes mid-phase), and logs to a nested MLflow run
+under the study's parent run.
+
+Reproducibility: the TPE sampler is seeded and, with ``sync_batches`` (default), configs are suggested
+in synchronous batches of ``max_concurrent_trials``, so the sampler's history at every suggestion and
+therefore the sequence of configs do not depend on which trial happens to finish first.
+
+Metrics reported per epoch: every scalar as ``<phase>/<name>`` (latest value of each, carried across
+phases), ``val_acc`` (latest search validation accuracy), ``test_acc`` (retrain epochs), ``restored``;
+the final report adds ``test_acc``, ``tuned_params``, ``tuned_percent``, ``cost_images`` and ``complete``.
+The study metric is only reported once it is real, so Tune's strict metric check is turned off.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import io
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from ray.tune.search.optuna import OptunaSearch
+
+from .config import ConfigError, ExperimentConfig, PfnasError, apply_overrides, merge_dotted, read_yaml, validate
+from .tracking import (
+    RunLogger,
+    _scalar,
+    flatten,
+    format_value,
+    get_experiment_id,
+    make_client,
+    method_label,
+    resolve_tracking_uri,
+)
+
+log = logging.getLogger(__name__)
+
+PATH_KEYS = ("backbone.checkpoint", "data.root")  # resolved against the file (or cwd) that names them
+FINAL_KEYS = ("test_acc", "test_loss", "val_acc", "tuned_params", "tuned_percent", "cost_images",
+              "search_time_s", "retrain_time_s", "time_s")
+STATE_FILE = "pfnas_study.json"
+
+
+# ----------------------------------------------------------------------------- space schema
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ParamSpec(_Strict):
+    """One tuned dimension: ``loguniform``/``uniform``/``quniform`` floats, ``int`` or ``choice``."""
+
+    type: Literal["loguniform", "uniform", "int", "choice", "quniform"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+    step: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ParamSpec:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("choice needs a non-empty 'values' list")
+            if self.low is not None or self.high is not None or self.step is not None:
+                raise ValueError("choice takes 'values' only (no low/high/step)")
+            bad = [v for v in self.values if v is not None and not isinstance(v, (bool, int, float, str))]
+            if bad:
+                raise ValueError(f"choice values must be scalars, got {bad[0]!r}")
+            return self
+        if self.values is not None:
+            raise ValueError(f"{self.type} takes low/high, not 'values'")
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs 'low' and 'high'")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError("loguniform needs low > 0")
+        if self.type == "quniform" and not (self.step and self.step > 0):
+            raise ValueError("quniform needs step > 0")
+        if self.type == "int":
+            if any(v is not None and float(v) != int(v) for v in (self.low, self.high, self.step)):
+                raise ValueError("int needs integer low/high/step")
+            if self.step is not None and self.step < 1:
+                raise ValueError("int step must be >= 1")
+        elif self.type != "quniform" and self.step is not None:
+            raise ValueError(f"{self.type} takes no step (use quniform)")
+        return self
+
+    def candidates(self) -> list[Any]:
+        """Values that must each give a valid config (the bounds, or every choice)."""
+        if self.type == "choice":
+            return list(self.values)
+        if self.type == "int":
+            return [int(self.low), int(self.high)]
+        return [float(self.low), float(self.high)]
+
+    def distribution(self):
+        import optuna.distributions as od
+
+        if self.type == "choice":
+            return od.CategoricalDistribution(self.values)
+        if self.type == "int":
+            return od.IntDistribution(int(self.low), int(self.high), step=int(self.step or 1))
+        if self.type == "quniform":
+            return od.FloatDistribution(self.low, self.high, step=self.step)
+        return od.FloatDistribution(self.low, self.high, log=self.type == "loguniform")
+
+    def describe(self) -> str:
+        if self.type == "choice":
+            return f"choice{self.values}"
+        return f"{self.type}[{format_value(self.low)}, {format_value(self.high)}" + (
+            f", step {format_value(self.step)}]" if self.step else "]")
+
+
+class SchedulerSpec(_Strict):
+    """``none`` or ASHA on ``metric`` with Tune's monotone ``training_iteration`` (one per report)."""
+
+    type: Literal["none", "asha"] = "none"
+    metric: str = "val_acc"  # reported every epoch once the search has validated (carried into retrain)
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = Field(2, ge=1)
+    reduction_factor: float = Field(3.0, gt=1)
+    max_t: int = Field(100_000, ge=1)
+
+
+class ResourcesSpec(_Strict):
+    """Per-trial resources; a fractional ``gpu`` packs several trials on one device."""
+
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+
+
+class MlflowSpec(_Strict):
+    tracking_uri: str | None = None  # relative sqlite files resolve against the space YAML
+    experiment: str | None = None  # default: the study name
+
+
+class SpaceConfig(_Strict):
+    """A search-space YAML.
+
+    Relative paths (``base_config``, ``backbone.checkpoint``, ``data.root``, a sqlite tracking file)
+    resolve against the directory of the file that names them; ``--set`` values resolve against the cwd.
+    ``tasks`` runs one study per task (``<name>-<task>``, ``data.task`` set), since per-task optima differ
+    and Tune does not combine ``grid_search`` with Optuna.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    base: dict[str, Any] | None = None
+    base_config: str | None = None
+    tasks: list[str] | None = None
+    params: dict[str, ParamSpec]
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
+    metric: str = "test_acc"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    sync_batches: bool = True
+    seed: int = 0
+    startup_trials: int = Field(10, ge=0)  # TPE's random warm-up trials
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    max_failures: int = Field(1, ge=0)  # retries of a crashed trial from its last checkpoint
+    keep_checkpoints: int = Field(2, ge=1)
+    mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_shorthand(cls, v: Any) -> Any:
+        return {"type": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> SpaceConfig:
+        if self.base is not None and self.base_config is not None:
+            raise ValueError("give either 'base' or 'base_config', not both")
+        if not self.params:
+            raise ValueError("params: at least one parameter to tune is required")
+        if self.tasks is not None:
+            if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+                raise ValueError("tasks must be a non-empty list without duplicates")
+            if "data.task" in self.params:
+                raise ValueError("tune data.task either with 'tasks' or as a param, not both")
+        for i, p in enumerate(self.points_to_evaluate):
+            unknown = sorted(set(p) - set(self.params))
+            if unknown:
+                raise ValueError(f"points_to_evaluate[{i}]: {unknown[0]!r} is not in params")
+        return self
+
+
+@dataclass
+class StudyPlan:
+    """One study to run: its name, validated base config and the distributions left to tune."""
+
+    name: str
+    task: str | None
+    base: ExperimentConfig
+    params: dict[str, ParamSpec]
+    points: list[dict[str, Any]]
+
+
+def _resolve_path(value: Any, root: Path) -> Any:
+    if not isinstance(value, str) or not value or "://" in value:
+        return value
+    p = Path(value).expanduser()
+    return value if p.is_absolute() else os.path.normpath(root / p)
+
+
+def _resolve_paths(raw: dict[str, Any], root: Path) -> dict[str, Any]:
+    out = json.loads(json.dumps(raw))
+    for key in PATH_KEYS:
+        sec, leaf = key.split(".")
+        if isinstance(out.get(sec), dict) and leaf in out[sec]:
+            out[sec][leaf] = _resolve_path(out[sec][leaf], root)
+    return out
+
+
+def load_space(path: str | Path, overrides: list[str] | None = None,
+               study_name: str | None = None) -> tuple[SpaceConfig, list[StudyPlan]]:
+    """Validate a space YAML and build its studies; errors are one-line :class:`ConfigError` s."""
+    path = Path(path)
+    space = validate(SpaceConfig, read_yaml(path))
+    root = path.resolve().parent
+    if space.base_config:
+        base_path = Path(_resolve_path(space.base_config, root))
+        base_raw, base_root = read_yaml(base_path), base_path.parent
+    else:
+        base_raw, base_root = space.base or {}, root
+    base = validate(ExperimentConfig, _resolve_paths(base_raw, base_root), prefix="base.")
+    pinned = flatten(_resolve_paths(apply_overrides({}, overrides), Path.cwd()))
+    if pinned:
+        try:
+            base = merge_dotted(base, pinned)
+        except ConfigError as e:
+            raise ConfigError(f"--set {e}") from None
+    params = {}
+    for key, spec in space.params.items():
+        if key in pinned:
+            log.warning("--set %s pins a tuned parameter; it is left out of the search", key)
+            continue
+        if spec.type == "choice" and key in PATH_KEYS:
+            spec = spec.model_copy(update={"values": [_resolve_path(v, root) for v in spec.values]})
+        for v in spec.candidates():
+            try:
+                merge_dotted(base, {key: v})
+            except ConfigError as e:
+                raise ConfigError(f"params.{key}: value {v!r} gives an invalid config ({e})") from None
+        params[key] = spec
+    if not params:
+        raise ConfigError("params: every tuned parameter is pinned by --set; nothing left to search")
+    points = [{k: v for k, v in p.items() if k in params} for p in space.points_to_evaluate]
+    name = study_name or space.name
+    if not space.tasks:
+        return space, [StudyPlan(name, base.data.task, base, params, points)]
+    plans = []
+    for task in space.tasks:
+        try:
+            task_base = merge_dotted(base, {"data.task": task})
+        except ConfigError as e:
+            raise ConfigError(f"tasks: {e}") from None
+        plans.append(StudyPlan(f"{name}-{task}", task, task_base, params, points))
+    return space, plans
+
+
+# ----------------------------------------------------------------------------- trial side
+@dataclass
+class TrialContext:
+    """What every trial needs besides its sampled values (shipped to workers with the trainable)."""
+
+    study: str
+    base: dict[str, Any]
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str | None
+    param_keys: list[str]
+
+    def config(self, params: dict[str, Any], name: str) -> ExperimentConfig:
+        base = ExperimentConfig.model_validate(self.base)
+        return merge_dotted(base, {**{k: params[k] for k in self.param_keys if k in params}, "name": name})
+
+    def label(self, cfg: ExperimentConfig, params: dict[str, Any]) -> str:
+        tuned = ", ".join(f"{k}={format_value(params[k])}" for k in self.param_keys if k in params and k != "seed")
+        return f"{method_label(cfg)} [{tuned}]" if tuned else method_label(cfg)
+
+
+_CACHE: dict[str, tuple[str, Any]] = {}
+
+
+def _cached_experiment(cfg: ExperimentConfig):
+    """Experiment for ``cfg``, reusing the backbone and decoded data of the previous trial in this process.
+
+    Reused actors run many trials; rebuilding a hub ViT and re-decoding a data set for each is waste.
+    Random-init backbones depend on the seed, so the seed is part of their key.
+    """
+    from .engine import Experiment, resolve_device
+
+    bb = cfg.backbone
+    random_init = not (bb.pretrained or bb.checkpoint)
+    bkey = json.dumps([bb.model_dump(mode="json"), cfg.seed if random_init else None, cfg.device], sort_keys=True)
+    dkey = json.dumps([bkey, cfg.data.model_dump(mode="json"), cfg.seed], sort_keys=True)
+    backbone = _CACHE["backbone"][1] if _CACHE.get("backbone", ("",))[0] == bkey else None
+    data = _CACHE["data"][1] if backbone is not None and _CACHE.get("data", ("",))[0] == dkey else None
+    if backbone is None:
+        _CACHE.clear()  # free the old backbone/data before building the new ones
+    exp = Experiment.build(cfg, data=data, backbone=backbone)
+    _CACHE["backbone"], _CACHE["data"] = (bkey, exp.backbone), (dkey, exp.data)
+    assert exp.device == resolve_device(cfg.device)
+    return exp
+
+
+def run_trial_method(cfg: ExperimentConfig, out_dir: str | Path, on_epoch=None) -> dict[str, Any]:
+    """``baselines.run_method`` when that module exists (every method.kind), else the engine's search."""
+    exp = _cached_experiment(cfg)
+    if importlib.util.find_spec("pfnas.baselines") is not None:
+        from .baselines import run_method
+
+        kw = {"exp": exp} if "exp" in inspect.signature(run_method).parameters else {}
+        return run_method(cfg, out_dir, on_epoch=on_epoch, **kw)
+    if cfg.method.kind != "search":
+        raise ConfigError(f"method.kind={cfg.method.kind!r} needs pfnas.baselines, which is not available")
+    from .engine import run_experiment
+
+    r = run_experiment(cfg, out_dir, on_epoch=on_epoch, exp=exp)
+    return {**r.to_json(), "val_acc": r.search_history[-1]["val_acc"] if r.search_history else None,
+            "cost_images": round(sum(h["images_per_s"] * h["epoch_time_s"] for h in r.search_history))}
+
+
+def _policy_str(policy: Any) -> str:
+    if isinstance(policy, dict):
+        return ",".join(str(v) for _, v in sorted(policy.items(), key=lambda kv: int(kv[0])))
+    return ",".join(map(str, policy)) if isinstance(policy, list) else ""
+
+
+class _TrialReporter:
+    """Engine ``on_epoch`` -> MLflow + ``tune.report`` with a checkpoint of the trial's work dir."""
+
+    def __init__(self, work: Path, logger: RunLogger, restored: bool):
+        self.work, self.logger, self.restored = work, logger, int(restored)
+        self.carry: dict[str, float] = {}
+
+    def _payload(self) -> dict[str, Any]:
+        p: dict[str, Any] = dict(self.carry)
+        if "search/val_acc" in p:
+            p["val_acc"] = p["search/val_acc"]
+        p["restored"] = self.restored
+        return p
+
+    def _report(self, payload: dict[str, Any]) -> None:
+        from ray import tune
+
+        if self.logger.run_id and not (self.work / "mlflow_run_id").exists():
+            (self.work / "mlflow_run_id").write_text(self.logger.run_id)
+        tune.report(payload, checkpoint=tune.Checkpoint.from_directory(str(self.work)))
+
+    def on_epoch(self, m: dict[str, Any]) -> None:
+        self.logger.log_epoch(m)
+        phase = str(m.get("phase", "run"))
+        self.carry.update({f"{phase}/{k}": float(v) for k, v in m.items() if k not in ("phase", "epoch") and _scalar(v)})
+        p = self._payload()
+        p.update(phase=phase, epoch=int(m.get("epoch", 0)))
+        if phase == "retrain" and _scalar(m.get("test_acc")):
+            p["test_acc"] = float(m["test_acc"])
+        self._report(p)
+
+    def final(self, res: dict[str, Any]) -> None:
+        p = self._payload()
+        p.update({k: float(res[k]) for k in FINAL_KEYS if _scalar(res.get(k))})
+        p.update(phase="done", policy=_policy_str(res.get("policy")), complete=1)
+        self._report(p)
+
+
+def _error_line(err: BaseException | str | None) -> str:
+    text = str(err or "").strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    hits = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", ln)]
+    return (hits[-1] if hits else (lines[-1] if lines else type(err).__name__))[:200]
+
+
+def pfnas_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+    """Tune function trainable: one experiment in the trial's own dir, resumable from Tune checkpoints."""
+    from ray import tune
+
+    tctx = tune.get_context()
+    trial_id = tctx.get_trial_id()
+    work = Path(tctx.get_trial_dir()) / "work"
+    shutil.rmtree(work, ignore_errors=True)  # a retry starts from the checkpoint, never from stale files
+    work.mkdir(parents=True)
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        ckpt.to_directory(str(work))
+    cfg = ctx.config(config, f"{ctx.study}-{trial_id}")
+    rid = work / "mlflow_run_id"
+    logger = RunLogger(ctx.tracking_uri, ctx.experiment, trial_id, cfg, parent_run_id=ctx.parent_run_id,
+                       run_id=rid.read_text().strip() if rid.is_file() else None,
+                       tags={"pfnas.kind": "trial", "pfnas.study": ctx.study, "pfnas.trial_id": trial_id,
+                             "pfnas.label": ctx.label(cfg, config)})
+    reporter = _TrialReporter(work, logger, restored=ckpt is not None)
+    try:
+        res = run_trial_method(cfg, work, reporter.on_epoch)
+    except SystemExit:  # Tune stopped the trial (scheduler decision)
+        logger.finish(status="KILLED")
+        raise
+    except BaseException as e:
+        logger.finish(status="FAILED", error=f"{type(e).__name__}: {e}")
+        raise
+    logger.finish(res)  # before the final report, so MLflow is complete when Tune marks the trial done
+    reporter.final(res)
+
+
+# ----------------------------------------------------------------------------- driver side
+class PfnasOptunaSearch(OptunaSearch):
+    """OptunaSearch that skips intermediate results which do not carry the metric yet (search epochs)."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)
+
+
+def _trial_index(trial) -> int:
+    m = re.match(r"(\d+)", getattr(trial, "experiment_tag", "") or "")
+    return int(m.group(1)) if m else 0
+
+
+def trial_dirname(trial) -> str:
+    """``0003_<trial id>``: creation order first, so listings sort like the study ran."""
+    return f"{_trial_index(trial):04d}_{trial.trial_id}"
+
+
+def trial_name(trial) -> str:
+    return trial.trial_id
+
+
+def _space_digest(space: SpaceConfig, plan: StudyPlan) -> str:
+    blob = json.dumps([space.model_dump(mode="json"), plan.base.model_dump(mode="json"), sorted(plan.params)],
+                      sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+@dataclass
+class TrialRecord:
+    index: int
+    trial_id: str
+    status: str  # TERMINATED (completed), STOPPED (by the scheduler / interrupted), ERROR
+    params: dict[str, Any]
+    value: float | None
+    metrics: dict[str, Any]
+    error: str | None = None
+
+
+@dataclass
+class StudySummary:
+    """Outcome of one study; renders as a rich table (``console.print(summary)``)."""
+
+    name: str
+    metric: str
+    mode: str
+    param_keys: list[str]
+    trials: list[TrialRecord]
+    best: TrialRecord | None
+    best_config_path: Path | None
+    experiment_path: str
+    tracking_uri: str
+    mlflow_experiment: str
+    parent_run_id: str | None
+    notes: list[str] = field(default_factory=list)
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        counts = {s: sum(t.status == s for t in self.trials) for s in ("TERMINATED", "STOPPED", "ERROR")}
+        title = (f"study {self.name}: {len(self.trials)} trials ({counts['TERMINATED']} finished, "
+                 f"{counts['STOPPED']} stopped, {counts['ERROR']} errored)")
+        t = Table(title=title, title_justify="left")
+        for col in ["#", "trial", "status", *self.param_keys, self.metric, "tuned params", "policy / error"]:
+            t.add_column(col, overflow="fold")
+        for r in self.trials:
+            star = " *" if self.best is not None and r.trial_id == self.best.trial_id else ""
+            note = r.error or str(r.metrics.get("policy", ""))
+            tp = r.metrics.get("tuned_params")
+            t.add_row(str(r.index), r.trial_id + star, r.status, *[format_value(r.params.get(k, "")) for k in self.param_keys],
+                      f"{r.value:.4f}" if r.value is not None else "-", f"{int(tp)}" if _scalar(tp) else "-", note)
+        lines = []
+        if self.best is not None:
+            lines.append(f"best: trial {self.best.trial_id} {self.metric}={self.best.value:.4f}; "
+                         f"config -> {self.best_config_path}")
+        else:
+            lines.append(f"no trial reported {self.metric}")
+        lines.append(f"MLflow: {self.tracking_uri} experiment {self.mlflow_experiment!r} parent run {self.parent_run_id}")
+        lines.append(f"Tune: {self.experiment_path}")
+        lines += self.notes
+        return Group(t, Text("\n".join(lines)))
+
+
+@dataclass
+class TuneSummary:
+    """All studies of one ``run_tune`` call."""
+
+    studies: list[StudySummary]
+
+    def __rich__(self):
+        from rich.console import Group
+
+        return Group(*self.studies)
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        buf = io.StringIO()
+        Console(file=buf, width=160, color_system=None).print(self)
+        return buf.getvalue()
+
+
+def _records(results, metric: str, param_keys: list[str]) -> list[TrialRecord]:
+    recs = []
+    for r in results:
+        name = Path(str(r.path)).name
+        m = re.match(r"(\d+)_(\w+)$", name)
+        idx, tid = (int(m.group(1)), m.group(2)) if m else (0, r.metrics.get("trial_id", name))
+        metrics = dict(r.metrics or {})
+        if r.error is not None:
+            status, err = "ERROR", _error_line(r.error)
+        else:
+            status, err = ("TERMINATED" if metrics.get("complete") else "STOPPED"), None
+        val = metrics.get(metric)
+        val = float(val) if status != "ERROR" and _scalar(val) else None
+        params = {k: (r.config or {}).get(k) for k in param_keys}
+        recs.append(TrialRecord(idx, tid, status, params, val, metrics, err))
+    return sorted(recs, key=lambda x: (x.index, x.trial_id))
+
+
+def _best(recs: list[TrialRecord], mode: str) -> TrialRecord | None:
+    done = [r for r in recs if r.status == "TERMINATED" and r.value is not None]
+    if not done:
+        return None
+    sign = 1 if mode == "max" else -1
+    return max(done, key=lambda r: (sign * r.value, -r.index))  # ties: the earliest trial
+
+
+def _parent_run(client, exp_id: str, plan: StudyPlan, space: SpaceConfig, space_path: Path,
+                previous: str | None) -> str:
+    """Reopen the study's parent run on resume, else create it with the space as params."""
+    from mlflow.entities import Param
+
+    if previous:
+        try:
+            client.update_run(previous, status="RUNNING")
+            return previous
+        except Exception as e:  # noqa: BLE001 - e.g. another tracking store: start a new parent
+            log.warning("cannot reopen MLflow parent run %s (%s); starting a new one", previous, _error_line(e))
+    tags = {"pfnas.kind": "study", "pfnas.study": plan.name, "pfnas.space": str(space_path)}
+    if plan.task:
+        tags["pfnas.task"] = plan.task
+    run = client.create_run(exp_id, tags=tags, run_name=plan.name)
+    params = {"space.metric": space.metric, "space.mode": space.mode, "space.num_samples": space.num_samples,
+              "space.seed": space.seed, "space.max_concurrent_trials": space.max_concurrent_trials,
+              "space.scheduler": space.scheduler.type, "space.sync_batches": space.sync_batches,
+              **{f"param.{k}": v.describe() for k, v in plan.params.items()}}
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    client.log_dict(run.info.run_id, plan.base.model_dump(mode="json"), "base_config.yaml")
+    return run.info.run_id
+
+
+def _tuner(plan: StudyPlan, space: SpaceConfig, trainable, storage: str, num_samples: int):
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    k = space.max_concurrent_trials
+    sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
+    searcher = PfnasOptunaSearch(space={key: p.distribution() for key, p in plan.params.items()},
+                                 metric=space.metric, mode=space.mode, sampler=sampler,
+                                 points_to_evaluate=plan.points or None)
+    if space.sync_batches:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=k, batch=True)
+    sched = None
+    if space.scheduler.type == "asha":
+        s = space.scheduler
+        sched = ASHAScheduler(time_attr="training_iteration", metric=s.metric, mode=s.mode, max_t=s.max_t,
+                              grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=sched, num_samples=num_samples,
+                                    max_concurrent_trials=k, reuse_actors=True, trial_name_creator=trial_name,
+                                    trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(name=plan.name, storage_path=storage,
+                                  failure_config=tune.FailureConfig(max_failures=space.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints),
+                                  verbose=1))
+
+
+def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage: str, tracking_uri: str,
+               mlflow_experiment: str, resume: bool, num_samples: int) -> StudySummary:
+    from ray import tune
+
+    exp_path = f"{storage.rstrip('/')}/{plan.name}"
+    local = "://" not in storage
+    state_path = Path(exp_path) / STATE_FILE if local else None
+    digest = _space_digest(space, plan)
+    previous: dict[str, Any] = {}
+    if state_path is not None and state_path.is_file():
+        previous = json.loads(state_path.read_text())
+    restoring = resume and tune.Tuner.can_restore(exp_path)
+    notes = []
+    if restoring and previous.get("digest") not in (None, digest):
+        notes.append("note: the space or base config changed since this study started; the stored "
+                      "search state (sampler, trial configs) continues, new base values apply to new trials")
+    try:
+        client = make_client(tracking_uri)
+        exp_id = get_experiment_id(client, mlflow_experiment, tracking_uri)
+        same_store = previous.get("tracking_uri") == tracking_uri
+        parent = _parent_run(client, exp_id, plan, space, space_path,
+                             previous.get("parent_run_id") if restoring and same_store else None)
+    except PfnasError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise PfnasError(f"cannot use MLflow at {tracking_uri}: {_error_line(e)}") from None
+    ctx = TrialContext(study=plan.name, base=plan.base.model_dump(mode="json"), tracking_uri=tracking_uri,
+                       experiment=mlflow_experiment, parent_run_id=parent, param_keys=list(plan.params))
+    resources = {"cpu": space.resources.cpu, **({"gpu": space.resources.gpu} if space.resources.gpu else {})}
+    trainable = tune.with_resources(tune.with_parameters(pfnas_trial, ctx=ctx), resources)
+    if state_path is not None:
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        state_path.write_text(json.dumps({"study": plan.name, "parent_run_id": parent, "tracking_uri": tracking_uri,
+                                          "mlflow_experiment": mlflow_experiment, "digest": digest,
+                                          "space": str(space_path)}, indent=1))
+    if restoring:
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = _tuner(plan, space, trainable, storage, num_samples)
+    results = tuner.fit()
+
+    recs = _records(results, space.metric, list(plan.params))
+    best = _best(recs, space.mode)
+    best_path = None
+    if best is not None and local:
+        best_cfg = ctx.config(best.params, f"{plan.name}-best")
+        best_path = Path(exp_path) / "best_config.yaml"
+        best_path.write_text(f"# best trial {best.trial_id} of study {plan.name}: {space.metric}={best.value:.6g}\n"
+                             + yaml.safe_dump(best_cfg.model_dump(mode="json"), sort_keys=False))
+    if any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none":
+        notes.append("some trials did not finish; rerun with --resume to continue them")
+    if not any(r.value is not None for r in recs) and any(r.status == "TERMINATED" for r in recs):
+        keys = sorted({k for r in recs for k in r.metrics if "/" not in k})
+        notes.append(f"warning: no trial reported metric {space.metric!r} (final keys: {', '.join(keys)})")
+    try:
+        from mlflow.entities import Metric
+
+        table = [{"index": r.index, "trial_id": r.trial_id, "status": r.status, "params": r.params,
+                  space.metric: r.value, "error": r.error} for r in recs]
+        client.log_dict(parent, {"trials": table}, "trials.json")
+        metrics = [Metric("n_trials", len(recs), 0, 0),
+                   Metric("n_errored", sum(r.status == "ERROR" for r in recs), 0, 0)]
+        if best is not None:
+            metrics.append(Metric(f"best_{space.metric}", best.value, 0, 0))
+            client.set_tag(parent, "pfnas.best_trial", best.trial_id)
+            if best_path is not None:
+                client.log_artifact(parent, str(best_path))
+        client.log_batch(parent, metrics=metrics)
+        client.set_terminated(parent, "FINISHED")
+    except Exception as e:  # noqa: BLE001 - the study itself is done; say so instead of failing
+        notes.append(f"warning: could not finish the MLflow parent run: {_error_line(e)}")
+    return StudySummary(plan.name, space.metric, space.mode, list(plan.params), recs, best, best_path, exp_path,
+                        tracking_uri, mlflow_experiment, parent, notes)
+
+
+def _storage_root(storage: str | None) -> str:
+    if storage and "://" in storage:
+        return storage
+    return str(Path(storage or "ray_results").expanduser().resolve())
+
+
+def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri: str | None = None,
+             experiment: str | None = None, storage: str | None = None, resume: bool = False,
+             overrides: list[str] | None = None, num_samples: int | None = None) -> TuneSummary:
+    """Run (or with ``resume`` continue) the studies of a space YAML; returns a printable summary.
+
+    ``address``: Ray cluster (``auto``, ``ray://host:10001``); None starts a local Ray unless one is
+    already initialised. ``tracking_uri``: explicit > env ``MLFLOW_TRACKING_URI`` > the space's
+    ``mlflow.tracking_uri`` > ``sqlite:///mlflow.db``, made absolute and handed to every trial.
+    ``experiment`` names both the study and the MLflow experiment. ``storage``: Tune storage path
+    (default ``./ray_results``); ``<storage>/<study>/best_config.yaml`` receives the best config.
+    """
+    space_path = Path(space_path)
+    space, plans = load_space(space_path, overrides, experiment)
+    if num_samples is not None and num_samples < 1:
+        raise ConfigError("--num-samples must be >= 1")
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = resolve_tracking_uri(tracking_uri)
+    else:
+        uri = resolve_tracking_uri(space.mlflow.tracking_uri, base_dir=space_path.resolve().parent
+                                   if space.mlflow.tracking_uri else None)
+    mlflow_experiment = experiment or space.mlflow.experiment or space.name
+    root = _storage_root(storage)
+
+    from ray import tune
+
+    paths = {p.name: f"{root.rstrip('/')}/{p.name}" for p in plans}
+    existing = [n for n, path in paths.items() if tune.Tuner.can_restore(path)]
+    if resume and not existing:
+        raise ConfigError(f"nothing to resume: no Tune study at {' or '.join(paths.values())}")
+    if not resume and existing:
+        raise ConfigError(f"study {paths[existing[0]]} already exists; pass --resume to continue it, or pick "
+                          "another --experiment name or --storage")
+
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True)
+        started = True
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    strict = os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # the study metric only appears once it is real
+    try:
+        studies = [_run_study(p, space, space_path, storage=root, tracking_uri=uri,
+                              mlflow_experiment=mlflow_experiment, resume=resume and p.name in existing,
+                              num_samples=num_samples or space.num_samples) for p in plans]
+    finally:
+        if strict is None:
+            os.environ.pop("TUNE_DISABLE_STRICT_METRIC_CHECKING", None)
+        else:
+            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = strict
+        if started:
+            ray.shutdown()
+    return TuneSummary(studies)
+
+
+__all__ = [
+    "ParamSpec",
+    "SpaceConfig",
+    "StudyPlan",
+    "StudySummary",
+    "TrialContext",
+    "TuneSummary",
+    "load_space",
+    "pfnas_trial",
+    "run_trial_method",
+    "run_tune",
+]
