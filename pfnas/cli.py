@@ -86,7 +86,7 @@ def tune(space: Path = typer.Option(..., "--space", help="Search-space YAML (sea
          tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
                                                     help="MLflow tracking URI (default sqlite:///mlflow.db)."),
          experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment / study name."),
-         storage: Optional[Path] = typer.Option(None, "--storage", help="Ray Tune storage path (results, checkpoints)."),
+         storage: Optional[str] = typer.Option(None, "--storage", help="Ray Tune storage path or URI (s3://...)."),
          resume: bool = typer.Option(False, "--resume", help="Continue an interrupted study (Tuner.restore)."),
          num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Override the space's num_samples."),
          overrides: Optional[List[str]] = SetOpt):
