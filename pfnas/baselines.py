@@ -4,8 +4,9 @@ Budget and cost are counted in images processed by a training (forward + backwar
 
 * budget = ``search.epochs * n_train * method.budget_multiplier`` (``n_train``: images in ``train``);
 * the search's ``cost_images`` = weight-step images on ``train`` + images of the ``val`` batches
-  used by alpha steps (+ three extra ``train`` batches per alpha step when ``search.order == 2``,
-  for the unrolled gradient and the two finite-difference passes); see :func:`search_cost`;
+  used by alpha steps (one every ``search.arch_every`` weight steps) + three extra ``train`` batches
+  per alpha step when ``search.order == 2`` (unrolled gradient and the two finite-difference
+  passes); see :func:`search_cost`;
 * a discrete baseline's ``cost_images`` = the images its candidates (or its weight-sharing
   supernet) were trained on. Forward-only scoring passes on ``val`` are reported apart as
   ``eval_images`` (the search's per-epoch val evaluation is not counted either);
@@ -59,10 +60,12 @@ def search_cost(cfg: ExperimentConfig, data) -> dict[str, int]:
     n_train, n_val = data.num_images("train"), data.num_images("val")
     spe, per = _steps_per_epoch(n_train, bs), _images_per_step(n_train, bs)
     val_sizes = [min(bs, n_val - i) for i in range(0, n_val, bs)]  # the val list an epoch cycles through
+    arch_every = s.arch_every or max(n_train // max(n_val, 1), 1)  # as SearchPhase: one alpha step per k
+    arch_steps = math.ceil(spe / arch_every)  # alpha steps per epoch (weight steps 0, k, 2k, ...)
     arch_epochs = max(s.epochs - s.arch_warmup_epochs, 0)
     train = s.epochs * spe * per
-    val = arch_epochs * sum(val_sizes[i % len(val_sizes)] for i in range(spe))
-    unrolled = 3 * arch_epochs * spe * per if s.order == 2 else 0
+    val = arch_epochs * sum(val_sizes[i % len(val_sizes)] for i in range(arch_steps))
+    unrolled = 3 * arch_epochs * arch_steps * per if s.order == 2 else 0
     return {"train_images": train, "val_images": val, "unrolled_images": unrolled,
             "total": train + val + unrolled}
 

@@ -129,7 +129,7 @@ def format_value(v: Any) -> str:
     return str(v)
 
 
-def _scalar(v: Any) -> bool:
+def finite_scalar(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
@@ -161,17 +161,19 @@ class RunLogger:
 
     Any MLflow error (server down, locked database) logs one warning and pauses logging for
     ``retry_s`` seconds; epoch metrics are buffered meanwhile and flushed when MLflow answers again.
-    Pass ``run_id`` to continue an existing run (a resumed trial).
+    Pass ``run_id`` to continue an existing run (a resumed trial), or ``reuse_tags`` to continue the run
+    under the same parent whose tags match (a trial retried before its first checkpoint).
     """
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, cfg: ExperimentConfig | None = None,
                  *, parent_run_id: str | None = None, run_id: str | None = None, tags: dict[str, str] | None = None,
-                 retry_s: float = 60.0):
+                 reuse_tags: dict[str, str] | None = None, retry_s: float = 60.0):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail fast when a server is down
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.tracking_uri, self.experiment, self.run_name, self.cfg = tracking_uri, experiment, run_name, cfg
         self.parent_run_id, self.run_id, self.retry_s = parent_run_id, run_id, retry_s
         self.tags = dict(tags or {})
+        self.reuse_tags = dict(reuse_tags or {})
         self.client = None
         self._pending: list[Any] = []
         self._paused_until = 0.0
@@ -209,14 +211,30 @@ class RunLogger:
             return True
         if not self._ok():
             return False
+        from mlflow.exceptions import MlflowException
+
         try:
             from mlflow.entities import Param
 
             self.client = self.client or make_client(self.tracking_uri)
             if self.run_id is not None:  # resumed: reopen the run, params are already there
-                self.client.update_run(self.run_id, status="RUNNING")
-                return True
+                try:
+                    self.client.update_run(self.run_id, status="RUNNING")
+                    return True
+                except MlflowException as e:
+                    if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                        raise
+                    self.run_id = None  # the run lives in another store: start a new one here
             exp_id = get_experiment_id(self.client, self.experiment, self.tracking_uri)
+            if self.reuse_tags:
+                match = dict(self.reuse_tags, **({"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}))
+                flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in match.items())
+                found = self.client.search_runs([exp_id], filter_string=flt, max_results=1,
+                                                order_by=["attributes.start_time DESC"])
+                if found:
+                    self.run_id = found[0].info.run_id
+                    self.client.update_run(self.run_id, status="RUNNING")
+                    return True
             tags = dict(self.tags)
             if self.parent_run_id:
                 tags["mlflow.parentRunId"] = self.parent_run_id
@@ -249,7 +267,7 @@ class RunLogger:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if _scalar(v)]
+        self._pending += [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if finite_scalar(v)]
         self._flush()
 
     # --- engine callbacks
@@ -258,7 +276,7 @@ class RunLogger:
         phase = str(m.get("phase", "run"))
         step = int(m.get("epoch", 0))
         self.log_metrics({f"{phase}/{k}": v for k, v in m.items() if k not in ("phase", "epoch")}, step)
-        if _scalar(m.get("images_per_s")):
+        if finite_scalar(m.get("images_per_s")):
             self._throughput.setdefault(phase, []).append(float(m["images_per_s"]))
         if phase == "search" and isinstance(m.get("alpha"), list):
             self._alpha = m["alpha"]
@@ -297,12 +315,6 @@ class RunLogger:
         if error:
             self._call("tag logging", lambda: self.client.set_tag(self.run_id, "pfnas.error", error[:5000]))
         self._call("run termination", lambda: self.client.set_terminated(self.run_id, status))
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self._call("tag logging", lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v))
-                                                                                for k, v in tags.items()]))
 
 
 # ----------------------------------------------------------------------------- compare
@@ -379,23 +391,28 @@ def collect_rows(tracking_uri: str | None, experiment: str | None, metric: str) 
     return rows
 
 
-def _plot(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
+def _plot(rows: list[dict[str, Any]], metric: str, path: Path, legend_max: int = 20) -> None:
+    """Scatter of ``metric`` vs tuned parameters; points carry their rank, the legend maps rank -> label."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 5), dpi=110)
-    ax = fig.add_subplot(1, 1, 1)
-    pts = [r for r in rows if r["tuned_params"]]
-    for r in pts:
-        ax.errorbar(r["tuned_params"], r["mean"], yerr=r["std"] if r["n"] > 1 else None, fmt="o", capsize=3)
-        ax.annotate(r["label"][:40], (r["tuned_params"], r["mean"]), textcoords="offset points", xytext=(4, 4),
-                    fontsize=7)
-    if pts and max(r["tuned_params"] for r in pts) > 20 * min(r["tuned_params"] for r in pts):
+    pts = [(i, r) for i, r in enumerate(rows, 1) if r["tuned_params"]]
+    n_legend = min(len(pts), legend_max)
+    height = 4.5 + 0.17 * n_legend  # inches: the plot plus one legend line per shown configuration
+    fig = Figure(figsize=(8, height), dpi=110)
+    ax = fig.add_axes((0.1, 0.1 + 0.17 * n_legend / height, 0.85, 0.8 * 4.5 / height))
+    for k, (i, r) in enumerate(pts):
+        label = f"{i}. {r['label'][:90]}" + (f" (n={r['n']})" if r["n"] > 1 else "")
+        ax.errorbar(r["tuned_params"], r["mean"], yerr=r["std"] if r["n"] > 1 else None, fmt="o", capsize=3,
+                    label=label if k < legend_max else None)
+        ax.annotate(str(i), (r["tuned_params"], r["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if pts and max(r["tuned_params"] for _, r in pts) > 20 * min(r["tuned_params"] for _, r in pts):
         ax.set_xscale("log")
     ax.set_xlabel("tuned parameters")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs tuned parameters ({len(rows)} configurations)")
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
+    if n_legend:
+        fig.legend(loc="lower left", fontsize=6.5, frameon=False, bbox_to_anchor=(0.02, 0.0))
     fig.savefig(path)
 
 
@@ -423,6 +440,8 @@ def compare_runs(tracking_uri: str | None = None, experiment: str | None = None,
                         " ".join(r["run_ids"])])
     _plot(rows, metric, out / "acc_vs_params.png")
     best_cfg = None
+    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
         client = make_client(resolve_tracking_uri(tracking_uri))
         with tempfile.TemporaryDirectory() as tmp:
@@ -431,8 +450,14 @@ def compare_runs(tracking_uri: str | None = None, experiment: str | None = None,
             best_cfg.write_text(p.read_text())
     except Exception:  # noqa: BLE001 - the run logged no config
         best_cfg = None
+    finally:
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
     if console is not None:
         from rich.table import Table
+        from rich.text import Text
 
         t = Table(title=f"pfnas runs in {where} by {metric}")
         for col in ("#", "label", "n", metric, "tuned params", "tuned %", "search cost"):
@@ -440,7 +465,7 @@ def compare_runs(tracking_uri: str | None = None, experiment: str | None = None,
         for i, r in enumerate(rows, 1):
             val = f"{r['mean']:.4f}" + (f" ± {r['std']:.4f}" if r["n"] > 1 else "")
             pct = f"{r['tuned_percent']:.3f}" if r["tuned_percent"] is not None else "-"
-            t.add_row(str(i), r["label"], str(r["n"]), val, _human(r["tuned_params"]), pct,
+            t.add_row(str(i), Text(r["label"]), str(r["n"]), val, _human(r["tuned_params"]), pct,
                       _human(r["cost_images"]) + (" img" if r["cost_images"] else ""))
         console.print(t)
         console.print(f"wrote {out / 'compare.csv'}, {out / 'acc_vs_params.png'}"

@@ -39,7 +39,7 @@ from ray.tune.search.optuna import OptunaSearch
 from .config import ConfigError, ExperimentConfig, PfnasError, apply_overrides, merge_dotted, read_yaml, validate
 from .tracking import (
     RunLogger,
-    _scalar,
+    finite_scalar,
     flatten,
     format_value,
     get_experiment_id,
@@ -304,7 +304,7 @@ def _cached_experiment(cfg: ExperimentConfig):
     Reused actors run many trials; rebuilding a hub ViT and re-decoding a data set for each is waste.
     Random-init backbones depend on the seed, so the seed is part of their key.
     """
-    from .engine import Experiment, resolve_device
+    from .engine import Experiment
 
     bb = cfg.backbone
     random_init = not (bb.pretrained or bb.checkpoint)
@@ -316,7 +316,6 @@ def _cached_experiment(cfg: ExperimentConfig):
         _CACHE.clear()  # free the old backbone/data before building the new ones
     exp = Experiment.build(cfg, data=data, backbone=backbone)
     _CACHE["backbone"], _CACHE["data"] = (bkey, exp.backbone), (dkey, exp.data)
-    assert exp.device == resolve_device(cfg.device)
     return exp
 
 
@@ -350,10 +349,12 @@ class _TrialReporter:
         self.work, self.logger, self.restored = work, logger, int(restored)
         self.carry: dict[str, float] = {}
 
-    def _payload(self) -> dict[str, Any]:
-        p: dict[str, Any] = dict(self.carry)
-        if "search/val_acc" in p:
-            p["val_acc"] = p["search/val_acc"]
+    def _payload(self, head: dict[str, Any]) -> dict[str, Any]:
+        """``head`` first (progress tables show the leading metrics), then every carried scalar."""
+        p: dict[str, Any] = dict(head)
+        if "search/val_acc" in self.carry:
+            p.setdefault("val_acc", self.carry["search/val_acc"])
+        p.update(self.carry)
         p["restored"] = self.restored
         return p
 
@@ -367,31 +368,30 @@ class _TrialReporter:
     def on_epoch(self, m: dict[str, Any]) -> None:
         self.logger.log_epoch(m)
         phase = str(m.get("phase", "run"))
-        self.carry.update({f"{phase}/{k}": float(v) for k, v in m.items() if k not in ("phase", "epoch") and _scalar(v)})
-        p = self._payload()
-        p.update(phase=phase, epoch=int(m.get("epoch", 0)))
-        if phase == "retrain" and _scalar(m.get("test_acc")):
-            p["test_acc"] = float(m["test_acc"])
-        self._report(p)
+        self.carry.update({f"{phase}/{k}": float(v) for k, v in m.items() if k not in ("phase", "epoch") and finite_scalar(v)})
+        head: dict[str, Any] = {}
+        if phase == "retrain" and finite_scalar(m.get("test_acc")):
+            head["test_acc"] = float(m["test_acc"])
+        self._report(self._payload({**head, "phase": phase, "epoch": int(m.get("epoch", 0))}))
 
     def final(self, res: dict[str, Any]) -> None:
-        p = self._payload()
-        p.update({k: float(res[k]) for k in FINAL_KEYS if _scalar(res.get(k))})
-        p.update(phase="done", policy=_policy_str(res.get("policy")), complete=1)
-        self._report(p)
+        head = {k: float(res[k]) for k in FINAL_KEYS if finite_scalar(res.get(k))}
+        self._report(self._payload({**head, "phase": "done", "policy": _policy_str(res.get("policy")), "complete": 1}))
 
 
 def _error_line(err: BaseException | str | None) -> str:
     text = str(err or "").strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     hits = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", ln)]
-    return (hits[-1] if hits else (lines[-1] if lines else type(err).__name__))[:200]
+    line = hits[-1] if hits else (lines[-1] if lines else type(err).__name__)
+    return re.sub(r"^(\w+\.)+(?=\w+(Error|Exception))", "", line)[:200]  # pfnas.config.TrainingError -> TrainingError
 
 
 def pfnas_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """Tune function trainable: one experiment in the trial's own dir, resumable from Tune checkpoints."""
     from ray import tune
 
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one INFO line per checkpoint
     tctx = tune.get_context()
     trial_id = tctx.get_trial_id()
     work = Path(tctx.get_trial_dir()) / "work"
@@ -403,7 +403,7 @@ def pfnas_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     cfg = ctx.config(config, f"{ctx.study}-{trial_id}")
     rid = work / "mlflow_run_id"
     logger = RunLogger(ctx.tracking_uri, ctx.experiment, trial_id, cfg, parent_run_id=ctx.parent_run_id,
-                       run_id=rid.read_text().strip() if rid.is_file() else None,
+                       run_id=rid.read_text().strip() if rid.is_file() else None, reuse_tags={"pfnas.trial_id": trial_id},
                        tags={"pfnas.kind": "trial", "pfnas.study": ctx.study, "pfnas.trial_id": trial_id,
                              "pfnas.label": ctx.label(cfg, config)})
     reporter = _TrialReporter(work, logger, restored=ckpt is not None)
@@ -448,6 +448,23 @@ def _space_digest(space: SpaceConfig, plan: StudyPlan) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
+def _short_names(keys: list[str]) -> list[str]:
+    """Shortest dotted suffix of each key that is still unique (``search.arch_lr`` -> ``arch_lr``)."""
+    out = []
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            cand = ".".join(parts[-n:])
+            if sum(k == cand or k.endswith("." + cand) for k in keys) == 1:
+                break
+        out.append(cand)
+    return out
+
+
+_OP_ABBREV = {"prepend": "pre", "add": "add", "affine": "aff", "cross_attn": "xat", "none": "-"}
+_STATUS = {"TERMINATED": "done", "STOPPED": "stopped", "ERROR": "error"}
+
+
 @dataclass
 class TrialRecord:
     index: int
@@ -477,6 +494,7 @@ class StudySummary:
     notes: list[str] = field(default_factory=list)
 
     def __rich__(self):
+        from rich import box
         from rich.console import Group
         from rich.table import Table
         from rich.text import Text
@@ -484,19 +502,27 @@ class StudySummary:
         counts = {s: sum(t.status == s for t in self.trials) for s in ("TERMINATED", "STOPPED", "ERROR")}
         title = (f"study {self.name}: {len(self.trials)} trials ({counts['TERMINATED']} finished, "
                  f"{counts['STOPPED']} stopped, {counts['ERROR']} errored)")
-        t = Table(title=title, title_justify="left")
-        for col in ["#", "trial", "status", *self.param_keys, self.metric, "tuned params", "policy / error"]:
-            t.add_column(col, overflow="fold")
+        t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for col in ["#", "trial", "state"]:
+            t.add_column(col, no_wrap=True)
+        for key in _short_names(self.param_keys):
+            t.add_column(key.replace(".", ".\n"), no_wrap=True)
+        t.add_column(self.metric.replace("_", "\n"), no_wrap=True)
+        t.add_column("tuned\nparams", no_wrap=True)
+        t.add_column("policy", overflow="fold", min_width=11)
         for r in self.trials:
-            star = " *" if self.best is not None and r.trial_id == self.best.trial_id else ""
-            note = r.error or str(r.metrics.get("policy", ""))
+            star = "*" if self.best is not None and r.trial_id == self.best.trial_id else ""
+            policy = " ".join(_OP_ABBREV.get(op, op) for op in str(r.metrics.get("policy", "")).split(",") if op)
             tp = r.metrics.get("tuned_params")
-            t.add_row(str(r.index), r.trial_id + star, r.status, *[format_value(r.params.get(k, "")) for k in self.param_keys],
-                      f"{r.value:.4f}" if r.value is not None else "-", f"{int(tp)}" if _scalar(tp) else "-", note)
-        lines = []
+            t.add_row(str(r.index), r.trial_id + star, _STATUS.get(r.status, r.status),
+                      *[Text(format_value(r.params.get(k, ""))) for k in self.param_keys],
+                      f"{r.value:.4f}" if r.value is not None else "-", f"{int(tp)}" if finite_scalar(tp) else "-",
+                      "-" if r.error else policy)
+        lines = ["policy per layer: pre=prepend add=add aff=affine xat=cross_attn; * best trial"]
+        lines += [f"trial {r.trial_id} failed: {r.error}" for r in self.trials if r.error]
         if self.best is not None:
-            lines.append(f"best: trial {self.best.trial_id} {self.metric}={self.best.value:.4f}; "
-                         f"config -> {self.best_config_path}")
+            lines.append(f"best: trial {self.best.trial_id} {self.metric}={self.best.value:.4f}, policy "
+                         f"{self.best.metrics.get('policy', '?')}; config -> {self.best_config_path}")
         else:
             lines.append(f"no trial reported {self.metric}")
         lines.append(f"MLflow: {self.tracking_uri} experiment {self.mlflow_experiment!r} parent run {self.parent_run_id}")
@@ -536,7 +562,7 @@ def _records(results, metric: str, param_keys: list[str]) -> list[TrialRecord]:
         else:
             status, err = ("TERMINATED" if metrics.get("complete") else "STOPPED"), None
         val = metrics.get(metric)
-        val = float(val) if status != "ERROR" and _scalar(val) else None
+        val = float(val) if status != "ERROR" and finite_scalar(val) else None
         params = {k: (r.config or {}).get(k) for k in param_keys}
         recs.append(TrialRecord(idx, tid, status, params, val, metrics, err))
     return sorted(recs, key=lambda x: (x.index, x.trial_id))
@@ -595,7 +621,8 @@ def _tuner(plan: StudyPlan, space: SpaceConfig, trainable, storage: str, num_sam
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=sched, num_samples=num_samples,
-                                    max_concurrent_trials=k, reuse_actors=True, trial_name_creator=trial_name,
+                                    max_concurrent_trials=None if space.sync_batches else k,  # else: the limiter
+                                    reuse_actors=True, trial_name_creator=trial_name,
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=plan.name, storage_path=storage,
                                   failure_config=tune.FailureConfig(max_failures=space.max_failures),
@@ -622,9 +649,15 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
     try:
         client = make_client(tracking_uri)
         exp_id = get_experiment_id(client, mlflow_experiment, tracking_uri)
-        same_store = previous.get("tracking_uri") == tracking_uri
-        parent = _parent_run(client, exp_id, plan, space, space_path,
-                             previous.get("parent_run_id") if restoring and same_store else None)
+        earlier = None
+        if restoring:  # the parent this study logged to before (state file, else MLflow tags: URI storage)
+            earlier = previous.get("parent_run_id") if previous.get("tracking_uri") == tracking_uri else None
+            if earlier is None:
+                found = client.search_runs([exp_id], max_results=1, order_by=["attributes.start_time DESC"],
+                                           filter_string=f"tags.`pfnas.kind` = 'study' and "
+                                                         f"tags.`pfnas.study` = '{plan.name}'")
+                earlier = found[0].info.run_id if found else None
+        parent = _parent_run(client, exp_id, plan, space, space_path, earlier)
     except PfnasError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -646,12 +679,13 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
 
     recs = _records(results, space.metric, list(plan.params))
     best = _best(recs, space.mode)
-    best_path = None
-    if best is not None and local:
-        best_cfg = ctx.config(best.params, f"{plan.name}-best")
+    best_path, best_cfg = None, None
+    if best is not None:
+        best_cfg = ctx.config(best.params, f"{plan.name}-best").model_dump(mode="json")
+    if best_cfg is not None and local:
         best_path = Path(exp_path) / "best_config.yaml"
         best_path.write_text(f"# best trial {best.trial_id} of study {plan.name}: {space.metric}={best.value:.6g}\n"
-                             + yaml.safe_dump(best_cfg.model_dump(mode="json"), sort_keys=False))
+                             + yaml.safe_dump(best_cfg, sort_keys=False))
     if any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none":
         notes.append("some trials did not finish; rerun with --resume to continue them")
     if not any(r.value is not None for r in recs) and any(r.status == "TERMINATED" for r in recs):
@@ -668,10 +702,10 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
         if best is not None:
             metrics.append(Metric(f"best_{space.metric}", best.value, 0, 0))
             client.set_tag(parent, "pfnas.best_trial", best.trial_id)
-            if best_path is not None:
-                client.log_artifact(parent, str(best_path))
+            client.log_dict(parent, best_cfg, "best_config.yaml")
         client.log_batch(parent, metrics=metrics)
-        client.set_terminated(parent, "FINISHED")
+        unfinished = any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none"
+        client.set_terminated(parent, "KILLED" if unfinished else "FINISHED")
     except Exception as e:  # noqa: BLE001 - the study itself is done; say so instead of failing
         notes.append(f"warning: could not finish the MLflow parent run: {_error_line(e)}")
     return StudySummary(plan.name, space.metric, space.mode, list(plan.params), recs, best, best_path, exp_path,
@@ -725,6 +759,8 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
         started = True
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    # a checkpoint per epoch with num_to_keep forces frequent state snapshots (wanted, for resume): no warning
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     strict = os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # the study metric only appears once it is real
     try:

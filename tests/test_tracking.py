@@ -1,0 +1,110 @@
+"""MLflow side without Ray: tracking URIs, the resilient run logger, and run comparison."""
+from __future__ import annotations
+
+import logging
+import socket
+
+import pytest
+import yaml
+from conftest import tiny_config
+from rich.console import Console
+
+from pfnas.config import ExperimentConfig
+from pfnas.tracking import RunLogger, compare_runs, get_experiment_id, make_client, resolve_tracking_uri
+
+
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/t.db"
+
+
+def test_tracking_uri_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"  # default, made absolute
+    assert resolve_tracking_uri("sqlite:///sub/x.db", base_dir="/srv") == "sqlite:////srv/sub/x.db"
+    assert resolve_tracking_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
+    assert resolve_tracking_uri("runs/mlruns") == (tmp_path / "runs" / "mlruns").as_uri()
+    assert resolve_tracking_uri("http://10.0.0.1:5000") == "http://10.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path}/env.db"  # the environment beats the default
+    assert resolve_tracking_uri("http://h:1") == "http://h:1"  # an explicit URI beats the environment
+
+
+def test_logger_survives_an_unreachable_server(monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with caplog.at_level(logging.WARNING, logger="pfnas.tracking"):
+        lg = RunLogger(f"http://127.0.0.1:{port}", "x", "trial", tiny_config(), retry_s=0.0)
+        for epoch in (1, 2, 3):
+            lg.log_epoch({"phase": "search", "epoch": epoch, "val_acc": 0.5, "alpha": [[0.5, 0.5]]})
+        lg.finish({"test_acc": 0.5, "policy": {0: "add"}})
+    assert lg.run_id is None and len(lg._pending) > 0
+    warnings = [r for r in caplog.records if r.name == "pfnas.tracking"]
+    assert len(warnings) == 1 and "training continues" in warnings[0].getMessage()
+
+
+def test_logger_buffers_through_an_outage_then_flushes(tmp_path):
+    db_dir = tmp_path / "later"
+    db_dir.write_text("a file where the store's folder should be")  # the store cannot open: an outage
+    lg = RunLogger(f"sqlite:///{db_dir}/m.db", "outage", "t1", tiny_config(), retry_s=0.0)
+    lg.log_epoch({"phase": "search", "epoch": 1, "val_acc": 0.25})
+    assert lg.run_id is None
+    db_dir.unlink()  # the store comes back
+    lg.log_epoch({"phase": "search", "epoch": 2, "val_acc": 0.75})
+    lg.finish({"test_acc": 0.5})
+    client = make_client(f"sqlite:///{db_dir}/m.db")
+    hist = client.get_metric_history(lg.run_id, "search/val_acc")
+    assert sorted((m.step, m.value) for m in hist) == [(1, 0.25), (2, 0.75)]
+    assert client.get_run(lg.run_id).info.status == "FINISHED"
+
+
+def test_logger_reuses_the_run_of_a_retried_trial(uri):
+    client = make_client(uri)
+    exp = get_experiment_id(client, "retry", uri)  # artifacts beside the database, not in the cwd
+    parent = client.create_run(exp, tags={"pfnas.kind": "study"}).info.run_id
+    a = RunLogger(uri, "retry", "t", tiny_config(), parent_run_id=parent, reuse_tags={"pfnas.trial_id": "t"},
+                  tags={"pfnas.trial_id": "t"})
+    a.finish(status="FAILED", error="boom")
+    b = RunLogger(uri, "retry", "t", tiny_config(), parent_run_id=parent, reuse_tags={"pfnas.trial_id": "t"},
+                  tags={"pfnas.trial_id": "t"})
+    other = RunLogger(uri, "retry", "u", tiny_config(), parent_run_id=parent, reuse_tags={"pfnas.trial_id": "u"},
+                      tags={"pfnas.trial_id": "u"})
+    assert b.run_id == a.run_id != other.run_id
+    assert client.get_run(b.run_id).info.status == "RUNNING"
+
+
+def _logged_run(uri: str, cfg: ExperimentConfig, test_acc: float, status: str = "FINISHED") -> str:
+    lg = RunLogger(uri, "cmp", f"{cfg.name}-s{cfg.seed}", cfg, tags={"pfnas.kind": "run"})
+    epochs = cfg.search.epochs
+    for e in range(1, epochs + 1):
+        lg.log_epoch({"phase": "search", "epoch": e, "val_acc": 0.1 * e, "alpha": [[0.7, 0.1, 0.1, 0.1]] * 2,
+                      "policy": {0: "prepend", 1: "prepend"}})
+    lg.finish({"test_acc": test_acc, "tuned_params": 100 * cfg.prompts.length, "tuned_percent": 0.5,
+               "cost_images": 1000, "policy": {0: "prepend", 1: "prepend"}}, status=status)
+    return lg.run_id
+
+
+def test_compare_groups_seeds_and_sorts(uri, tmp_path):
+    a = tiny_config(name="a")
+    b = tiny_config(name="b", prompts={"length": 8, "dropout": 0.0, "fusion_dim": 4})
+    ids = [_logged_run(uri, a.model_copy(update={"seed": s}), acc) for s, acc in ((0, 0.5), (1, 0.6), (2, 0.7))]
+    _logged_run(uri, b, 0.8)
+    _logged_run(uri, b.model_copy(update={"seed": 5}), 0.99, status="FAILED")  # not a finished result
+    client = make_client(uri)
+    arts = {x.path for x in client.list_artifacts(ids[0])}
+    assert {"alpha_heatmap.png", "policy.json", "config.yaml"} <= arts  # heatmap logged at the last search epoch
+    console = Console(record=True, width=200)
+    rows = compare_runs(tracking_uri=uri, experiment="cmp", metric="test_acc", out_dir=tmp_path, console=console)
+    assert [(r["label"], r["n"]) for r in rows] == [("search", 1), ("search", 3)]
+    assert rows[0]["mean"] == pytest.approx(0.8) and rows[0]["tuned_params"] == 800
+    assert rows[1]["mean"] == pytest.approx(0.6) and rows[1]["std"] == pytest.approx(0.1)
+    assert sorted(rows[1]["run_ids"]) == sorted(ids)
+    assert "0.6000 ± 0.1000" in console.export_text()
+    csv_lines = (tmp_path / "compare.csv").read_text().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[1].startswith("1,search,search,1,0.8")
+    assert (tmp_path / "acc_vs_params.png").read_bytes()[:4] == b"\x89PNG"
+    best = yaml.safe_load((tmp_path / "best_config.yaml").read_text())
+    assert best["name"] == "b" and best["prompts"]["length"] == 8

@@ -1,0 +1,387 @@
+"""Ray Tune + Optuna + MLflow studies on tiny configs: logging, reproducibility, failures, resume, CLI."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from conftest import REPO, tiny_config
+
+from pfnas.config import ConfigError, ExperimentConfig, PfnasError
+from pfnas.tracking import compare_runs, get_experiment_id, make_client
+from pfnas.tune import _CACHE, load_space, run_trial_method, run_tune
+
+PARAMS = {
+    "search.arch_lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1},
+    "train.optim.lr": {"type": "loguniform", "low": 0.1, "high": 10.0},
+    "prompts.length": {"type": "choice", "values": [2, 4, 8]},
+}
+
+
+def write_space(folder: Path, name: str = "study", **fields) -> Path:
+    """A space over the conftest tiny config (2-block 32-dim ViT, 16 px synthetic data, 2+2 epochs)."""
+    space = {"name": name, "base": tiny_config().model_dump(mode="json"), "params": PARAMS, "num_samples": 4,
+             "max_concurrent_trials": 2, "seed": 7, "startup_trials": 2}
+    space.update(fields)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def trial_runs(uri: str, experiment: str):
+    client = make_client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("pfnas.kind") == "study"]
+    trials = [r for r in runs if r.data.tags.get("pfnas.kind") == "trial"]
+    return client, parents, trials
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory) -> str:
+    """One sqlite tracking store for this module (creating a store costs seconds); tests use own experiments."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+@pytest.fixture(scope="module")
+def study(ray_session, tmp_path_factory, tracking):
+    """One 4-trial study (2 concurrent, TPE after 2 random trials), shared by several tests."""
+    d = tmp_path_factory.mktemp("study")
+    space = write_space(d)
+    summary = run_tune(space, storage=str(d / "ray"), tracking_uri=tracking)
+    return SimpleNamespace(dir=d, space=space, uri=tracking, summary=summary, s=summary.studies[0])
+
+
+# ----------------------------------------------------------------------------- a real study
+def test_study_trials_have_nested_mlflow_runs(study):
+    s = study.s
+    assert [t.status for t in s.trials] == ["TERMINATED"] * 4
+    assert [t.index for t in s.trials] == [1, 2, 3, 4]
+    client, parents, trials = trial_runs(study.uri, "study")
+    assert len(parents) == 1 and parents[0].info.run_id == s.parent_run_id
+    assert parents[0].data.params["param.search.arch_lr"].startswith("loguniform")
+    assert parents[0].data.metrics["best_test_acc"] == pytest.approx(s.best.value)
+    by_name = {r.info.run_name: r for r in trials}
+    assert sorted(by_name) == sorted(t.trial_id for t in s.trials)
+    for t in s.trials:
+        run = by_name[t.trial_id]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == s.parent_run_id
+        # params: the flattened config, with this trial's sampled values
+        assert float(run.data.params["search.arch_lr"]) == pytest.approx(t.params["search.arch_lr"])
+        assert int(run.data.params["prompts.length"]) == t.params["prompts.length"]
+        assert run.data.params["backbone.kwargs.embed_dim"] == "32"
+        # per-epoch metrics with steps, final metrics equal to what Tune saw
+        hist = client.get_metric_history(run.info.run_id, "search/val_acc")
+        assert sorted(m.step for m in hist) == [1, 2]
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "retrain/test_acc")) == [1, 2]
+        assert run.data.metrics["test_acc"] == pytest.approx(t.value)
+        assert run.data.metrics["tuned_params"] == t.metrics["tuned_params"] > 0
+        assert run.data.metrics["images_per_s"] > 0
+        arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"policy.json", "alpha_heatmap.png", "config.yaml"} <= arts
+        policy = json.loads(Path(client.download_artifacts(run.info.run_id, "policy.json", str(study.dir))).read_text())
+        assert ",".join(policy[str(i)] for i in range(2)) == t.metrics["policy"]
+        png = Path(client.download_artifacts(run.info.run_id, "alpha_heatmap.png", str(study.dir)))
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_best_config_is_the_best_trial(study):
+    s = study.s
+    assert s.best.value == max(t.value for t in s.trials)
+    cfg = ExperimentConfig.model_validate(yaml.safe_load(s.best_config_path.read_text()))
+    assert s.best_config_path == study.dir / "ray" / "study" / "best_config.yaml"
+    assert cfg.search.arch_lr == pytest.approx(s.best.params["search.arch_lr"])
+    assert cfg.prompts.length == s.best.params["prompts.length"]
+    assert cfg.backbone.kwargs["embed_dim"] == 32  # the rest comes from the base config
+    text = str(study.summary)
+    assert "study study: 4 trials (4 finished" in text and s.best.trial_id in text
+
+
+def test_same_seed_same_configs_and_best(study, tmp_path):
+    again = run_tune(study.space, storage=str(tmp_path / "ray"), tracking_uri=study.uri, experiment="again")
+    a, b = study.s, again.studies[0]
+    assert [t.params for t in a.trials] == [t.params for t in b.trials]
+    assert [t.value for t in a.trials] == [t.value for t in b.trials]
+    assert b.best.params == a.best.params and b.best.value == a.best.value
+    load = lambda p: {k: v for k, v in yaml.safe_load(p.read_text()).items() if k != "name"}
+    assert load(a.best_config_path) == load(b.best_config_path)
+    # trials 3-4 come from TPE (startup_trials=2), so the history mattered, and values differ
+    assert len({t.params["search.arch_lr"] for t in a.trials}) == 4
+
+
+def test_compare_runs_on_study(study, tmp_path):
+    rows = compare_runs(tracking_uri=study.uri, experiment="study", metric="test_acc", out_dir=tmp_path)
+    assert len(rows) == 4  # one row per trial label (each trial has its own tuned values)
+    assert [r["mean"] for r in rows] == sorted((t.value for t in study.s.trials), reverse=True)
+    labels = {r["label"] for r in rows}
+    assert len(labels) == 4 and all(lb.startswith("search [search.arch_lr=") for lb in labels)
+    lines = (tmp_path / "compare.csv").read_text().splitlines()
+    assert len(lines) == 5 and lines[0].startswith("rank,label,method,n,test_acc_mean")
+    assert (tmp_path / "acc_vs_params.png").read_bytes()[:4] == b"\x89PNG"
+    best = ExperimentConfig.model_validate(yaml.safe_load((tmp_path / "best_config.yaml").read_text()))
+    top = next(t for t in study.s.trials if best.name == f"study-{t.trial_id}")  # the config of row 1's run
+    assert top.value == rows[0]["mean"] and best.prompts.length == top.params["prompts.length"]
+
+
+def test_existing_study_needs_resume_and_resume_needs_a_study(study, tmp_path):
+    with pytest.raises(ConfigError, match="already exists; pass --resume"):
+        run_tune(study.space, storage=str(study.dir / "ray"), tracking_uri=study.uri)
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        run_tune(study.space, storage=str(tmp_path / "none"), tracking_uri=study.uri, resume=True)
+
+
+# ----------------------------------------------------------------------------- failures
+def test_diverging_trial_fails_alone(ray_session, tmp_path, tracking):
+    base = tiny_config().model_dump(mode="json")
+    base["search"]["optim"]["grad_clip"] = None
+    space = write_space(tmp_path, "nan", base=base, num_samples=3, max_failures=0, max_concurrent_trials=1,
+                        params={"search.optim.lr": {"type": "choice", "values": [1.0e30, 1.0, 2.0]}},
+                        points_to_evaluate=[{"search.optim.lr": 1.0e30}, {"search.optim.lr": 1.0},
+                                            {"search.optim.lr": 2.0}])
+    uri = tracking
+    s = run_tune(space, storage=str(tmp_path / "ray"), tracking_uri=uri).studies[0]
+    assert [t.status for t in s.trials] == ["ERROR", "TERMINATED", "TERMINATED"]
+    bad = s.trials[0]
+    assert bad.params["search.optim.lr"] == 1.0e30 and "non-finite loss" in bad.error
+    assert s.best is not None and s.best.params["search.optim.lr"] in (1.0, 2.0)
+    assert "1 errored" in str(s.__rich__().renderables[0].title)
+    _, _, runs = trial_runs(uri, "nan")
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert len(runs) == 3
+    assert status[bad.trial_id] == "FAILED"
+    assert "TrainingError" in next(r for r in runs if r.info.run_name == bad.trial_id).data.tags["pfnas.error"]
+
+
+# ----------------------------------------------------------------------------- kill and resume
+def _children() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            out.setdefault(ppid, []).append(int(p.name))
+    return out
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process it started (its local Ray cluster included), by pid."""
+    kids, todo, tree = _children(), [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += kids.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _tune_state(exp_dir: Path) -> dict[str, tuple[str, dict]]:
+    files = sorted(exp_dir.glob("experiment_state-*.json"))
+    try:
+        data = json.loads(files[-1].read_text()) if files else {"trial_data": []}
+    except json.JSONDecodeError:  # being replaced
+        return {}
+    out = {}
+    for trial, meta in data["trial_data"]:
+        trial, meta = json.loads(trial), json.loads(meta)
+        out[trial["trial_id"]] = (trial["status"], meta.get("last_result") or {})
+    return out
+
+
+def test_kill_and_resume(ray_session, tmp_path, tracking):
+    # ~0.3 s per epoch, 8 reports per trial: slow enough to interrupt the second trial mid-run
+    base = tiny_config(data={"synthetic_per_class": 64}, search={"epochs": 4},
+                       train={"epochs": 3}).model_dump(mode="json")
+    space = write_space(tmp_path, "killme", base=base, num_samples=3, max_concurrent_trials=1)
+    storage, uri = tmp_path / "ray", tracking
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    exp_dir, log = storage / "killme", tmp_path / "first.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pfnas", "tune", "--space", str(space), "--storage",
+                                 str(storage), "--tracking-uri", uri], cwd=tmp_path, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            state = _tune_state(exp_dir)
+            done = [t for t, (st, _) in state.items() if st == "TERMINATED"]
+            # the first trial finished and is recorded; the second has a recorded mid-run checkpoint
+            running = [r for st, r in state.values() if st == "RUNNING" and r.get("training_iteration", 0) >= 2]
+            if done and running:
+                break
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail("the study never reached its first finished trial:\n" + log.read_text()[-3000:])
+    finally:
+        _kill_tree(proc.pid)
+        proc.wait(timeout=30)
+    before = {t: r for t, (st, r) in _tune_state(exp_dir).items() if st == "TERMINATED"}
+    assert before and len(before) < 3
+    (exp_dir / "pfnas_study.json").unlink()  # as with s3:// storage: the parent run is found by its MLflow tags
+
+    s = run_tune(space, storage=str(storage), tracking_uri=uri, resume=True).studies[0]
+    assert [t.status for t in s.trials] == ["TERMINATED"] * 3
+    after = {t.trial_id: t for t in s.trials}
+    assert set(before) <= set(after)
+    for tid, last in before.items():  # finished trials are neither lost nor re-run
+        assert after[tid].value == last["test_acc"]
+        assert after[tid].metrics["training_iteration"] == last["training_iteration"]
+        assert after[tid].metrics["restored"] == 0
+    second = next(t for t in s.trials if t.index == 2)
+    assert second.trial_id not in before and second.metrics["restored"] == 1  # continued from its checkpoint
+    assert second.metrics["training_iteration"] == 4 + 3 + 1
+    client, parents, runs = trial_runs(uri, "killme")
+    assert len(parents) == 1 and len(runs) == 3  # one MLflow run per trial, the resumed one reopened
+    assert all(r.info.status == "FINISHED" for r in runs)
+    run2 = next(r for r in runs if r.info.run_name == second.trial_id)
+    steps = [m.step for m in client.get_metric_history(run2.info.run_id, "retrain/test_acc")]
+    assert sorted(set(steps)) == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- MLflow server
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_study_against_mlflow_server(ray_session, tmp_path):
+    port = _free_port()
+    srv_log = tmp_path / "server.log"
+    with open(srv_log, "w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/srv.db",
+             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job-runner processes
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.time() < deadline, srv_log.read_text()[-2000:]
+            time.sleep(0.5)
+        space = write_space(tmp_path, "remote", num_samples=2, max_concurrent_trials=1)
+        s = run_tune(space, storage=str(tmp_path / "ray"), tracking_uri=uri).studies[0]
+        assert [t.status for t in s.trials] == ["TERMINATED"] * 2
+        client, parents, runs = trial_runs(uri, "remote")
+        assert len(parents) == 1 and len(runs) == 2
+        assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
+        assert {r.info.run_name for r in runs} == {t.trial_id for t in s.trials}
+        for r in runs:
+            assert r.info.status == "FINISHED" and "test_acc" in r.data.metrics
+            assert "alpha_heatmap.png" in {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert list((tmp_path / "artifacts").rglob("alpha_heatmap.png"))  # stored by the server
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            _kill_tree(server.pid)
+
+
+# ----------------------------------------------------------------------------- space schema and CLI
+def test_space_errors_name_the_field(tmp_path):
+    good = {"name": "s", "base": tiny_config().model_dump(mode="json"), "params": PARAMS}
+    cases = [
+        ({"num_sample": 3}, r"^num_sample: unknown field"),
+        ({"params": {"search.arch_lr": {"type": "gauss", "low": 1, "high": 2}}}, r"^params\.search\.arch_lr\.type"),
+        ({"params": {"search.arch_lr": {"type": "loguniform", "low": 0, "high": 1}}}, r"params\.search\.arch_lr.*low > 0"),
+        ({"params": {"search.arch_lrr": {"type": "uniform", "low": 0.1, "high": 1}}},
+         r"^params\.search\.arch_lrr: .*search\.arch_lrr: unknown field"),
+        ({"params": {"search.arch_lr": {"type": "uniform", "low": -1, "high": 1}}},
+         r"^params\.search\.arch_lr: value -1\.0 .*greater than 0"),
+        ({"scheduler": {"type": "asha", "grace": 2}}, r"^scheduler\.grace: unknown field"),
+        ({"base": {"search": {"epochs": 0}}}, r"^base\.search\.epochs: "),
+        ({"points_to_evaluate": [{"nope": 1}]}, r"points_to_evaluate\[0\]: 'nope' is not in params"),
+        ({"tasks": ["a"], "params": {"data.task": {"type": "choice", "values": ["a"]}}}, r"not both"),
+    ]
+    for change, pattern in cases:
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({**good, **change}))
+        with pytest.raises(ConfigError, match=pattern):
+            load_space(path)
+
+
+def test_space_paths_overrides_and_tasks(tmp_path):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "base.yaml").write_text(yaml.safe_dump(
+        {**tiny_config().model_dump(mode="json"), "data": {"kind": "vtab", "root": "../data"}}))
+    path = write_space(tmp_path, "t", base=None, base_config="cfg/base.yaml", tasks=["dtd", "svhn"])
+    _, plans = load_space(path, overrides=["prompts.length=3"], study_name="x")
+    assert [p.name for p in plans] == ["x-dtd", "x-svhn"] and [p.base.data.task for p in plans] == ["dtd", "svhn"]
+    assert plans[0].base.data.root == str(tmp_path / "data")  # relative to the file that names it
+    assert plans[0].base.prompts.length == 3 and "prompts.length" not in plans[0].params  # --set pins it
+    with pytest.raises(ConfigError, match=r"^--set search\.epochs"):
+        load_space(path, overrides=["search.epochs=-1"])
+
+
+@pytest.mark.parametrize("name,tasks", [("demo", None), ("vtab", 19), ("fgvc", 5), ("hta", 10), ("proxy", 4)])
+def test_shipped_spaces_load(name, tasks):
+    space, plans = load_space(REPO / "search_spaces" / f"{name}.yaml")
+    assert len(plans) == (tasks or 1)
+    assert space.num_samples >= 1 and plans[0].params
+
+
+def test_cli_bad_space_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "bad", "params": PARAMS, "max_concurent_trials": 2}))
+    r = subprocess.run([sys.executable, "-m", "pfnas", "tune", "--space", str(bad)], capture_output=True, text=True, check=False,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "pfnas: error: max_concurent_trials: unknown field"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny CPU runs in this process: one intra-op thread, as Ray gives a 1-CPU trial (far faster on 2 busy cores)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_cached_experiment_matches_fresh_build(tmp_path, one_thread):
+    cfg = tiny_config(search={"epochs": 1}, train={"epochs": 1})
+    _CACHE.clear()
+    fresh = run_trial_method(cfg, tmp_path / "a")
+    backbone = _CACHE["backbone"][1]  # kept for the next trial in this process
+    cached = run_trial_method(cfg, tmp_path / "b")
+    assert _CACHE["backbone"][1] is backbone
+    losses = lambda r: [h["train_loss"] for h in r["search_history"] + r["retrain_history"]]
+    assert losses(cached) == losses(fresh) and cached["test_acc"] == fresh["test_acc"]
+    assert cached["policy"] == fresh["policy"]
+    other = run_trial_method(cfg.model_copy(update={"seed": 1}), tmp_path / "c")  # new seed: new random backbone
+    assert _CACHE["backbone"][1] is not backbone and losses(other) != losses(fresh)
+
+
+def test_compare_on_empty_experiment_is_a_clear_error(tmp_path, tracking):
+    uri = tracking
+    get_experiment_id(make_client(uri), "nothing", uri)
+    with pytest.raises(PfnasError, match="no finished pfnas runs with metric 'test_acc'"):
+        compare_runs(tracking_uri=uri, experiment="nothing", out_dir=tmp_path / "cmp")
+    with pytest.raises(PfnasError, match="experiment 'missing' not found"):
+        compare_runs(tracking_uri=uri, experiment="missing", out_dir=tmp_path / "cmp")
