@@ -2,7 +2,8 @@
 
 Budget and cost are counted in images processed by a training (forward + backward) pass:
 
-* budget = ``search.epochs * n_train * method.budget_multiplier`` (``n_train``: images in ``train``);
+* budget = the search's ``cost_images`` (below) x ``method.budget_multiplier``, so a baseline trains on
+  as many images as the differentiable search it is compared with;
 * the search's ``cost_images`` = weight-step images on ``train`` + images of the ``val`` batches
   used by alpha steps (one every ``search.arch_every`` weight steps) + three extra ``train`` batches
   per alpha step when ``search.order == 2`` (unrolled gradient and the two finite-difference
@@ -50,8 +51,8 @@ def _images_per_step(n: int, batch_size: int) -> int:
 
 
 def budget_images(cfg: ExperimentConfig, data) -> int:
-    """Training images a baseline may spend: ``search.epochs * n_train * method.budget_multiplier``."""
-    return int(cfg.search.epochs * data.num_images("train") * cfg.method.budget_multiplier)
+    """Training images a baseline may spend: the search's total cost x ``method.budget_multiplier``."""
+    return int(search_cost(cfg, data)["total"] * cfg.method.budget_multiplier)
 
 
 def search_cost(cfg: ExperimentConfig, data) -> dict[str, int]:
@@ -459,7 +460,11 @@ def _default_out(cfg: ExperimentConfig, suffix: str) -> Path:
     return Path(cfg.output_dir) / f"{cfg.name}-{suffix}"
 
 
-def fixed_baseline(cfg: ExperimentConfig, op: str, seeds: int = 1, out_dir: str | Path | None = None) -> dict[str, Any]:
+Runner = Callable[..., dict[str, Any]]  # run_method's signature; the CLI passes an MLflow-logged one
+
+
+def fixed_baseline(cfg: ExperimentConfig, op: str, seeds: int = 1, out_dir: str | Path | None = None,
+                   runner: Runner = run_method) -> dict[str, Any]:
     """``op`` on every layer (``none`` = linear probe), retrained and tested for seeds ``cfg.seed + i``.
 
     Each seed runs in ``out_dir/seed<k>``; the summary has the mean and sample std (0 for one seed).
@@ -469,7 +474,7 @@ def fixed_baseline(cfg: ExperimentConfig, op: str, seeds: int = 1, out_dir: str 
     runs = []
     for i in range(max(int(seeds), 1)):
         c = merge_dotted(cfg, {"seed": cfg.seed + i, "method.kind": kind, "method.op": op})
-        runs.append(run_method(c, out / f"seed{c.seed}"))
+        runs.append(runner(c, out / f"seed{c.seed}", progress=True))
     accs = [r["test_acc"] for r in runs]
     summary = {"method": kind, "op": op, "seeds": [r["seed"] for r in runs], "test_accs": accs,
                "test_acc_mean": statistics.fmean(accs), "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
@@ -480,16 +485,16 @@ def fixed_baseline(cfg: ExperimentConfig, op: str, seeds: int = 1, out_dir: str 
 
 
 def random_search(cfg: ExperimentConfig, samples: int = 8, weight_sharing: bool = False,
-                  out_dir: str | Path | None = None) -> dict[str, Any]:
+                  out_dir: str | Path | None = None, runner: Runner = run_method) -> dict[str, Any]:
     """Random search over layer policies under the search's budget (optionally with weight sharing)."""
     out = Path(out_dir) if out_dir else _default_out(cfg, "random")
     c = merge_dotted(cfg, {"method.kind": "random", "method.samples": samples, "method.weight_sharing": weight_sharing})
-    return _summary(run_method(c, out, progress=True), out)
+    return _summary(runner(c, out, progress=True), out)
 
 
 def regularized_evolution(cfg: ExperimentConfig, population: int = 6, sample: int = 3, cycles: int | None = None,
-                          out_dir: str | Path | None = None) -> dict[str, Any]:
+                          out_dir: str | Path | None = None, runner: Runner = run_method) -> dict[str, Any]:
     """Regularized (aging) evolution under the search's budget; ``cycles`` caps the cycles as well."""
     out = Path(out_dir) if out_dir else _default_out(cfg, "evolution")
     c = merge_dotted(cfg, {"method.kind": "evolution", "method.population": population, "method.sample_size": sample})
-    return _summary(run_method(c, out, progress=True, cycles=cycles), out)
+    return _summary(runner(c, out, progress=True, cycles=cycles), out)

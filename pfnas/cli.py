@@ -22,6 +22,22 @@ console = Console()
 ConfigOpt = typer.Option(None, "--config", "-c", help="Experiment YAML (defaults: embedded offline demo).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a field, e.g. --set search.arch_lr=1e-3 (repeatable).")
 OutOpt = typer.Option(None, "--out", "-o", help="Output directory (default: <output_dir>/<name>).")
+TrackOpt = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                        help="Log the run to MLflow here (sqlite:///mlflow.db, http://host:5000); default: no MLflow.")
+ExpOpt = typer.Option(None, "--experiment", help="MLflow experiment (default: <name>-<task>).")
+
+
+def _runner(tracking_uri: Optional[str], experiment: Optional[str]):
+    """``run_method``, or the same logged to MLflow as one run when a tracking URI is given."""
+    if not tracking_uri:
+        from .baselines import run_method
+
+        return run_method
+    from functools import partial
+
+    from .tracking import run_logged
+
+    return partial(run_logged, tracking_uri=tracking_uri, experiment=experiment)
 
 
 def _cfg(config: Optional[Path], overrides: Optional[List[str]]):
@@ -67,16 +83,16 @@ def retrain(policy: Path = typer.Option(..., "--policy", "-p", help="policy.json
 
 
 @app.command()
-def run(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt):
-    """Search, discretize, retrain and test in one go (the engine's main job)."""
-    from .engine import run_experiment
-
+def run(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
+        tracking_uri: Optional[str] = TrackOpt, experiment: Optional[str] = ExpOpt):
+    """Search, discretize, retrain and test in one go (or the config's method.kind); resumable."""
     cfg = _cfg(config, overrides)
     out_dir = _out(cfg, out)
-    res = run_experiment(cfg, out_dir, progress=True)
-    console.print(f"policy: {json.dumps({str(k): v for k, v in res.policy.items()})}")
-    console.print(f"test acc {res.test_acc:.4f}  tuned params {res.tuned_params} ({res.tuned_percent:.2f}%)  "
-                  f"search {res.search_time_s:.1f}s  retrain {res.retrain_time_s:.1f}s  -> {out_dir}")
+    res = _runner(tracking_uri, experiment)(cfg, out_dir, progress=True)
+    console.print(f"policy: {json.dumps({str(k): v for k, v in res['policy'].items()})}")
+    times = "".join(f"  {k.split('_')[0]} {res[k]:.1f}s" for k in ("search_time_s", "retrain_time_s") if k in res)
+    console.print(f"test acc {res['test_acc']:.4f}  tuned params {res['tuned_params']} "
+                  f"({res['tuned_percent']:.2f}%){times}  -> {out_dir}")
 
 
 @app.command()
@@ -114,12 +130,19 @@ def compare(experiment: Optional[str] = typer.Option(None, "--experiment", help=
 def bench(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
           batch_size: int = typer.Option(32, "--batch-size"), steps: int = typer.Option(10, "--steps"),
           warmup: int = typer.Option(3, "--warmup"),
+          policy: Optional[Path] = typer.Option(None, "--policy", "-p",
+                                                help="Policy file for the retrained row (default: ops cycled)."),
+          num_classes: int = typer.Option(10, "--num-classes", help="Head size of the benchmarked models."),
+          e2e: bool = typer.Option(False, "--e2e", help="Also run search+retrain+test on the config's task and "
+                                                        "compare its wall time with its pure step time."),
+          e2e_dir: Optional[Path] = typer.Option(None, "--e2e-dir", help="Keep the end-to-end run here."),
           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table as JSON here.")):
     """Images/s of frozen forward, VPT-deep, soft / single-path search and retrained-policy steps."""
     from .bench import run_bench
 
     cfg = _cfg(config, overrides)
-    run_bench(cfg, batch_size=batch_size, steps=steps, warmup=warmup, out=out, console=console)
+    run_bench(cfg, batch_size=batch_size, steps=steps, warmup=warmup, out=out, console=console,
+              policy=policy, num_classes=num_classes, e2e=e2e, e2e_dir=e2e_dir)
 
 
 @data_app.command("check")
@@ -142,47 +165,54 @@ def data_check(path: Path = typer.Argument(..., help="Data root or task folder."
 @baseline_app.command("fixed")
 def baseline_fixed(op: str = typer.Option(..., "--op", help="prepend|add|affine|cross_attn (prepend = VPT-deep)."),
                    config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
-                   seeds: int = typer.Option(1, "--seeds"), out: Optional[Path] = OutOpt):
+                   seeds: int = typer.Option(1, "--seeds"), out: Optional[Path] = OutOpt,
+                   tracking_uri: Optional[str] = TrackOpt, experiment: Optional[str] = ExpOpt):
     """Retrain a single-op policy on every layer."""
     from .baselines import fixed_baseline
 
     cfg = _cfg(config, overrides)
-    console.print(fixed_baseline(cfg, op, seeds=seeds, out_dir=_out(cfg, out, f"-fixed-{op}")))
+    console.print(fixed_baseline(cfg, op, seeds=seeds, out_dir=_out(cfg, out, f"-fixed-{op}"),
+                                 runner=_runner(tracking_uri, experiment)))
 
 
 @baseline_app.command("probe")
 def baseline_probe(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
-                   seeds: int = typer.Option(1, "--seeds"), out: Optional[Path] = OutOpt):
+                   seeds: int = typer.Option(1, "--seeds"), out: Optional[Path] = OutOpt,
+                   tracking_uri: Optional[str] = TrackOpt, experiment: Optional[str] = ExpOpt):
     """Linear probe: head only on the frozen CLS feature."""
     from .baselines import fixed_baseline
 
     cfg = _cfg(config, overrides)
-    console.print(fixed_baseline(cfg, "none", seeds=seeds, out_dir=_out(cfg, out, "-probe")))
+    console.print(fixed_baseline(cfg, "none", seeds=seeds, out_dir=_out(cfg, out, "-probe"),
+                                 runner=_runner(tracking_uri, experiment)))
 
 
 @baseline_app.command("random")
 def baseline_random(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
                     samples: int = typer.Option(8, "--samples", help="Policies sampled."),
                     weight_sharing: bool = typer.Option(False, "--weight-sharing/--no-weight-sharing"),
-                    out: Optional[Path] = OutOpt):
+                    out: Optional[Path] = OutOpt, tracking_uri: Optional[str] = TrackOpt,
+                    experiment: Optional[str] = ExpOpt):
     """Random search over layer policies under the differentiable search's budget."""
     from .baselines import random_search
 
     cfg = _cfg(config, overrides)
     console.print(random_search(cfg, samples=samples, weight_sharing=weight_sharing,
-                                out_dir=_out(cfg, out, "-random")))
+                                out_dir=_out(cfg, out, "-random"), runner=_runner(tracking_uri, experiment)))
 
 
 @baseline_app.command("evolution")
 def baseline_evolution(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
                        population: int = typer.Option(6, "--population"), sample: int = typer.Option(3, "--sample"),
-                       cycles: int = typer.Option(12, "--cycles"), out: Optional[Path] = OutOpt):
+                       cycles: int = typer.Option(12, "--cycles"), out: Optional[Path] = OutOpt,
+                       tracking_uri: Optional[str] = TrackOpt, experiment: Optional[str] = ExpOpt):
     """Regularized (aging) evolution over layer policies under the same budget."""
     from .baselines import regularized_evolution
 
     cfg = _cfg(config, overrides)
     console.print(regularized_evolution(cfg, population=population, sample=sample, cycles=cycles,
-                                        out_dir=_out(cfg, out, "-evolution")))
+                                        out_dir=_out(cfg, out, "-evolution"),
+                                        runner=_runner(tracking_uri, experiment)))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

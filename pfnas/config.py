@@ -44,10 +44,17 @@ class BackboneConfig(_Strict):
     name: str = "vit_tiny_patch16_224"
     pretrained: bool = False
     checkpoint: str | None = None
-    kwargs: dict[str, Any] = Field(default_factory=lambda: {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 96, "num_heads": 3})
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # timm.create_model keyword arguments
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     checkpoint_num_classes: int | None = None  # classes of the head stored in ``checkpoint`` (dropped)
+
+
+# The embedded offline default (used only when a config has no ``backbone`` section): a 4-block random-init
+# ViT on 32 px. ``weight_init=jax`` (xavier) gives random features a linear head can use; timm's default
+# init (std 0.02) leaves the CLS output nearly constant, and every method sits at chance.
+DEMO_BACKBONE: dict[str, Any] = {"name": "vit_tiny_patch16_224", "kwargs": {
+    "img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 96, "num_heads": 3, "weight_init": "jax"}}
 
 
 class DataConfig(_Strict):
@@ -171,7 +178,7 @@ class ExperimentConfig(_Strict):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     output_dir: str = "runs"
-    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    backbone: BackboneConfig = Field(default_factory=lambda: BackboneConfig(**DEMO_BACKBONE))
     data: DataConfig = Field(default_factory=DataConfig)
     prompts: PromptConfig = Field(default_factory=PromptConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)

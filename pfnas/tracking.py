@@ -317,6 +317,38 @@ class RunLogger:
         self._call("run termination", lambda: self.client.set_terminated(self.run_id, status))
 
 
+def run_logged(cfg: ExperimentConfig, out_dir: str | Path, *, tracking_uri: str | None = None,
+               experiment: str | None = None, progress: bool = True, **kw: Any) -> dict[str, Any]:
+    """``baselines.run_method`` logged as one top-level MLflow run (``pfnas.kind=run``).
+
+    The run id is kept in ``out_dir/mlflow_run_id``, so rerunning the command after a crash resumes the
+    experiment from its checkpoints and continues the same MLflow run. ``experiment`` defaults to
+    ``<cfg.name>-<data.task>`` (or ``cfg.name``), so seeds and methods of one task land side by side.
+    """
+    from .baselines import run_method
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    uri = resolve_tracking_uri(tracking_uri)
+    exp_name = experiment or (f"{cfg.name}-{cfg.data.task}" if cfg.data.task else cfg.name)
+    rid = out / "mlflow_run_id"
+    logger = RunLogger(uri, exp_name, f"{method_label(cfg)}-seed{cfg.seed}", cfg,
+                       run_id=rid.read_text().strip() if rid.is_file() else None,
+                       tags={"pfnas.kind": "run", "pfnas.task": str(cfg.data.task or cfg.data.kind)})
+    if logger.run_id:  # created (or reopened) in the constructor
+        rid.write_text(logger.run_id)
+    try:
+        res = run_method(cfg, out, on_epoch=logger.log_epoch, progress=progress, **kw)
+    except KeyboardInterrupt:
+        logger.finish(status="KILLED")
+        raise
+    except BaseException as e:
+        logger.finish(status="FAILED", error=f"{type(e).__name__}: {e}")
+        raise
+    logger.finish(res)
+    return res
+
+
 # ----------------------------------------------------------------------------- compare
 def _iter_runs(client, experiment_ids: list[str]) -> Iterable[Any]:
     token = None

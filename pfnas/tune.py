@@ -20,8 +20,6 @@ The study metric is only reported once it is real, so Tune's strict metric check
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import inspect
 import io
 import json
 import logging
@@ -320,20 +318,10 @@ def _cached_experiment(cfg: ExperimentConfig):
 
 
 def run_trial_method(cfg: ExperimentConfig, out_dir: str | Path, on_epoch=None) -> dict[str, Any]:
-    """``baselines.run_method`` when that module exists (every method.kind), else the engine's search."""
-    exp = _cached_experiment(cfg)
-    if importlib.util.find_spec("pfnas.baselines") is not None:
-        from .baselines import run_method
+    """``baselines.run_method`` (every ``method.kind``) on the experiment cached in this worker."""
+    from .baselines import run_method
 
-        kw = {"exp": exp} if "exp" in inspect.signature(run_method).parameters else {}
-        return run_method(cfg, out_dir, on_epoch=on_epoch, **kw)
-    if cfg.method.kind != "search":
-        raise ConfigError(f"method.kind={cfg.method.kind!r} needs pfnas.baselines, which is not available")
-    from .engine import run_experiment
-
-    r = run_experiment(cfg, out_dir, on_epoch=on_epoch, exp=exp)
-    return {**r.to_json(), "val_acc": r.search_history[-1]["val_acc"] if r.search_history else None,
-            "cost_images": round(sum(h["images_per_s"] * h["epoch_time_s"] for h in r.search_history))}
+    return run_method(cfg, out_dir, on_epoch=on_epoch, exp=_cached_experiment(cfg))
 
 
 def _policy_str(policy: Any) -> str:

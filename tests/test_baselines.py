@@ -64,13 +64,13 @@ def test_search_cost_counts_what_the_search_draws(exp, tmp_path, monkeypatch):
     every2 = tiny_config(search={"arch_every": 1, "epochs": 2, "order": 2})
     assert bl.search_cost(every2, e.data) == {"train_images": 64, "val_images": 36, "unrolled_images": 192,
                                               "total": 292}
-    assert bl.budget_images(cfg, e.data) == 3 * N_TRAIN
+    assert bl.budget_images(cfg, e.data) == cost["total"] == 3 * 32 + 2 * 9  # baselines get the search's cost
 
 
 def test_random_search_respects_budget(tmp_path):
     cfg = _cfg(kind="random", samples=3, budget_multiplier=2.0)
     r = bl.run_method(cfg, tmp_path)
-    budget = 2 * 2 * N_TRAIN
+    budget = 2 * (2 * 32 + 2 * 9)  # 2 x the search's cost: 2 epochs x (2 steps x 16 + one alpha step on 9 val)
     assert r["budget_images"] == budget
     assert 0.75 * budget <= r["cost_images"] <= budget
     assert len(r["history"]) == 3 and [h["id"] for h in r["history"]] == [0, 1, 2]
@@ -80,7 +80,7 @@ def test_random_search_respects_budget(tmp_path):
     assert r["policy"] == best["policy"] and r["val_acc"] == best["val_acc"]
     assert (tmp_path / "retrain" / "retrain.pt").is_file() and (tmp_path / "cand_002" / "candidate.pt").is_file()
     with pytest.raises(Exception, match="budget"):
-        bl.run_method(_cfg(kind="random", samples=8), tmp_path / "tiny")  # 78 images < 8 batches
+        bl.run_method(_cfg(kind="random", samples=8), tmp_path / "tiny")  # 82 images < 8 batches
 
 
 def _member(policy, acc):
@@ -110,13 +110,13 @@ def test_evolution_step_is_aging_tournament():
 def test_evolution_respects_budget_and_ages(tmp_path):
     cfg = _cfg(kind="evolution", population=2, sample_size=2, budget_multiplier=2.0)
     r = bl.run_method(cfg, tmp_path / "budget")
-    assert r["cost_images"] <= r["budget_images"] == 4 * N_TRAIN
+    assert r["cost_images"] <= r["budget_images"] == 2 * 82
     hist = r["history"]
-    # planned max(samples=8, population + 1) candidates -> 1 step each -> 156 // 16 = 9 candidates
-    assert len(hist) == 9 and all(h["images"] == BATCH for h in hist)
-    assert [h["cycle"] for h in hist] == [None, None] + list(range(7))
+    # planned max(samples=8, population + 1) candidates -> 1 step each -> 164 // 16 = 10 candidates
+    assert len(hist) == 10 and all(h["images"] == BATCH for h in hist)
+    assert [h["cycle"] for h in hist] == [None, None] + list(range(8))
     assert all(h["parent"] is not None and h["parent"] < h["id"] for h in hist[2:])
-    assert r["final_population"] == [7, 8]  # the two youngest survive, whatever their accuracy
+    assert r["final_population"] == [8, 9]  # the two youngest survive, whatever their accuracy
     assert r["val_acc"] == max(h["val_acc"] for h in hist)
     capped = bl.run_method(cfg, tmp_path / "capped", cycles=1)
     assert len(capped["history"]) == 3 and capped["cost_images"] <= capped["budget_images"]
@@ -127,8 +127,8 @@ def test_evolution_respects_budget_and_ages(tmp_path):
 def test_weight_sharing_ranks_through_shared_weights(exp, tmp_path):
     cfg = _cfg(kind="random", samples=4, weight_sharing=True)
     r = bl.run_method(cfg, tmp_path)
-    assert r["cost_images"] == (2 * N_TRAIN // BATCH) * BATCH <= r["budget_images"]
-    assert len(r["history"]) == 4 and r["shared_steps"] == 4
+    assert r["cost_images"] == (82 // BATCH) * BATCH <= r["budget_images"] == 82
+    assert len(r["history"]) == 4 and r["shared_steps"] == 5
     # rebuild the trained supernet and check a ranked policy scores the same through a pinned path
     e = Experiment(cfg, exp.backbone, exp.data, exp.device)
     net = e.supernet()
