@@ -160,11 +160,13 @@ class SpaceConfig(_Strict):
     base: dict[str, Any] | None = None
     base_config: str | None = None
     tasks: list[str] | None = None
-    params: dict[str, ParamSpec]
+    algorithm: Literal["optuna", "grid"] = "optuna"  # grid: every combination of variants x choice params
+    variants: list[dict[str, Any]] = Field(default_factory=list)  # grid: dotted overrides, one config each
+    params: dict[str, ParamSpec] = Field(default_factory=dict)
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
     metric: str = "test_acc"
     mode: Literal["max", "min"] = "max"
-    num_samples: int = Field(8, ge=1)
+    num_samples: int | None = Field(None, ge=1)  # optuna: trials (8); grid: repeats of the grid (1)
     max_concurrent_trials: int = Field(1, ge=1)
     sync_batches: bool = True
     seed: int = 0
@@ -184,7 +186,17 @@ class SpaceConfig(_Strict):
     def _check(self) -> SpaceConfig:
         if self.base is not None and self.base_config is not None:
             raise ValueError("give either 'base' or 'base_config', not both")
-        if not self.params:
+        if self.algorithm == "grid":
+            bad = [k for k, p in self.params.items() if p.type != "choice"]
+            if bad:
+                raise ValueError(f"params.{bad[0]}: algorithm grid takes choice params only")
+            if not self.params and not self.variants:
+                raise ValueError("algorithm grid needs variants or choice params")
+            if self.points_to_evaluate:
+                raise ValueError("points_to_evaluate is for algorithm optuna")
+        elif self.variants:
+            raise ValueError("variants need algorithm: grid")
+        elif not self.params:
             raise ValueError("params: at least one parameter to tune is required")
         if self.tasks is not None:
             if not self.tasks or len(set(self.tasks)) != len(self.tasks):
@@ -207,6 +219,12 @@ class StudyPlan:
     base: ExperimentConfig
     params: dict[str, ParamSpec]
     points: list[dict[str, Any]]
+    variants: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def param_keys(self) -> list[str]:
+        """Keys of a trial's config: ``variant`` (an index into ``variants``) first, then the params."""
+        return (["variant"] if self.variants else []) + list(self.params)
 
 
 def _resolve_path(value: Any, root: Path) -> Any:
@@ -256,19 +274,27 @@ def load_space(path: str | Path, overrides: list[str] | None = None,
             except ConfigError as e:
                 raise ConfigError(f"params.{key}: value {v!r} gives an invalid config ({e})") from None
         params[key] = spec
-    if not params:
+    variants = []
+    for i, v in enumerate(space.variants):
+        v = {k: (_resolve_path(x, root) if k in PATH_KEYS else x) for k, x in flatten(v).items()}
+        try:
+            merge_dotted(base, v)
+        except ConfigError as e:
+            raise ConfigError(f"variants[{i}]: {e}") from None
+        variants.append(v)
+    if not params and not variants:
         raise ConfigError("params: every tuned parameter is pinned by --set; nothing left to search")
     points = [{k: v for k, v in p.items() if k in params} for p in space.points_to_evaluate]
     name = study_name or space.name
     if not space.tasks:
-        return space, [StudyPlan(name, base.data.task, base, params, points)]
+        return space, [StudyPlan(name, base.data.task, base, params, points, variants)]
     plans = []
     for task in space.tasks:
         try:
             task_base = merge_dotted(base, {"data.task": task})
         except ConfigError as e:
             raise ConfigError(f"tasks: {e}") from None
-        plans.append(StudyPlan(f"{name}-{task}", task, task_base, params, points))
+        plans.append(StudyPlan(f"{name}-{task}", task, task_base, params, points, variants))
     return space, plans
 
 
@@ -283,13 +309,22 @@ class TrialContext:
     experiment: str
     parent_run_id: str | None
     param_keys: list[str]
+    variants: list[dict[str, Any]] = field(default_factory=list)
+
+    def _values(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Dotted config values of a trial: its variant's overrides, then its sampled params."""
+        out = dict(self.variants[int(params["variant"])]) if self.variants and "variant" in params else {}
+        out.update({k: params[k] for k in self.param_keys if k in params and k != "variant"})
+        return out
 
     def config(self, params: dict[str, Any], name: str) -> ExperimentConfig:
         base = ExperimentConfig.model_validate(self.base)
-        return merge_dotted(base, {**{k: params[k] for k in self.param_keys if k in params}, "name": name})
+        return merge_dotted(base, {**self._values(params), "name": name})
 
     def label(self, cfg: ExperimentConfig, params: dict[str, Any]) -> str:
-        tuned = ", ".join(f"{k}={format_value(params[k])}" for k in self.param_keys if k in params and k != "seed")
+        """Method label plus the values that make this configuration (seeds and method fields left out)."""
+        tuned = ", ".join(f"{k}={format_value(v)}" for k, v in self._values(params).items()
+                          if k != "seed" and not k.startswith("method."))
         return f"{method_label(cfg)} [{tuned}]" if tuned else method_label(cfg)
 
 
@@ -580,6 +615,7 @@ def _parent_run(client, exp_id: str, plan: StudyPlan, space: SpaceConfig, space_
         tags["pfnas.task"] = plan.task
     run = client.create_run(exp_id, tags=tags, run_name=plan.name)
     params = {"space.metric": space.metric, "space.mode": space.mode, "space.num_samples": space.num_samples,
+              "space.algorithm": space.algorithm, **{f"variant.{i}": json.dumps(v) for i, v in enumerate(plan.variants)},
               "space.seed": space.seed, "space.max_concurrent_trials": space.max_concurrent_trials,
               "space.scheduler": space.scheduler.type, "space.sync_batches": space.sync_batches,
               **{f"param.{k}": v.describe() for k, v in plan.params.items()}}
@@ -595,27 +631,36 @@ def _tuner(plan: StudyPlan, space: SpaceConfig, trainable, storage: str, num_sam
     from ray.tune.search import ConcurrencyLimiter
 
     k = space.max_concurrent_trials
+    sched = None
+    if space.scheduler.type == "asha":
+        s = space.scheduler
+        sched = ASHAScheduler(time_attr="training_iteration", metric=s.metric, mode=s.mode, max_t=s.max_t,
+                              grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    run_config = tune.RunConfig(name=plan.name, storage_path=storage,
+                                failure_config=tune.FailureConfig(max_failures=space.max_failures),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints),
+                                verbose=1)
+    if space.algorithm == "grid":  # Tune's variant generator: the full cross product, num_samples repeats
+        grid = {"variant": tune.grid_search(list(range(len(plan.variants))))} if plan.variants else {}
+        grid.update({key: tune.grid_search(list(p.values)) for key, p in plan.params.items()})
+        return tune.Tuner(trainable, param_space=grid, run_config=run_config,
+                          tune_config=tune.TuneConfig(num_samples=num_samples, scheduler=sched,
+                                                      max_concurrent_trials=k, reuse_actors=True,
+                                                      trial_name_creator=trial_name,
+                                                      trial_dirname_creator=trial_dirname))
     sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
     searcher = PfnasOptunaSearch(space={key: p.distribution() for key, p in plan.params.items()},
                                  metric=space.metric, mode=space.mode, sampler=sampler,
                                  points_to_evaluate=plan.points or None)
     if space.sync_batches:
         searcher = ConcurrencyLimiter(searcher, max_concurrent=k, batch=True)
-    sched = None
-    if space.scheduler.type == "asha":
-        s = space.scheduler
-        sched = ASHAScheduler(time_attr="training_iteration", metric=s.metric, mode=s.mode, max_t=s.max_t,
-                              grace_period=s.grace_period, reduction_factor=s.reduction_factor)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=sched, num_samples=num_samples,
                                     max_concurrent_trials=None if space.sync_batches else k,  # else: the limiter
                                     reuse_actors=True, trial_name_creator=trial_name,
                                     trial_dirname_creator=trial_dirname),
-        run_config=tune.RunConfig(name=plan.name, storage_path=storage,
-                                  failure_config=tune.FailureConfig(max_failures=space.max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints),
-                                  verbose=1))
+        run_config=run_config)
 
 
 def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage: str, tracking_uri: str,
@@ -651,7 +696,8 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
     except Exception as e:  # noqa: BLE001
         raise PfnasError(f"cannot use MLflow at {tracking_uri}: {_error_line(e)}") from None
     ctx = TrialContext(study=plan.name, base=plan.base.model_dump(mode="json"), tracking_uri=tracking_uri,
-                       experiment=mlflow_experiment, parent_run_id=parent, param_keys=list(plan.params))
+                       experiment=mlflow_experiment, parent_run_id=parent, param_keys=plan.param_keys,
+                       variants=plan.variants)
     resources = {"cpu": space.resources.cpu, **({"gpu": space.resources.gpu} if space.resources.gpu else {})}
     trainable = tune.with_resources(tune.with_parameters(pfnas_trial, ctx=ctx), resources)
     if state_path is not None:
@@ -665,11 +711,14 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
         tuner = _tuner(plan, space, trainable, storage, num_samples)
     results = tuner.fit()
 
-    recs = _records(results, space.metric, list(plan.params))
+    recs = _records(results, space.metric, plan.param_keys)
     best = _best(recs, space.mode)
     best_path, best_cfg = None, None
     if best is not None:
         best_cfg = ctx.config(best.params, f"{plan.name}-best").model_dump(mode="json")
+    for r in recs:  # show a grid variant as its overrides, not its index
+        if plan.variants and isinstance(r.params.get("variant"), int):
+            r.params["variant"] = " ".join(f"{k.split('.')[-1]}={v}" for k, v in plan.variants[r.params["variant"]].items())
     if best_cfg is not None and local:
         best_path = Path(exp_path) / "best_config.yaml"
         best_path.write_text(f"# best trial {best.trial_id} of study {plan.name}: {space.metric}={best.value:.6g}\n"
@@ -696,7 +745,7 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
         client.set_terminated(parent, "KILLED" if unfinished else "FINISHED")
     except Exception as e:  # noqa: BLE001 - the study itself is done; say so instead of failing
         notes.append(f"warning: could not finish the MLflow parent run: {_error_line(e)}")
-    return StudySummary(plan.name, space.metric, space.mode, list(plan.params), recs, best, best_path, exp_path,
+    return StudySummary(plan.name, space.metric, space.mode, plan.param_keys, recs, best, best_path, exp_path,
                         tracking_uri, mlflow_experiment, parent, notes)
 
 
@@ -754,7 +803,8 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
     try:
         studies = [_run_study(p, space, space_path, storage=root, tracking_uri=uri,
                               mlflow_experiment=mlflow_experiment, resume=resume and p.name in existing,
-                              num_samples=num_samples or space.num_samples) for p in plans]
+                              num_samples=num_samples or space.num_samples
+                              or (1 if space.algorithm == "grid" else 8)) for p in plans]
     finally:
         if strict is None:
             os.environ.pop("TUNE_DISABLE_STRICT_METRIC_CHECKING", None)

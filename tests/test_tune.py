@@ -324,6 +324,25 @@ def test_space_errors_name_the_field(tmp_path):
             load_space(path)
 
 
+def test_grid_study_runs_every_variant_and_seed(ray_session, tmp_path, tracking):
+    """algorithm: grid runs the cross product of variants x choices; compare averages the seeds."""
+    space = write_space(tmp_path, "grid", algorithm="grid", num_samples=None, startup_trials=0,
+                        variants=[{"method": {"kind": "search"}}, {"method.kind": "fixed", "method.op": "prepend"}],
+                        params={"seed": {"type": "choice", "values": [0, 1]}})
+    s = run_tune(space, storage=str(tmp_path / "ray"), tracking_uri=tracking).studies[0]
+    assert [t.status for t in s.trials] == ["TERMINATED"] * 4
+    assert sorted((t.params["variant"], t.params["seed"]) for t in s.trials) == [
+        ("kind=fixed op=prepend", 0), ("kind=fixed op=prepend", 1), ("kind=search", 0), ("kind=search", 1)]
+    rows = compare_runs(tracking_uri=tracking, experiment="grid", metric="test_acc", out_dir=tmp_path / "cmp")
+    assert sorted((r["label"], r["n"]) for r in rows) == [("fixed:prepend", 2), ("search", 2)]
+    fixed = next(t for t in s.trials if t.params["variant"].startswith("kind=fixed"))
+    assert fixed.metrics["policy"] == "prepend,prepend" and fixed.metrics["cost_images"] == 0
+    with pytest.raises(ConfigError, match="algorithm grid takes choice params only"):
+        load_space(write_space(tmp_path, "g2", algorithm="grid"))
+    with pytest.raises(ConfigError, match=r"variants\[0\]: method.kind"):
+        load_space(write_space(tmp_path, "g3", algorithm="grid", params={}, variants=[{"method.kind": "nope"}]))
+
+
 def test_space_paths_overrides_and_tasks(tmp_path):
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "base.yaml").write_text(yaml.safe_dump(
@@ -337,11 +356,12 @@ def test_space_paths_overrides_and_tasks(tmp_path):
         load_space(path, overrides=["search.epochs=-1"])
 
 
-@pytest.mark.parametrize("name,tasks", [("demo", None), ("vtab", 19), ("fgvc", 5), ("hta", 10), ("proxy", 4)])
+@pytest.mark.parametrize("name,tasks", [("demo", None), ("vtab", 19), ("fgvc", 5), ("hta", 10), ("proxy", 4),
+                                        ("baselines-proxy", None)])
 def test_shipped_spaces_load(name, tasks):
     space, plans = load_space(REPO / "search_spaces" / f"{name}.yaml")
     assert len(plans) == (tasks or 1)
-    assert space.num_samples >= 1 and plans[0].params
+    assert plans[0].params or plans[0].variants
 
 
 def test_cli_bad_space_exits_2_with_one_line(tmp_path):
