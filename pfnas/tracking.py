@@ -103,11 +103,21 @@ def config_params(cfg: ExperimentConfig) -> dict[str, str]:
             for k, v in flatten(cfg.model_dump(mode="json")).items()}
 
 
+# method fields each kind reads; the others (and the search section for fixed policies) cannot change a result
+_METHOD_FIELDS = {"search": (), "fixed": ("op",), "probe": (), "random": ("samples", "weight_sharing", "budget_multiplier"),
+                  "evolution": ("samples", "population", "sample_size", "budget_multiplier")}
+
+
 def config_hash(cfg: ExperimentConfig) -> str:
-    """Hash of everything that defines a configuration except the seed and bookkeeping fields."""
+    """Hash of what defines a configuration's result: no seed, bookkeeping, eval cadence or unused fields."""
     d = cfg.model_dump(mode="json")
     for k in _HASH_EXCLUDE:
         d.pop(k, None)
+    kind = cfg.method.kind
+    d["method"] = {"kind": kind, **{f: d["method"][f] for f in _METHOD_FIELDS[kind]}}
+    d["train"].pop("eval_every", None)
+    if kind in ("fixed", "probe"):
+        d.pop("search", None)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

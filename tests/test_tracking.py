@@ -108,3 +108,19 @@ def test_compare_groups_seeds_and_sorts(uri, tmp_path):
     assert (tmp_path / "acc_vs_params.png").read_bytes()[:4] == b"\x89PNG"
     best = yaml.safe_load((tmp_path / "best_config.yaml").read_text())
     assert best["name"] == "b" and best["prompts"]["length"] == 8
+
+
+def test_config_hash_ignores_fields_that_cannot_change_a_result():
+    from pfnas.config import merge_dotted
+    from pfnas.tracking import config_hash
+
+    fixed = tiny_config(method={"kind": "fixed", "op": "add"})
+    same = [merge_dotted(fixed, {k: v}) for k, v in (("seed", 3), ("search.arch_every", 1), ("train.eval_every", 2),
+                                                      ("method.samples", 2), ("name", "x"))]
+    assert {config_hash(c) for c in same} == {config_hash(fixed)}
+    differ = [merge_dotted(fixed, {k: v}) for k, v in (("method.op", "affine"), ("train.optim.lr", 0.3),
+                                                        ("prompts.length", 3), ("data.task", "other"))]
+    assert len({config_hash(c) for c in differ} | {config_hash(fixed)}) == 5
+    search = tiny_config()
+    assert config_hash(merge_dotted(search, {"search.arch_every": 1})) != config_hash(search)  # used by a search
+    assert config_hash(merge_dotted(search, {"method.op": "affine"})) == config_hash(search)  # unused by a search
