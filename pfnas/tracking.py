@@ -21,6 +21,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,8 @@ def get_experiment_id(client, name: str, tracking_uri: str) -> str:
 def make_client(tracking_uri: str):
     from mlflow import MlflowClient
 
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # schema set-up chatter on a new sqlite file
+        logging.getLogger(name).setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -306,6 +309,18 @@ class RunLogger:
             alpha = {"ops": ops, "alpha": self._alpha}
             self._call("artifact logging", lambda: self.client.log_dict(self.run_id, alpha, "alpha.json"))
 
+    @contextmanager
+    def recording(self):
+        """Close the run as KILLED on an interrupt (Ctrl-C, a scheduler's stop) or FAILED with the error line."""
+        try:
+            yield self
+        except (KeyboardInterrupt, SystemExit):
+            self.finish(status="KILLED")
+            raise
+        except BaseException as e:
+            self.finish(status="FAILED", error=f"{type(e).__name__}: {e}")
+            raise
+
     def finish(self, result: dict[str, Any] | None = None, status: str = "FINISHED", error: str | None = None) -> None:
         """Final metrics (test_acc, tuned params/percent, cost, throughput), the policy, and the run status."""
         if result:
@@ -347,14 +362,8 @@ def run_logged(cfg: ExperimentConfig, out_dir: str | Path, *, tracking_uri: str 
                        tags={"pfnas.kind": "run", "pfnas.task": str(cfg.data.task or cfg.data.kind)})
     if logger.run_id:  # created (or reopened) in the constructor
         rid.write_text(logger.run_id)
-    try:
+    with logger.recording():
         res = run_method(cfg, out, on_epoch=logger.log_epoch, progress=progress, **kw)
-    except KeyboardInterrupt:
-        logger.finish(status="KILLED")
-        raise
-    except BaseException as e:
-        logger.finish(status="FAILED", error=f"{type(e).__name__}: {e}")
-        raise
     logger.finish(res)
     return res
 

@@ -430,14 +430,8 @@ def pfnas_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                        tags={"pfnas.kind": "trial", "pfnas.study": ctx.study, "pfnas.trial_id": trial_id,
                              "pfnas.label": ctx.label(cfg, config)})
     reporter = _TrialReporter(work, logger, restored=ckpt is not None)
-    try:
+    with logger.recording():  # a scheduler's stop (SystemExit) closes the run as KILLED, an error as FAILED
         res = run_trial_method(cfg, work, reporter.on_epoch)
-    except SystemExit:  # Tune stopped the trial (scheduler decision)
-        logger.finish(status="KILLED")
-        raise
-    except BaseException as e:
-        logger.finish(status="FAILED", error=f"{type(e).__name__}: {e}")
-        raise
     logger.finish(res)  # before the final report, so MLflow is complete when Tune marks the trial done
     reporter.final(res)
 

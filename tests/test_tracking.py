@@ -124,3 +124,17 @@ def test_config_hash_ignores_fields_that_cannot_change_a_result():
     search = tiny_config()
     assert config_hash(merge_dotted(search, {"search.arch_every": 1})) != config_hash(search)  # used by a search
     assert config_hash(merge_dotted(search, {"method.op": "affine"})) == config_hash(search)  # unused by a search
+
+
+def test_cli_run_logs_a_diverged_run_as_failed(tmp_path, capsys):
+    from pfnas.cli import main
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    code = main(["run", "--set", "search.optim.lr=1e30", "--set", "search.epochs=1", "--set", "train.epochs=1",
+                 "--tracking-uri", uri, "--experiment", "nan", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "non-finite loss" in err[0]
+    client = make_client(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
+    assert run.info.status == "FAILED" and "non-finite loss" in run.data.tags["pfnas.error"]
+    assert run.data.tags["pfnas.kind"] == "run" and run.data.params["search.optim.lr"] == "1e+30"
