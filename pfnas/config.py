@@ -160,7 +160,7 @@ class MethodConfig(_Strict):
     weight_sharing: bool = False  # kind=random: rank samples inside one trained supernet
     population: int = Field(6, ge=2)  # kind=evolution
     sample_size: int = Field(3, ge=1)  # kind=evolution: tournament size S
-    budget_multiplier: float = Field(1.0, gt=0)  # x the search's budget (epochs x train images)
+    budget_multiplier: float = Field(1.0, gt=0)  # x the search's own cost in training images (baselines.search_cost)
 
     @field_validator("op")
     @classmethod
