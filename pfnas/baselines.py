@@ -3,7 +3,10 @@
 Budget and cost are counted in images processed by a training (forward + backward) pass:
 
 * budget = the search's ``cost_images`` (below) x ``method.budget_multiplier``, so a baseline trains on
-  as many images as the differentiable search it is compared with;
+  as many images as the differentiable search it is compared with; or ``method.budget_images``; or
+  ``method.budget_seconds`` of training steps, turned into images once with a measured candidate step
+  (a soft DARTS step runs every op, so an image of search costs more than an image of a candidate:
+  compare methods on both units);
 * the search's ``cost_images`` = weight-step images on ``train`` + images of the ``val`` batches
   used by alpha steps (one every ``search.arch_every`` weight steps) + three extra ``train`` batches
   per alpha step when ``search.order == 2`` (unrolled gradient and the two finite-difference
@@ -11,8 +14,10 @@ Budget and cost are counted in images processed by a training (forward + backwar
 * a discrete baseline's ``cost_images`` = the images its candidates (or its weight-sharing
   supernet) were trained on. Forward-only scoring passes on ``val`` are reported apart as
   ``eval_images`` (the search's per-epoch val evaluation is not counted either);
-* the final retrain of the selected policy on ``trainval`` is identical for every method and is
-  not part of ``cost_images``. Fixed policies and the linear probe select nothing: cost 0.
+* ``cost_step_s`` = the measured wall time of those training steps (the search's weight + arch steps,
+  the candidates' or the shared supernet's steps), the same cost in seconds;
+* the final retrain of the selected policy is identical for every method and is not part of the cost.
+  Fixed policies and the linear probe select nothing: cost 0.
 
 Every method writes into ``out_dir``: ``state.json`` (the selection loop), one subfolder per
 candidate (``cand_000/`` ... with the engine's checkpoint), ``shared/`` (weight-sharing supernet),
@@ -51,8 +56,50 @@ def _images_per_step(n: int, batch_size: int) -> int:
 
 
 def budget_images(cfg: ExperimentConfig, data) -> int:
-    """Training images a baseline may spend: the search's total cost x ``method.budget_multiplier``."""
+    """Training images a baseline may spend: ``method.budget_images``, else the search's total cost x
+    ``method.budget_multiplier`` (a ``budget_seconds`` budget needs a measured step: :func:`resolve_budget`)."""
+    if cfg.method.budget_images is not None:
+        return cfg.method.budget_images
     return int(search_cost(cfg, data)["total"] * cfg.method.budget_multiplier)
+
+
+def measure_step_seconds(exp: Experiment, steps: int = 3) -> float:
+    """Seconds per training image of a candidate step: a policy cycling the candidate ops, median of ``steps``
+    timed steps after one warm-up step. The global RNG is restored, so the run itself is unchanged."""
+    from .engine import rng_state, set_rng_state
+
+    state = rng_state()
+    try:
+        ops = list(exp.cfg.prompts.ops)
+        model = exp.fixed({l: ops[l % len(ops)] for l in range(len(exp.backbone.blocks))})
+        phase = BudgetPhase(exp.cfg, model, exp.data, exp.device, steps + 1, score_split=None)
+        times = []
+        while len(times) <= steps:
+            for x, y in phase._train_batches():
+                x, y = x.to(exp.device), y.to(exp.device)
+                if exp.device.type == "cuda":
+                    torch.cuda.synchronize(exp.device)
+                t0 = time.perf_counter()
+                phase._weight_step(x, y)
+                if exp.device.type == "cuda":
+                    torch.cuda.synchronize(exp.device)
+                times.append((time.perf_counter() - t0) / y.numel())
+                if len(times) > steps:
+                    break
+        return statistics.median(times[1:])
+    finally:
+        set_rng_state(state)
+
+
+def resolve_budget(exp: Experiment, st: dict[str, Any]) -> int:
+    """A baseline's budget in images; a ``budget_seconds`` budget is converted once and kept in ``st``."""
+    seconds = exp.cfg.method.budget_seconds
+    if seconds is None:
+        return budget_images(exp.cfg, exp.data)
+    if "budget_images" not in st:
+        st["step_s_per_image"] = measure_step_seconds(exp)
+        st["budget_images"] = int(seconds / st["step_s_per_image"])
+    return int(st["budget_images"])
 
 
 def search_cost(cfg: ExperimentConfig, data) -> dict[str, int]:
@@ -270,12 +317,18 @@ def _emit(on_epoch: EpochCallback | None, metrics: dict[str, Any]) -> None:
 
 def _finish(exp: Experiment, out: Path, policy: dict[int, str], on_epoch: EpochCallback | None, progress: bool,
             res: dict[str, Any], t0: float) -> dict[str, Any]:
-    """Retrain ``policy`` on trainval, test it and write ``result.json``."""
+    """Retrain ``policy`` on the splits of ``train.stage``, score it and write ``result.json``.
+
+    ``res`` carries the method's own selection record (``select_val_acc``: the score that picked the policy);
+    the retrained policy's score is ``val_acc`` (stage select) or ``test_acc`` (stage final).
+    """
     phase = run_retrain(exp, policy, out / "retrain", on_epoch, progress)
     tuned = phase.model.tuned_parameter_count()
-    res = {"method": exp.cfg.method.kind, "seed": exp.cfg.seed, "policy": _policy_json(policy), "val_acc": None,
-           "cost_images": 0, "budget_images": budget_images(exp.cfg, exp.data), "eval_images": 0, "history": [],
-           **res, "test_acc": phase.history[-1].get("test_acc", float("nan")), "tuned_params": tuned,
+    last = phase.history[-1]
+    res = {"method": exp.cfg.method.kind, "seed": exp.cfg.seed, "stage": exp.cfg.train.stage,
+           "policy": _policy_json(policy), "select_val_acc": None, "cost_images": 0, "cost_step_s": 0.0,
+           "budget_images": budget_images(exp.cfg, exp.data), "eval_images": 0, "history": [],
+           **res, "val_acc": last.get("val_acc"), "test_acc": last.get("test_acc"), "tuned_params": tuned,
            "tuned_percent": 100.0 * tuned / backbone_param_count(exp.backbone),
            "retrain_history": phase.history, "time_s": time.perf_counter() - t0}
     (out / "result.json").write_text(json.dumps(res, indent=1, default=str))
@@ -293,9 +346,8 @@ def _say(progress: bool, msg: str) -> None:
 def _run_search(exp: Experiment, out: Path, on_epoch, progress, t0) -> dict[str, Any]:
     r = run_experiment(exp.cfg, out, on_epoch, progress, exp=exp)
     cost = search_cost(exp.cfg, exp.data)
-    res = {"method": "search", "seed": exp.cfg.seed, **r.to_json(),
-           "val_acc": r.search_history[-1]["val_acc"] if r.search_history else None,
-           "cost_images": cost["total"], "cost_breakdown": cost, "budget_images": budget_images(exp.cfg, exp.data),
+    res = {"method": "search", "seed": exp.cfg.seed, **r.to_json(), "select_val_acc": r.search_val_acc,
+           "cost_images": cost["total"], "cost_step_s": sum(h["epoch_time_s"] for h in r.search_history), "cost_breakdown": cost, "budget_images": budget_images(exp.cfg, exp.data),
            "eval_images": exp.cfg.search.epochs * exp.data.num_images("val"), "history": r.search_history,
            "time_s": time.perf_counter() - t0}
     (out / "result.json").write_text(json.dumps(res, indent=1, default=str))
@@ -308,9 +360,9 @@ def _run_random(exp: Experiment, out: Path, on_epoch, progress, t0) -> dict[str,
     supernet trains for ``budget // batch`` steps and every sample is scored through it on ``val``."""
     cfg, data = exp.cfg, exp.data
     mc, depth, ops = cfg.method, len(exp.backbone.blocks), list(cfg.prompts.ops)
-    budget = budget_images(cfg, data)
     per_step = _images_per_step(data.num_images("train"), cfg.data.batch_size)
     st = _load_state(out, _fingerprint(cfg))
+    budget = resolve_budget(exp, st)
     if "policies" not in st:
         pols = sample_policies(mc.samples, depth, ops, random.Random(f"pfnas-random-{cfg.seed}"))
         st["policies"] = [_policy_json(p) for p in pols]
@@ -339,7 +391,8 @@ def _run_random(exp: Experiment, out: Path, on_epoch, progress, t0) -> dict[str,
             _save_state(out, st)
             _emit(on_epoch, {"phase": "random", "candidate": i, "val_acc": ev["acc"],
                              "best_val_acc": _best(records)["val_acc"], "cost_images": spent, "budget_images": budget})
-        extra = {"shared_steps": phase.step, "shared_history": phase.history}
+        extra = {"shared_steps": phase.step, "shared_history": phase.history,
+                 "cost_step_s": sum(h["epoch_time_s"] for h in phase.history)}
     else:
         steps = budget // (mc.samples * per_step)
         if steps < 1:
@@ -356,11 +409,11 @@ def _run_random(exp: Experiment, out: Path, on_epoch, progress, t0) -> dict[str,
                              "train_loss": rec["train_loss"], "best_val_acc": _best(records)["val_acc"],
                              "cost_images": spent, "budget_images": budget})
         spent = sum(r["images"] for r in records)
-        extra = {"candidate_steps": steps}
+        extra = {"candidate_steps": steps, "cost_step_s": sum(r["time_s"] for r in records)}
     best = _best(records)
-    res = {"weight_sharing": mc.weight_sharing, "samples": mc.samples, "val_acc": best["val_acc"],
+    res = {"weight_sharing": mc.weight_sharing, "samples": mc.samples, "select_val_acc": best["val_acc"],
            "selected": best["id"], "cost_images": spent, "eval_images": len(records) * n_val,
-           "history": records, **extra}
+           "budget_images": budget, "history": records, **extra}
     return _finish(exp, out, _policy_int(best["policy"]), on_epoch, progress, res, t0)
 
 
@@ -370,7 +423,8 @@ def _run_evolution(exp: Experiment, out: Path, on_epoch, progress, t0, cycles: i
     the loop ends when the next candidate would overrun the budget or the cycles run out."""
     cfg, data = exp.cfg, exp.data
     mc, depth, ops = cfg.method, len(exp.backbone.blocks), list(cfg.prompts.ops)
-    budget = budget_images(cfg, data)
+    st = _load_state(out, _fingerprint(cfg, cycles=cycles))
+    budget = resolve_budget(exp, st)
     per_step = _images_per_step(data.num_images("train"), cfg.data.batch_size)
     planned = mc.population + cycles if cycles is not None else max(mc.samples, mc.population + 1)
     steps = max(budget // (planned * per_step), 1)  # the loop below stops when the budget is spent
@@ -378,7 +432,6 @@ def _run_evolution(exp: Experiment, out: Path, on_epoch, progress, t0, cycles: i
     if mc.population * cand_images > budget:
         raise PfnasError(f"budget of {budget} images cannot train the initial population of {mc.population} "
                          "for one batch each; lower method.population or raise method.budget_multiplier")
-    st = _load_state(out, _fingerprint(cfg, cycles=cycles))
     if "initial" not in st:
         init = sample_policies(mc.population, depth, ops, random.Random(f"pfnas-evolution-init-{cfg.seed}"))
         st.update(initial=[_policy_json(p) for p in init], members=[], population=[])
@@ -411,7 +464,8 @@ def _run_evolution(exp: Experiment, out: Path, on_epoch, progress, t0, cycles: i
                          "budget_images": budget, "population_best_val_acc": max(members[j]["val_acc"] for j in pop)})
     best = _best(members)
     res = {"population": mc.population, "sample_size": mc.sample_size, "cycles": cycles,
-           "val_acc": best["val_acc"], "selected": best["id"], "cost_images": sum(r["images"] for r in members),
+           "select_val_acc": best["val_acc"], "selected": best["id"], "cost_images": sum(r["images"] for r in members),
+           "cost_step_s": sum(r["time_s"] for r in members), "budget_images": budget,
            "eval_images": len(members) * data.num_images("val"), "candidate_steps": steps,
            "final_population": list(pop), "history": members}
     return _finish(exp, out, _policy_int(best["policy"]), on_epoch, progress, res, t0)
@@ -434,9 +488,13 @@ def run_method(cfg: ExperimentConfig, out_dir: str | Path, on_epoch: EpochCallba
     if kind == "search":
         return _run_search(exp, out, on_epoch, progress, t0)
     if kind in ("fixed", "probe"):
+        depth = len(exp.backbone.blocks)
+        if kind == "fixed" and cfg.method.policy is not None:
+            if len(cfg.method.policy) != depth:
+                raise PfnasError(f"method.policy names {len(cfg.method.policy)} ops; the backbone has {depth} blocks")
+            return _finish(exp, out, dict(enumerate(cfg.method.policy)), on_epoch, progress, {"op": "policy"}, t0)
         op = "none" if kind == "probe" else cfg.method.op
-        return _finish(exp, out, {l: op for l in range(len(exp.backbone.blocks))}, on_epoch, progress,
-                       {"op": op}, t0)
+        return _finish(exp, out, {l: op for l in range(depth)}, on_epoch, progress, {"op": op}, t0)
     if kind == "random":
         return _run_random(exp, out, on_epoch, progress, t0)
     if kind == "evolution":
@@ -445,8 +503,8 @@ def run_method(cfg: ExperimentConfig, out_dir: str | Path, on_epoch: EpochCallba
 
 
 # ----------------------------------------------------------------------------- CLI entry points
-_SUMMARY_KEYS = ("method", "op", "seed", "weight_sharing", "samples", "population", "sample_size", "cycles",
-                 "policy", "val_acc", "test_acc", "tuned_params", "tuned_percent", "cost_images", "budget_images",
+_SUMMARY_KEYS = ("method", "op", "seed", "stage", "weight_sharing", "samples", "population", "sample_size", "cycles",
+                 "policy", "select_val_acc", "val_acc", "test_acc", "tuned_params", "tuned_percent", "cost_images", "budget_images",
                  "time_s")
 
 
@@ -475,9 +533,10 @@ def fixed_baseline(cfg: ExperimentConfig, op: str, seeds: int = 1, out_dir: str 
     for i in range(max(int(seeds), 1)):
         c = merge_dotted(cfg, {"seed": cfg.seed + i, "method.kind": kind, "method.op": op})
         runs.append(runner(c, out / f"seed{c.seed}", progress=True))
-    accs = [r["test_acc"] for r in runs]
-    summary = {"method": kind, "op": op, "seeds": [r["seed"] for r in runs], "test_accs": accs,
-               "test_acc_mean": statistics.fmean(accs), "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+    key = "test_acc" if cfg.train.stage == "final" else "val_acc"  # the stage's one score
+    accs = [r[key] for r in runs]
+    summary = {"method": kind, "op": op, "stage": cfg.train.stage, "seeds": [r["seed"] for r in runs], f"{key}s": accs,
+               f"{key}_mean": statistics.fmean(accs), f"{key}_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                "tuned_params": runs[0]["tuned_params"], "tuned_percent": runs[0]["tuned_percent"],
                "out_dir": str(out)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

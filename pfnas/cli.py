@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -40,12 +42,26 @@ def _runner(tracking_uri: Optional[str], experiment: Optional[str]):
     return partial(run_logged, tracking_uri=tracking_uri, experiment=experiment)
 
 
+def _score(res: dict) -> str:
+    """The one score of a run: test accuracy (stage final) or val accuracy (stage select)."""
+    if res.get("test_acc") is not None:
+        return f"test acc {res['test_acc']:.4f}"
+    return f"val acc {res['val_acc']:.4f} (stage select: test not read)"
+
+
 def _cfg(config: Optional[Path], overrides: Optional[List[str]]):
     return load_config(config, overrides)
 
 
 def _out(cfg, out: Optional[Path], suffix: str = "") -> Path:
-    return Path(out) if out else Path(cfg.output_dir) / (cfg.name + suffix)
+    """The output folder, created and checked writable up front (a bad path is one error line, exit 2)."""
+    path = Path(out) if out else Path(cfg.output_dir) / (cfg.name + suffix)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise PfnasError(f"output folder {path} is not writable: {e.strerror or e}") from None
+    return path
 
 
 @app.command()
@@ -65,7 +81,7 @@ def search(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = 
 def retrain(policy: Path = typer.Option(..., "--policy", "-p", help="policy.json / .yaml from `pfnas search`."),
             config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
             out: Optional[Path] = OutOpt):
-    """Retrain a fixed policy on train+val and report test accuracy (resumes if present)."""
+    """Retrain a fixed policy (train+val -> test; train -> val with --set train.stage=select); resumable."""
     from .engine import Experiment, backbone_param_count, run_retrain
     from .model import load_policy
 
@@ -76,10 +92,10 @@ def retrain(policy: Path = typer.Option(..., "--policy", "-p", help="policy.json
     phase = run_retrain(exp, pol, out_dir, progress=True)
     last = phase.history[-1]
     tuned = phase.model.tuned_parameter_count()
-    res = {"test_acc": last.get("test_acc"), "tuned_params": tuned,
+    res = {"val_acc": last.get("val_acc"), "test_acc": last.get("test_acc"), "tuned_params": tuned,
            "tuned_percent": 100 * tuned / backbone_param_count(exp.backbone), "policy": pol}
     (out_dir / "result.json").write_text(json.dumps(res, indent=1, default=str))
-    console.print(f"test acc {res['test_acc']:.4f}  tuned params {tuned} ({res['tuned_percent']:.2f}%)")
+    console.print(f"{_score(res)}  tuned params {tuned} ({res['tuned_percent']:.2f}%)")
 
 
 @app.command()
@@ -91,7 +107,7 @@ def run(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = Set
     res = _runner(tracking_uri, experiment)(cfg, out_dir, progress=True)
     console.print(f"policy: {json.dumps({str(k): v for k, v in res['policy'].items()})}")
     times = "".join(f"  {k.split('_')[0]} {res[k]:.1f}s" for k in ("search_time_s", "retrain_time_s") if k in res)
-    console.print(f"test acc {res['test_acc']:.4f}  tuned params {res['tuned_params']} "
+    console.print(f"{_score(res)}  tuned params {res['tuned_params']} "
                   f"({res['tuned_percent']:.2f}%){times}  -> {out_dir}")
 
 
@@ -118,7 +134,7 @@ def tune(space: Path = typer.Option(..., "--space", help="Search-space YAML (sea
 @app.command()
 def compare(experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment (default: all)."),
             tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
-            metric: str = typer.Option("test_acc", "--metric"),
+            metric: str = typer.Option("val_acc", "--metric", help="Ranking metric (a validation score; a test metric is shown but selects nothing)."),
             out: Path = typer.Option(Path("compare"), "--out", "-o", help="Folder for CSV, plot and best YAML.")):
     """Table of runs from MLflow (rich + CSV), accuracy vs tuned-params plot, best config as YAML."""
     from .tracking import compare_runs
@@ -159,7 +175,7 @@ def data_check(path: Path = typer.Argument(..., help="Data root or task folder."
     for b in report.broken:
         console.print(f"[red]broken:[/red] {b}")
     if not report.ok:
-        raise typer.Exit(2)
+        raise PfnasError(f"{path}: {len(report.problems)} problem(s), {len(report.broken)} broken file(s)")
 
 
 @baseline_app.command("fixed")
@@ -215,29 +231,77 @@ def baseline_evolution(config: Optional[Path] = ConfigOpt, overrides: Optional[L
                                         runner=_runner(tracking_uri, experiment)))
 
 
+def _usage_errors() -> tuple[type, ...]:
+    """ClickException classes of the click typer uses: vendored ``typer._click`` (typer >= 0.26) or ``click``."""
+    found = []
+    for mod in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(__import__(mod, fromlist=["ClickException"]).ClickException)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that checkpoints and MLflow runs close the same way."""
+
+
+def _on_sigterm(signum, frame):
+    global _terminated
+    _terminated = True
+    raise _Terminated()
+
+
+_terminated = False
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point: run the typer app, turning user errors into one line and exit code 2."""
+    """Entry point: user errors are one ``pfnas: error:`` line and exit 2; Ctrl-C exits 130, SIGTERM 143."""
+    global _terminated
+    _terminated = False
     try:
-        app(args=argv, prog_name="pfnas", standalone_mode=False)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        rc = _run_app(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if rc in (130, 143):  # typer turns KeyboardInterrupt into exit code 130 itself
+        rc = 143 if _terminated else 130
+        print(f"pfnas: {'terminated' if rc == 143 else 'interrupted'}; rerun the same command to resume from "
+              "the last checkpoint", file=sys.stderr)
+    return rc
+
+
+def _run_app(argv: Optional[List[str]]) -> int:
+    def error(msg: object) -> int:
+        print(f"pfnas: error: {' '.join(str(msg).split())}", file=sys.stderr)
+        return 2
+
+    try:
+        rc = app(args=argv, prog_name="pfnas", standalone_mode=False)
     except PfnasError as e:
-        print(f"pfnas: error: {e}", file=sys.stderr)
-        return (2)
+        return error(e)
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
-        return (code if isinstance(code, int) else 1)
-    except KeyboardInterrupt:
-        print("pfnas: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return (130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            print(f"pfnas: error: {e.format_message()}", file=sys.stderr)
-            return (2)
-        if isinstance(e, click.exceptions.Abort):
-            return (130)
-        raise
-    return (0)
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except (KeyboardInterrupt, typer.Abort):
+        return 130
+    except _usage_errors() as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `pfnas` / `pfnas data`: show the help
+            text = e.ctx.get_help() if getattr(e, "ctx", None) else e.format_message()
+            if text:  # typer's rich help prints itself and returns ""
+                print(text, file=sys.stderr)
+            return 2
+        return error(e.format_message())
+    except OSError as e:  # output or input files the OS refuses (permissions, a file where a folder should be)
+        if e.filename is None:
+            raise
+        return error(f"{e.filename}: {e.strerror or e}")
+    # standalone_mode=False: typer returns the code of typer.Exit (and 130 for Ctrl-C) instead of raising it
+    return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
 
 
 if __name__ == "__main__":

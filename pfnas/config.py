@@ -131,10 +131,17 @@ class SearchConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """Retraining of a fixed (discretized) policy on train+val, evaluated on test."""
+    """Retraining of a fixed (discretized) policy.
+
+    ``stage`` picks the splits (the VTAB-1k protocol): ``select`` retrains on ``train`` and scores ``val``
+    (what a study trial does: its score is the objective); ``final`` retrains on ``trainval`` and scores
+    ``test`` once, after the last epoch. A per-epoch test curve is opt-in (``test_every``), for plots only.
+    """
 
     epochs: int = Field(10, ge=1)
-    eval_every: int = Field(1, ge=1)  # test evaluation every N epochs (and always after the last)
+    stage: Literal["final", "select"] = "final"
+    eval_every: int = Field(1, ge=1)  # select stage: val evaluation every N epochs (and after the last)
+    test_every: int | None = Field(None, ge=1)  # final stage: opt-in test curve every N epochs (never selects)
     optim: OptimConfig = Field(default_factory=OptimConfig)
 
 
@@ -161,12 +168,29 @@ class MethodConfig(_Strict):
     population: int = Field(6, ge=2)  # kind=evolution
     sample_size: int = Field(3, ge=1)  # kind=evolution: tournament size S
     budget_multiplier: float = Field(1.0, gt=0)  # x the search's own cost in training images (baselines.search_cost)
+    budget_images: int | None = Field(None, ge=1)  # explicit budget in training images (replaces the search's cost)
+    budget_seconds: float | None = Field(None, gt=0)  # or in training-step seconds, converted with a measured step
+    policy: list[str] | None = None  # kind=fixed: one op per layer (overrides ``op``); a study's finals use it
 
     @field_validator("op")
     @classmethod
     def _known_op(cls, v: str) -> str:
         if v not in OPS + ("none",):
             raise ValueError(f"unknown fusion op {v!r}; choose from {list(OPS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "MethodConfig":
+        if self.budget_images is not None and self.budget_seconds is not None:
+            raise ValueError("give method.budget_images or method.budget_seconds, not both")
+        return self
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy_ops(cls, v: list[str] | None) -> list[str] | None:
+        bad = [o for o in v or [] if o not in OPS + ("none",)]
+        if bad or v == []:
+            raise ValueError(f"policy: unknown op(s) {bad}; one of {list(OPS) + ['none']} per layer")
         return v
 
 

@@ -278,6 +278,35 @@ def _num_classes(splits: dict[str, list[tuple[Path, int]]]) -> int:
     return max(labels) + 1 if labels else 0
 
 
+def _check_labels(where: object, splits: dict[str, list[tuple[Path, int]]], num_classes: int, issues: _Issues,
+                  names: Sequence[str] | None = None, unseen_ok: bool = False) -> None:
+    """Any task: at least two classes, every label 0..num_classes-1 used, every val/test class seen in train.
+
+    ``unseen_ok`` turns the last check into a warning (VTAB-1k sun397 samples 1000 images of 397 classes).
+    """
+    used = {lab for entries in splits.values() for _, lab in entries}
+    if not used:
+        return  # empty splits are reported by the readers
+
+    def show(ids: list[int]) -> str:
+        txt = ", ".join(repr(names[i]) if names else str(i) for i in ids[:5])
+        return txt + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+
+    if num_classes < 2:
+        issues.problem(f"{where}: only one class ({show(sorted(used))}); a classifier needs at least two")
+        return
+    gaps = sorted(set(range(num_classes)) - used)
+    if gaps:
+        issues.problem(f"{where}: class(es) {show(gaps)} have no images (labels must be 0..{num_classes - 1} "
+                       "without gaps)")
+    train = {lab for _, lab in splits.get("train", [])}
+    for s in ("val", "test"):
+        unseen = sorted({lab for _, lab in splits.get(s, [])} - train)
+        if train and unseen:
+            msg = f"{where}: {s} has class(es) {show(unseen)} that never occur in train"
+            issues.warn(msg) if unseen_ok else issues.problem(msg)
+
+
 # --------------------------------------------------------------------------------------------
 # Layout readers
 # --------------------------------------------------------------------------------------------
@@ -320,6 +349,7 @@ def _list_vtab(task_dir: Path, issues: _Issues) -> _Listing:
         )
     elif known is not None and num_classes != known:
         issues.warn(f"{task_dir.name}: labels use {num_classes} classes, VTAB-1k {task_dir.name} has {known}")
+    _check_labels(task_dir, splits, num_classes, issues, unseen_ok=known is not None)
     if {"train", "val", "trainval"} <= splits.keys():
         union = {p for p, _ in splits["train"]} | {p for p, _ in splits["val"]}
         if union != {p for p, _ in splits["trainval"]}:
@@ -369,10 +399,7 @@ def _list_fgvc(task_dir: Path, issues: _Issues) -> _Listing:
     splits = {s: [(root / k, to_index[lab]) for k, lab in e] for s, e in raw.items()}
     if "train" in splits and "val" in splits:
         splits["trainval"] = splits["train"] + splits["val"]
-    if "train" in raw and "test" in raw:
-        unseen = {lab for _, lab in raw["test"]} - {lab for _, lab in raw["train"]}
-        if unseen:
-            issues.warn(f"{task_dir.name}: {len(unseen)} test label(s) never occur in train.json")
+    _check_labels(task_dir, splits, len(values), issues, names=[str(v) for v in values])
     known = fgvc_num_classes(task_dir.name)
     if known is not None and len(values) != known:
         issues.warn(f"{task_dir.name}: {len(values)} distinct labels, the FGVC set has {known}")
@@ -458,12 +485,10 @@ def _list_imagefolder(root: Path, issues: _Issues, seed: int, require_splits: bo
         per_class = [found[c] for c in classes]
         parts = _stratified(per_class, (0.7, 0.1, 0.2), seed)
         splits = dict(zip(("train", "val", "test"), parts))
-    for c, files in zip(classes, per_class):
-        if not files:
-            issues.warn(f"class folder {c!r} has no training images")
     for s in ("train", "val", "test"):
         if s in splits and not splits[s]:
             issues.problem(f"split {s!r} of {root} is empty")
+    _check_labels(root, splits, len(classes), issues, names=classes)
     splits["trainval"] = splits.get("train", []) + splits.get("val", [])
     return _Listing({s: splits[s] for s in SPLITS if s in splits}, len(classes), classes)
 

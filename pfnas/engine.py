@@ -29,11 +29,21 @@ EpochCallback = Callable[[dict[str, Any]], None]
 
 # ----------------------------------------------------------------------------- helpers
 def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; anything unknown or unavailable is a PfnasError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise PfnasError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PfnasError(f"device {name!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise PfnasError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise PfnasError(f"device {name!r} requested but MPS is not available")
     return dev
 
 
@@ -236,30 +246,50 @@ class SearchPhase(Phase):
         self.arch_opt.step()
         return loss.item()
 
+    def _rng_get(self) -> tuple:
+        """Torch CPU (and the model's CUDA device) RNG state: dropout masks and Gumbel noise."""
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def _rng_set(self, st: tuple) -> None:
+        torch.set_rng_state(st[0])
+        if st[1] is not None:
+            torch.cuda.set_rng_state(st[1], self.device)
+
     def _second_order_grad(self, xt, yt, xv, yv) -> torch.Tensor:
-        """DARTS unrolled gradient: dL_val(w', a)/da - xi * Hessian-vector product by finite differences."""
+        """DARTS unrolled gradient: dL_val(w', a)/da - xi * Hessian-vector product by finite differences.
+
+        All four passes (virtual step, val, w + eps dw, w - eps dw) start from one RNG state, so they
+        share prompt-dropout masks and the Gumbel path; afterwards the RNG continues from the state
+        one forward pass leaves, so the training stream stays deterministic.
+        """
         alpha, ws = self.model.alpha, self.model.weight_parameters()
         xi = self.cfg.search.unrolled_lr or self.lr
         wd = self.optim_cfg.weight_decay
         backup = [w.detach().clone() for w in ws]
+        rng = self._rng_get()
         gw = torch.autograd.grad(self._loss(xt, yt)[0], ws, allow_unused=True)
+        rng_after = self._rng_get()
         with torch.no_grad():  # one virtual SGD step: w' = w - xi (g + wd w)
             for w, g in zip(ws, gw):
                 w.sub_(xi * ((g if g is not None else 0) + wd * w))
+        self._rng_set(rng)
         loss_v = self._arch_loss(xv, yv)
         _check_finite(loss_v, f"in the unrolled arch step, epoch {self.epoch + 1}")
         grads = torch.autograd.grad(loss_v, [alpha] + ws, allow_unused=True)
         d_alpha, dw = grads[0], [g if g is not None else torch.zeros_like(w) for g, w in zip(grads[1:], ws)]
         eps = 0.01 / (torch.sqrt(sum((g.float() ** 2).sum() for g in dw)) + 1e-12)
         hvp = []
-        for sign in (1.0, -2.0):  # w + eps dw, then w - eps dw
+        for sign in (1.0, -1.0):  # w + eps dw, then w - eps dw
             with torch.no_grad():
                 for w, b, g in zip(ws, backup, dw):
-                    w.copy_(b + (eps * g if sign > 0 else -eps * g))
+                    w.copy_(b + sign * eps * g)
+            self._rng_set(rng)
             hvp.append(torch.autograd.grad(self._loss(xt, yt)[0], alpha)[0])
         with torch.no_grad():
             for w, b in zip(ws, backup):
                 w.copy_(b)
+        self._rng_set(rng_after)
         self.arch_opt.zero_grad(set_to_none=True)
         alpha.grad = d_alpha - xi * (hvp[0] - hvp[1]) / (2 * eps)
         return loss_v
@@ -300,18 +330,27 @@ class SearchPhase(Phase):
         return m
 
 
+RETRAIN_SPLITS = {"select": ("train", "val"), "final": ("trainval", "test")}  # stage -> (train, score)
+
+
 class RetrainPhase(Phase):
-    """Train a fixed policy on ``trainval`` and evaluate on ``test`` every ``eval_every`` epochs."""
+    """Train a fixed policy for ``train.epochs`` on the splits of ``train.stage``.
+
+    ``select``: train on ``train``, score ``val`` every ``eval_every`` epochs and after the last (a study
+    trial's objective). ``final``: train on ``trainval``, score ``test`` once after the last epoch, or
+    every ``test_every`` epochs when that curve is asked for (plots only).
+    """
 
     name = "retrain"
     seed_offset = 2
 
     def __init__(self, cfg: ExperimentConfig, model: PromptedViT, data: TaskData, device: torch.device,
-                 extra_loss: Any = None, train_split: str = "trainval", eval_split: str = "test",
-                 epochs: int | None = None, eval_every: int | None = None):
+                 extra_loss: Any = None, epochs: int | None = None, eval_every: int | None = None):
+        train_split, eval_split = RETRAIN_SPLITS[cfg.train.stage]
         super().__init__(cfg, model, data, device, epochs or cfg.train.epochs, cfg.train.optim, train_split,
                          extra_loss)
-        self.eval_split, self.eval_every = eval_split, eval_every or cfg.train.eval_every
+        default_every = cfg.train.eval_every if cfg.train.stage == "select" else cfg.train.test_every
+        self.eval_split, self.eval_every = eval_split, eval_every or default_every
 
     def run_epoch(self) -> dict[str, Any]:
         self.model.train()
@@ -327,7 +366,7 @@ class RetrainPhase(Phase):
         m: dict[str, Any] = {"phase": self.name, "epoch": self.epoch, "train_loss": loss_sum / max(n, 1),
                              "train_acc": correct / max(n, 1), "lr": self.lr, "epoch_time_s": dt,
                              "images_per_s": n / max(dt, 1e-9)}
-        if self.epoch % self.eval_every == 0 or self.epoch == self.epochs:
+        if self.epoch == self.epochs or (self.eval_every and self.epoch % self.eval_every == 0):
             ev = evaluate(self.model, self.data, self.eval_split, self.cfg.data.eval_batch_size, self.device,
                           self.cfg.precision)
             m[f"{self.eval_split}_acc"], m[f"{self.eval_split}_loss"] = ev["acc"], ev["loss"]
@@ -419,8 +458,14 @@ class Experiment:
 
 @dataclass
 class ExperimentResult:
+    """Outcome of search + retrain: ``val_acc`` (stage ``select``) or ``test_acc`` (stage ``final``) of the
+    retrained policy; ``search_val_acc`` is the supernet's own val score after the search."""
+
     policy: dict[int, str]
-    test_acc: float
+    stage: str
+    val_acc: float | None
+    test_acc: float | None
+    search_val_acc: float | None
     tuned_params: int
     tuned_percent: float
     search_history: list[dict[str, Any]] = field(default_factory=list)
@@ -464,7 +509,7 @@ def run_retrain(exp: Experiment, policy: dict | list, out_dir: str | Path, on_ep
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_epoch: EpochCallback | None = None,
                    progress: bool = False, exp: Experiment | None = None) -> ExperimentResult:
-    """Search, discretize, retrain on train+val and test; resumes from the checkpoints in ``out_dir``."""
+    """Search, discretize, retrain (on the splits of ``train.stage``) and score; resumes from ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
@@ -477,7 +522,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_epoch: EpochCa
     t2 = time.perf_counter()
     final = retrain.history[-1]
     tuned = retrain.model.tuned_parameter_count()
-    res = ExperimentResult(policy=policy, test_acc=final.get("test_acc", float("nan")), tuned_params=tuned,
+    res = ExperimentResult(policy=policy, stage=cfg.train.stage, val_acc=final.get("val_acc"),
+                           test_acc=final.get("test_acc"),
+                           search_val_acc=search.history[-1]["val_acc"] if search.history else None,
+                           tuned_params=tuned,
                            tuned_percent=100.0 * tuned / backbone_param_count(exp.backbone),
                            search_history=search.history, retrain_history=retrain.history,
                            search_time_s=t1 - t0, retrain_time_s=t2 - t1)

@@ -45,6 +45,35 @@ def _checkpoint_head_classes(path: Path) -> int | None:
         raise ModelError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
 
 
+def _load_checkpoint_strict(model: nn.Module, path: Path, name: str) -> None:
+    """Load every backbone weight of ``path`` into ``model``; keys and shapes must match, ``head.*`` is ignored."""
+    import sys
+
+    from timm.models import load_state_dict
+
+    if path.suffix.lower() in (".npz", ".npy"):  # JAX/big_vision weights: timm's own ViT converter
+        model.load_pretrained(str(path))
+        return
+    sd = {k: v for k, v in load_state_dict(str(path)).items() if not k.startswith("head.")}
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:  # timm-format conversions (pos_embed resampling, old key names)
+        try:
+            sd = filter_fn(sd, model)
+        except Exception:  # a foreign dict: report it by its keys below
+            pass
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    extra = [k for k in sd if k not in own]
+    shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or extra or shape:
+        parts = [f"{len(v)} {what} (e.g. {', '.join(v[:2])})"
+                 for what, v in (("missing keys", missing), ("unexpected keys", extra), ("shape mismatches", shape))
+                 if v]
+        raise ModelError(f"checkpoint {path} does not fit {name} with the configured kwargs: {'; '.join(parts)}")
+    model.load_state_dict(sd, strict=True)
+
+
 def load_backbone(cfg: BackboneConfig) -> nn.Module:
     """Create a frozen timm VisionTransformer from the hub or a local checkpoint (eval mode)."""
     import timm
@@ -67,9 +96,11 @@ def load_backbone(cfg: BackboneConfig) -> nn.Module:
             s = kwargs["img_size"]
             overlay["input_size"] = (3, s, s) if isinstance(s, int) else (3, *s)
         kwargs["pretrained_cfg_overlay"] = overlay
-        pretrained = True
+        pretrained = False  # loaded below, strictly
     try:
         model = timm.create_model(cfg.name, pretrained=pretrained, num_classes=0, **kwargs)
+        if cfg.checkpoint:
+            _load_checkpoint_strict(model, path, cfg.name)
     except PfnasError:
         raise
     except (RuntimeError, OSError, ValueError, TypeError) as e:
@@ -97,11 +128,18 @@ def backbone_input(backbone: nn.Module) -> tuple[int, tuple[float, ...], tuple[f
 
 # ----------------------------------------------------------------------------- operators
 class FusionOp(nn.Module):
-    """Base operator: ``fuse`` builds the block input, ``split`` keeps the image-token outputs."""
+    """Base operator: ``fuse`` builds the block input, ``split`` keeps the image-token outputs.
+
+    ``p`` is the layer's prompts, [M, D] (shared by the batch) or [B, M, D] (per-sample dropout).
+    """
 
     changes_length = False
 
     def fuse(self, x: torch.Tensor, p: torch.Tensor, n_prefix: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def deployed_size(self, m: int, dim: int) -> int:
+        """Numbers a deployed model stores for this op with ``m`` prompts of width ``dim``."""
         raise NotImplementedError
 
     def split(self, y: torch.Tensor, n_prefix: int, n_prompts: int) -> torch.Tensor:
@@ -112,8 +150,11 @@ class Prepend(FusionOp):
     changes_length = True
 
     def fuse(self, x, p, n_prefix):
-        pe = p.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        pe = p.to(x.dtype).expand(x.shape[0], -1, -1)
         return torch.cat([x[:, :n_prefix], pe, x[:, n_prefix:]], dim=1)
+
+    def deployed_size(self, m, dim):
+        return m * dim  # the prompts themselves
 
     def split(self, y, n_prefix, n_prompts):
         return torch.cat([y[:, :n_prefix], y[:, n_prefix + n_prompts :]], dim=1)
@@ -121,7 +162,10 @@ class Prepend(FusionOp):
 
 class Add(FusionOp):
     def fuse(self, x, p, n_prefix):
-        return x + p.mean(0).to(x.dtype)
+        return x + p.mean(-2, keepdim=True).to(x.dtype)
+
+    def deployed_size(self, m, dim):
+        return dim  # only mean(P) is used
 
 
 class Affine(FusionOp):
@@ -133,8 +177,11 @@ class Affine(FusionOp):
         self.up = nn.Parameter(torch.zeros(rank, 2 * dim))
 
     def fuse(self, x, p, n_prefix):
-        gamma, beta = ((p.mean(0) @ self.down) @ self.up).to(x.dtype).chunk(2, dim=-1)
+        gamma, beta = ((p.mean(-2, keepdim=True) @ self.down) @ self.up).to(x.dtype).chunk(2, dim=-1)
         return x * (1 + gamma) + beta
+
+    def deployed_size(self, m, dim):
+        return 2 * dim  # gamma and beta are constants once trained
 
 
 class CrossAttn(FusionOp):
@@ -150,14 +197,23 @@ class CrossAttn(FusionOp):
 
     def fuse(self, x, p, n_prefix):
         q = self.q(F.layer_norm(x, x.shape[-1:])).unsqueeze(1)  # B,1,T,r
-        k = self.k(p.to(x.dtype))[None, None].expand(x.shape[0], -1, -1, -1)  # B,1,M,r
-        v = self.v(p.to(x.dtype))[None, None].expand(x.shape[0], -1, -1, -1)
+        k = self.k(p.to(x.dtype)).unsqueeze(-3).expand(x.shape[0], 1, -1, -1)  # B,1,M,r
+        v = self.v(p.to(x.dtype)).unsqueeze(-3).expand(x.shape[0], 1, -1, -1)
         return x + self.o(F.scaled_dot_product_attention(q, k, v).squeeze(1))
+
+    def deployed_size(self, m, dim):
+        # K = P W_k and V = P W_v precomputed (M x r each) plus W_q (D x r) and W_o (r x D); or, when
+        # smaller, W_q K^T (D x M) and V W_o (M x D) folded
+        r = self.q.out_features
+        return min(2 * r * (m + dim), 2 * m * dim)
 
 
 class Identity(FusionOp):
     def fuse(self, x, p, n_prefix):
         return x
+
+    def deployed_size(self, m, dim):
+        return 0
 
 
 def make_op(name: str, dim: int, rank: int) -> FusionOp:
@@ -225,7 +281,7 @@ class PromptLayer(nn.Module):
 
     def run_op(self, i: int, block: nn.Module, x: torch.Tensor, p: torch.Tensor, n_prefix: int) -> torch.Tensor:
         op = self.ops[i]
-        return op.split(block(op.fuse(x, p, n_prefix)), n_prefix, p.shape[0])
+        return op.split(block(op.fuse(x, p, n_prefix)), n_prefix, p.shape[-2])
 
     def run_mixed(self, block, x, p, n_prefix, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of every op's block output; same-length inputs share one batched block call."""
@@ -291,9 +347,20 @@ class PromptedViT(nn.Module):
             raise PfnasError(f"checkpoint does not match the model (missing {bad[:3]}, "
                              f"unexpected {missing.unexpected_keys[:3]})")
 
-    def tuned_parameter_count(self) -> int:
-        """Parameters a deployed model adds to the backbone (prompts, op weights, head; no alpha)."""
+    def trained_parameter_count(self) -> int:
+        """Parameters the optimiser trains (prompts, op weights, head; no alpha)."""
         return sum(p.numel() for p in self.weight_parameters())
+
+    def tuned_parameter_count(self) -> int:
+        """Numbers a deployed fixed-policy model adds to the backbone: per layer, what its op needs
+        after folding (``prepend`` M*D prompts, ``add`` mean(P): D, ``affine`` gamma and beta: 2*D,
+        ``cross_attn`` min(2*r*(M+D), 2*M*D), ``none`` 0), plus the head. The supernet
+        (``policy=None``) reports :meth:`trained_parameter_count`.
+        """
+        if self.policy is None:
+            return self.trained_parameter_count()
+        head = sum(p.numel() for p in self.head.parameters())
+        return head + sum(layer.ops[0].deployed_size(layer.prompts.shape[0], self.dim) for layer in self.layers)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -333,8 +400,11 @@ class PromptedViT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
         weights = self.op_weights() if self.alpha is not None else None
+        per_sample = self.training and self.prompt_dropout.p > 0
         for l, (block, layer) in enumerate(zip(self.backbone.blocks, self.layers)):
-            p = self.prompt_dropout(layer.prompts)
+            p = layer.prompts  # eval: [M, D] shared by the batch; train: a dropout mask per sample
+            if per_sample and p.numel():
+                p = self.prompt_dropout(p.expand(x.shape[0], -1, -1))
             if weights is None:
                 x = layer.run_op(0, block, x, p, self.n_prefix)
             elif self.mode == "gumbel":

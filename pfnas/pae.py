@@ -4,7 +4,8 @@ Two parts, both independent of the fusion operator (a layer's prompts are shared
 
 * :func:`frequency_init` replaces the VPT uniform prompts with task-aware ones. A train batch is
   band-pass filtered in the centred 2-D Fourier domain with ``n_bands`` sliding radial masks; each
-  filtered batch is scored by the cross-entropy of the current model (no grad). The masks with the
+  filtered batch is scored by the cross-entropy of the model's frozen features through a linear head
+  fitted on the unfiltered train split (the model's own head is random at init). The masks with the
   lowest loss are the "frequency shortcuts" the backbone relies on; the patch embeddings of the
   images filtered by them, weighted by each patch's energy, are clustered into ``M`` prompt rows.
 * :class:`PAERegularizer` couples the layers: prompts are encoded ``z_l = W_in P_l``, one shared
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from .config import PAEConfig
 
 __all__ = ["radial_grid", "band_masks", "band_filter", "vpt_init_bound", "energy_weighted_prompts",
-           "frequency_init", "PAERegularizer", "prompt_chain", "apply_pae"]
+           "pooled_features", "fit_score_head", "frequency_init", "PAERegularizer", "prompt_chain", "apply_pae"]
 
 
 # ----------------------------------------------------------------------------- frequency masks
@@ -106,14 +107,59 @@ def _patch_energy(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(e, grid).flatten(1)
 
 
+def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """[B, D] pre-logit features of ``model`` (what its head sees)."""
+    return model.backbone.forward_head(model.forward_features(x), pre_logits=True)
+
+
+@torch.no_grad()
+def fit_score_head(model: nn.Module, data: Any, device: torch.device | str, seed: int, max_images: int = 1024,
+                   steps: int = 100, weight_decay: float = 1e-2) -> nn.Linear:
+    """Linear head fitted on ``model``'s frozen features of up to ``max_images`` ``train`` images.
+
+    Multinomial logistic regression on standardised features (L2 ``weight_decay``), zero init,
+    full-batch L-BFGS for ``steps`` iterations: deterministic and independent of ``model.head``.
+    Call with ``model`` in eval mode.
+    """
+    gen = torch.Generator().manual_seed(int(seed) + 1)
+    feats, labels = [], []
+    for x, y in data.batches("train", 256, shuffle=True, generator=gen, augment=False):
+        feats.append(pooled_features(model, x.to(device)).float())
+        labels.append(y.to(device))
+        if sum(len(l) for l in labels) >= max_images:
+            break
+    f, y = torch.cat(feats)[:max_images], torch.cat(labels)[:max_images]
+    mu, sd = f.mean(0), f.std(0, correction=0).clamp_min(1e-6)
+    z = (f - mu) / sd
+    n_cls = model.head.out_features
+    w = torch.zeros(n_cls, z.shape[1], device=z.device, requires_grad=True)
+    b = torch.zeros(n_cls, device=z.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ w.t() + b, y) + 0.5 * weight_decay * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    head = nn.Linear(z.shape[1], n_cls).to(z.device)  # fold the standardisation into the weights
+    head.weight.copy_(w / sd)
+    head.bias.copy_(b - (mu / sd) @ w.t())
+    return head
+
+
 @torch.no_grad()
 def frequency_init(model: nn.Module, data: Any, device: torch.device | str, cfg: PAEConfig, seed: int,
                    n_keep: int | None = None) -> dict[str, Any]:
     """Overwrite every prompted layer's prompts with frequency-shortcut tokens; returns a report.
 
     * batch: the first ``cfg.score_batch`` images of ``train`` in a ``seed``-shuffled order;
-    * scoring: cross-entropy of ``model`` (eval mode, as it stands, no grad) on each band-passed
-      batch; the ``n_keep`` (default ``ceil(n_bands / 2)``) lowest-loss masks are kept, best first;
+    * scoring: cross-entropy of ``model``'s features (eval mode, no grad) on each band-passed batch
+      through :func:`fit_score_head` (fitted on the unfiltered train split), so the choice does not
+      depend on the random init of ``model.head``; the ``n_keep`` (default ``ceil(n_bands / 2)``)
+      lowest-loss masks are kept, best first;
     * layer ``l`` takes the ``(l mod n_keep)``-th kept mask, so layer 0 gets the best band and the
       layers cycle through the others;
     * prompts: ``backbone.patch_embed`` tokens of that filtered batch (no position embedding, like
@@ -134,11 +180,12 @@ def frequency_init(model: nn.Module, data: Any, device: torch.device | str, cfg:
     masks, centres = band_masks(x.shape[-1], cfg.n_bands, cfg.band_width, device)
     was_training = model.training
     model.eval()
+    head = fit_score_head(model, data, device, seed)
     filtered, losses = [], []
     for mask in masks:
         xf = band_filter(x, mask)
         filtered.append(xf)
-        losses.append(float(F.cross_entropy(model(xf).float(), y)))
+        losses.append(float(F.cross_entropy(head(pooled_features(model, xf)).float(), y)))
     model.train(was_training)
     n_keep = max(1, min(n_keep or math.ceil(cfg.n_bands / 2), cfg.n_bands))
     ranking = sorted(range(cfg.n_bands), key=lambda k: (losses[k], k))

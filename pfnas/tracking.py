@@ -3,7 +3,10 @@
 The engine never imports MLflow; :class:`RunLogger` turns its ``on_epoch`` metrics into MLflow calls.
 Tags written on every pfnas run (and read back by :func:`compare_runs`):
 
-* ``pfnas.kind``        ``study`` (parent), ``trial`` (one Tune trial) or ``run`` (a single experiment)
+* ``pfnas.kind``        ``study`` (parent), ``trial`` (one Tune trial, scored on val), ``final`` (the study's
+                        val-selected trial retrained on train+val and tested, one run per seed) or ``run``
+* ``pfnas.stage``       ``select`` (retrained on train, scored on val) or ``final`` (train+val, tested once)
+* ``pfnas.selected``    on finals, the config hash of the trial they finalise (``pfnas compare`` joins on it)
 * ``pfnas.label``       human label of the method and its tuned values (equal configs share a label)
 * ``pfnas.config_hash`` hash of the config without seed/name/output_dir/device: runs that share it are
                         seeds of one configuration and are averaged by :func:`compare_runs`
@@ -30,6 +33,10 @@ from .config import ExperimentConfig, PfnasError
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# a run's final metrics: val_acc (stage select) or test_acc (stage final) of the retrained policy, and the
+# score that selected its policy inside the method (search's supernet val, random/evolution's best candidate)
+FINAL_METRICS = ("test_acc", "val_acc", "select_val_acc", "tuned_params", "tuned_percent", "cost_images",
+                 "search_time_s", "retrain_time_s", "time_s")
 _HASH_EXCLUDE = ("seed", "name", "output_dir", "device")
 
 
@@ -107,8 +114,9 @@ def config_params(cfg: ExperimentConfig) -> dict[str, str]:
 
 
 # method fields each kind reads; the others (and the search section for fixed policies) cannot change a result
-_METHOD_FIELDS = {"search": (), "fixed": ("op",), "probe": (), "random": ("samples", "weight_sharing", "budget_multiplier"),
-                  "evolution": ("samples", "population", "sample_size", "budget_multiplier")}
+_BUDGET = ("budget_multiplier", "budget_images", "budget_seconds")
+_METHOD_FIELDS = {"search": (), "fixed": ("op", "policy"), "probe": (), "random": ("samples", "weight_sharing", *_BUDGET),
+                  "evolution": ("samples", "population", "sample_size", *_BUDGET)}
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
@@ -118,7 +126,8 @@ def config_hash(cfg: ExperimentConfig) -> str:
         d.pop(k, None)
     kind = cfg.method.kind
     d["method"] = {"kind": kind, **{f: d["method"][f] for f in _METHOD_FIELDS[kind]}}
-    d["train"].pop("eval_every", None)
+    for k in ("eval_every", "test_every"):
+        d["train"].pop(k, None)
     if kind in ("fixed", "probe"):
         d.pop("search", None)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
@@ -134,6 +143,14 @@ def method_label(cfg: ExperimentConfig) -> str:
     if m.kind == "random":
         return "random" + ("+ws" if m.weight_sharing else "")
     return m.kind
+
+
+TEST_NAME = re.compile(r"(^|[/_.])test($|[/_.])")
+
+
+def reads_test(metric: str) -> bool:
+    """True for a metric computed on the test split (``test_acc``, ``retrain/test_loss``...)."""
+    return bool(TEST_NAME.search(metric))
 
 
 def format_value(v: Any) -> str:
@@ -255,6 +272,7 @@ class RunLogger:
                 tags.setdefault("pfnas.label", method_label(self.cfg))
                 tags.setdefault("pfnas.method", self.cfg.method.kind)
                 tags.setdefault("pfnas.config_hash", config_hash(self.cfg))
+                tags.setdefault("pfnas.stage", self.cfg.train.stage)  # select: scored on val; final: on test
             run = self.client.create_run(exp_id, tags=tags, run_name=self.run_name)
             self.run_id = run.info.run_id
             if self.cfg is not None:
@@ -324,8 +342,7 @@ class RunLogger:
     def finish(self, result: dict[str, Any] | None = None, status: str = "FINISHED", error: str | None = None) -> None:
         """Final metrics (test_acc, tuned params/percent, cost, throughput), the policy, and the run status."""
         if result:
-            final = {k: result.get(k) for k in ("test_acc", "val_acc", "tuned_params", "tuned_percent",
-                                                "cost_images", "search_time_s", "retrain_time_s", "time_s")}
+            final = {k: result.get(k) for k in FINAL_METRICS}
             for phase, vals in self._throughput.items():
                 final[f"{phase}_images_per_s"] = sum(vals) / len(vals)
             if "retrain" in self._throughput:
@@ -401,7 +418,11 @@ def _human(n: float | None) -> str:
 
 
 def collect_rows(tracking_uri: str | None, experiment: str | None, metric: str) -> list[dict[str, Any]]:
-    """Finished pfnas trial/run records with ``metric``, grouped by config hash (seeds averaged)."""
+    """Finished pfnas trial/run records with ``metric``, grouped by config hash (seeds averaged).
+
+    Each row also carries its final test score (``final_mean/std/n``): the study finals that name the row's
+    config as selected (tag ``pfnas.selected``), or for a final-stage ``pfnas run`` its own ``test_acc``.
+    """
     uri = resolve_tracking_uri(tracking_uri)
     client = make_client(uri)
     try:
@@ -418,14 +439,22 @@ def collect_rows(tracking_uri: str | None, experiment: str | None, metric: str) 
     except Exception as e:  # noqa: BLE001 - unreachable server, bad URI
         raise PfnasError(f"cannot read MLflow at {uri}: {str(e).splitlines()[0][:200]}") from None
     groups: dict[str, dict[str, Any]] = {}
+    finals: dict[str, list[dict[str, Any]]] = {}  # selected config hash -> final runs
     for run in _iter_runs(client, exp_ids) if exp_ids else []:
         tags, metrics = run.data.tags, run.data.metrics
-        if tags.get("pfnas.kind") not in ("trial", "run") or run.info.status != "FINISHED" or metric not in metrics:
+        if run.info.status != "FINISHED":
+            continue
+        if tags.get("pfnas.kind") == "final" and "test_acc" in metrics and tags.get("pfnas.selected"):
+            finals.setdefault(tags["pfnas.selected"], []).append(
+                {"run_id": run.info.run_id, "test_acc": metrics["test_acc"]})
+            continue
+        if tags.get("pfnas.kind") not in ("trial", "run") or metric not in metrics:
             continue
         key = tags.get("pfnas.config_hash") or run.info.run_id
         g = groups.setdefault(key, {"label": tags.get("pfnas.label") or run.info.run_name, "config_hash": key,
                                     "method": tags.get("pfnas.method", ""), "runs": []})
-        g["runs"].append({"run_id": run.info.run_id, "value": metrics[metric],
+        g["runs"].append({"run_id": run.info.run_id, "value": metrics[metric], "test_acc": metrics.get("test_acc"),
+                          "final_stage": tags.get("pfnas.stage") == "final",
                           "tuned_params": metrics.get("tuned_params"), "tuned_percent": metrics.get("tuned_percent"),
                           "cost_images": metrics.get("cost_images"), "study": tags.get("pfnas.study", ""),
                           "artifact_uri": run.info.artifact_uri})
@@ -434,11 +463,17 @@ def collect_rows(tracking_uri: str | None, experiment: str | None, metric: str) 
         runs = g.pop("runs")
         mean, std = _mean_std([r["value"] for r in runs])
         best = max(runs, key=lambda r: r["value"]) if "loss" not in metric else min(runs, key=lambda r: r["value"])
-        rows.append({**g, "n": len(runs), "mean": mean, "std": std, "tuned_params": _avg(runs, "tuned_params"),
+        fin = finals.get(g["config_hash"], [])
+        tests = [f["test_acc"] for f in fin] or [r["test_acc"] for r in runs
+                                                  if r["final_stage"] and r["test_acc"] is not None]
+        fmean, fstd = _mean_std(tests) if tests else (None, None)
+        rows.append({**g, "n": len(runs), "mean": mean, "std": std, "final_mean": fmean, "final_std": fstd,
+                     "final_n": len(tests), "final_run_ids": [f["run_id"] for f in fin], "tuned_params": _avg(runs, "tuned_params"),
                      "tuned_percent": _avg(runs, "tuned_percent"), "cost_images": _avg(runs, "cost_images"),
                      "best_run_id": best["run_id"], "run_ids": [r["run_id"] for r in runs],
                      "study": ",".join(sorted({r["study"] for r in runs if r["study"]}))})
-    rows.sort(key=lambda r: (r["mean"], -(r["tuned_params"] or 0)), reverse="loss" not in metric)
+    sign = 1 if "loss" not in metric else -1  # ties: the study's own selection (it has finals), then fewer params
+    rows.sort(key=lambda r: (sign * r["mean"], r["final_n"] > 0, -(r["tuned_params"] or 0)), reverse=True)
     return rows
 
 
@@ -467,38 +502,49 @@ def _plot(rows: list[dict[str, Any]], metric: str, path: Path, legend_max: int =
     fig.savefig(path)
 
 
-def compare_runs(tracking_uri: str | None = None, experiment: str | None = None, metric: str = "test_acc",
+def compare_runs(tracking_uri: str | None = None, experiment: str | None = None, metric: str = "val_acc",
                  out_dir: str | Path = "compare", console=None) -> list[dict[str, Any]]:
-    """Table of logged pfnas runs sorted by ``metric`` (mean +- std over seeds of one config).
+    """Table of logged pfnas runs ranked by ``metric`` (mean +- std over seeds of one config), with each
+    configuration's final test accuracy (its study finals, or a final-stage run's own test) beside it.
 
-    Writes ``compare.csv``, ``acc_vs_params.png`` and, when the best run logged its config,
-    ``best_config.yaml`` to ``out_dir``. Loss-like metrics (name containing ``loss``) sort ascending.
+    Writes ``compare.csv``, ``acc_vs_params.png`` and ``best_config.yaml`` (the top row's final config when
+    it has finals, else its own) to ``out_dir``. A test metric may be shown but never picks a best config.
+    Loss-like metrics (name containing ``loss``) sort ascending.
     """
     rows = collect_rows(tracking_uri, experiment, metric)
     where = f"experiment {experiment!r}" if experiment else "any experiment"
     if not rows:
+        hint = ("; `pfnas run`/`pfnas baseline` runs are final-stage (train+val -> test): list them with "
+                "--metric test_acc, or select with a study (`pfnas tune`)") if metric == "val_acc" else ""
         raise PfnasError(f"no finished pfnas runs with metric {metric!r} in {where} at "
-                         f"{resolve_tracking_uri(tracking_uri)}")
+                         f"{resolve_tracking_uri(tracking_uri)}{hint}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "compare.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["rank", "label", "method", "n", f"{metric}_mean", f"{metric}_std", "tuned_params",
-                    "tuned_percent", "cost_images", "study", "config_hash", "best_run_id", "run_ids"])
+        w.writerow(["rank", "label", "method", "n", f"{metric}_mean", f"{metric}_std", "final_test_acc_mean",
+                    "final_test_acc_std", "final_n", "tuned_params", "tuned_percent", "cost_images", "study",
+                    "config_hash", "best_run_id", "run_ids"])
         for i, r in enumerate(rows, 1):
-            w.writerow([i, r["label"], r["method"], r["n"], r["mean"], r["std"], r["tuned_params"],
-                        r["tuned_percent"], r["cost_images"], r["study"], r["config_hash"], r["best_run_id"],
-                        " ".join(r["run_ids"])])
+            w.writerow([i, r["label"], r["method"], r["n"], r["mean"], r["std"], r["final_mean"], r["final_std"],
+                        r["final_n"], r["tuned_params"], r["tuned_percent"], r["cost_images"], r["study"],
+                        r["config_hash"], r["best_run_id"], " ".join(r["run_ids"])])
     _plot(rows, metric, out / "acc_vs_params.png")
     best_cfg = None
     bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
         client = make_client(resolve_tracking_uri(tracking_uri))
+        if reads_test(metric):
+            raise PfnasError("ranked on a test metric: no best config")
+        top = rows[0]
         with tempfile.TemporaryDirectory() as tmp:
-            p = Path(client.download_artifacts(rows[0]["best_run_id"], "config.yaml", tmp))
+            p = Path(client.download_artifacts((top["final_run_ids"] or [top["best_run_id"]])[0], "config.yaml", tmp))
             best_cfg = out / "best_config.yaml"
-            best_cfg.write_text(p.read_text())
+            head = f"# selected by {metric}={top['mean']:.6g}: {top['label']}\n"
+            if top["final_n"]:
+                head += f"# final test_acc {top['final_mean']:.4f} ± {top['final_std']:.4f} (n={top['final_n']})\n"
+            best_cfg.write_text(head + p.read_text())
     except Exception:  # noqa: BLE001 - the run logged no config
         best_cfg = None
     finally:
@@ -511,14 +557,17 @@ def compare_runs(tracking_uri: str | None = None, experiment: str | None = None,
         from rich.text import Text
 
         t = Table(title=f"pfnas runs in {where} by {metric}")
-        for col in ("#", "label", "n", metric, "tuned params", "tuned %", "search cost"):
+        for col in ("#", "label", "n", metric, "final test", "tuned params", "tuned %", "search cost"):
             t.add_column(col, justify="left" if col == "label" else "right", overflow="fold")
         for i, r in enumerate(rows, 1):
             val = f"{r['mean']:.4f}" + (f" ± {r['std']:.4f}" if r["n"] > 1 else "")
+            fin = "-" if not r["final_n"] else f"{r['final_mean']:.4f} ± {r['final_std']:.4f} (n={r['final_n']})"
             pct = f"{r['tuned_percent']:.3f}" if r["tuned_percent"] is not None else "-"
-            t.add_row(str(i), Text(r["label"]), str(r["n"]), val, _human(r["tuned_params"]), pct,
+            t.add_row(str(i), Text(r["label"]), str(r["n"]), val, fin, _human(r["tuned_params"]), pct,
                       _human(r["cost_images"]) + (" img" if r["cost_images"] else ""))
         console.print(t)
+        if reads_test(metric):
+            console.print(f"note: {metric} is a test metric; this ranking selects nothing (no best config)")
         console.print(f"wrote {out / 'compare.csv'}, {out / 'acc_vs_params.png'}"
                       + (f", {best_cfg}" if best_cfg else ""))
     return rows

@@ -43,13 +43,14 @@ from .tracking import (
     get_experiment_id,
     make_client,
     method_label,
+    reads_test,
     resolve_tracking_uri,
 )
 
 log = logging.getLogger(__name__)
 
 PATH_KEYS = ("backbone.checkpoint", "data.root")  # resolved against the file (or cwd) that names them
-FINAL_KEYS = ("test_acc", "test_loss", "val_acc", "tuned_params", "tuned_percent", "cost_images",
+FINAL_KEYS = ("test_acc", "val_acc", "select_val_acc", "tuned_params", "tuned_percent", "cost_images",
               "search_time_s", "retrain_time_s", "time_s")
 STATE_FILE = "pfnas_study.json"
 
@@ -142,6 +143,13 @@ class ResourcesSpec(_Strict):
     gpu: float = Field(0.0, ge=0)
 
 
+class FinalSpec(_Strict):
+    """Finals: the val-selected trial's config and policy, retrained on train+val and tested once per seed."""
+
+    seeds: int = Field(3, ge=0)  # 0: no finals
+    per_variant: bool = False  # grid: finals for the val-best trial of every variant too (a method comparison)
+
+
 class MlflowSpec(_Strict):
     tracking_uri: str | None = None  # relative sqlite files resolve against the space YAML
     experiment: str | None = None  # default: the study name
@@ -164,8 +172,9 @@ class SpaceConfig(_Strict):
     variants: list[dict[str, Any]] = Field(default_factory=list)  # grid: dotted overrides, one config each
     params: dict[str, ParamSpec] = Field(default_factory=dict)
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
-    metric: str = "test_acc"
+    metric: str = "val_acc"  # a validation score: a study never selects on test
     mode: Literal["max", "min"] = "max"
+    final: FinalSpec = Field(default_factory=FinalSpec)
     num_samples: int | None = Field(None, ge=1)  # optuna: trials (8); grid: repeats of the grid (1)
     max_concurrent_trials: int = Field(1, ge=1)
     sync_batches: bool = True
@@ -184,6 +193,10 @@ class SpaceConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> SpaceConfig:
+        for where, m in (("metric", self.metric), ("scheduler.metric", self.scheduler.metric)):
+            if reads_test(m):
+                raise ValueError(f"{where} {m!r} reads the test split; a study selects on validation "
+                                 "(val_acc) and tests only its finals")
         if self.base is not None and self.base_config is not None:
             raise ValueError("give either 'base' or 'base_config', not both")
         if self.algorithm == "grid":
@@ -261,6 +274,10 @@ def load_space(path: str | Path, overrides: list[str] | None = None,
             base = merge_dotted(base, pinned)
         except ConfigError as e:
             raise ConfigError(f"--set {e}") from None
+    tuned_keys = set(space.params) | {k for v in space.variants for k in flatten(v)}
+    if "train.stage" in tuned_keys:
+        raise ConfigError("train.stage is set by the study (select for trials, final for finals); do not tune it")
+    base = merge_dotted(base, {"train.stage": "select", "train.test_every": None})  # trials never read test
     params = {}
     for key, spec in space.params.items():
         if key in pinned:
@@ -310,6 +327,8 @@ class TrialContext:
     parent_run_id: str | None
     param_keys: list[str]
     variants: list[dict[str, Any]] = field(default_factory=list)
+    kind: str = "trial"  # "final": a seed of the selected config retrained on train+val and tested
+    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (finals: the trial they finalise)
 
     def _values(self, params: dict[str, Any]) -> dict[str, Any]:
         """Dotted config values of a trial: its variant's overrides, then its sampled params."""
@@ -321,8 +340,13 @@ class TrialContext:
         base = ExperimentConfig.model_validate(self.base)
         return merge_dotted(base, {**self._values(params), "name": name})
 
+    def run_name(self, params: dict[str, Any], trial_id: str) -> str:
+        return f"final s{params['seed']}" if self.kind == "final" else trial_id
+
     def label(self, cfg: ExperimentConfig, params: dict[str, Any]) -> str:
         """Method label plus the values that make this configuration (seeds and method fields left out)."""
+        if "pfnas.label" in self.tags:
+            return self.tags["pfnas.label"]
         tuned = ", ".join(f"{k}={format_value(v)}" for k, v in self._values(params).items()
                           if k != "seed" and not k.startswith("method."))
         return f"{method_label(cfg)} [{tuned}]" if tuned else method_label(cfg)
@@ -371,12 +395,13 @@ class _TrialReporter:
     def __init__(self, work: Path, logger: RunLogger, restored: bool):
         self.work, self.logger, self.restored = work, logger, int(restored)
         self.carry: dict[str, float] = {}
+        self.val_acc: float | None = None  # latest val score of any phase (ASHA's signal); the last is the objective
 
     def _payload(self, head: dict[str, Any]) -> dict[str, Any]:
         """``head`` first (progress tables show the leading metrics), then every carried scalar."""
         p: dict[str, Any] = dict(head)
-        if "search/val_acc" in self.carry:
-            p.setdefault("val_acc", self.carry["search/val_acc"])
+        if self.val_acc is not None:
+            p.setdefault("val_acc", self.val_acc)
         p.update(self.carry)
         p["restored"] = self.restored
         return p
@@ -392,10 +417,9 @@ class _TrialReporter:
         self.logger.log_epoch(m)
         phase = str(m.get("phase", "run"))
         self.carry.update({f"{phase}/{k}": float(v) for k, v in m.items() if k not in ("phase", "epoch") and finite_scalar(v)})
-        head: dict[str, Any] = {}
-        if phase == "retrain" and finite_scalar(m.get("test_acc")):
-            head["test_acc"] = float(m["test_acc"])
-        self._report(self._payload({**head, "phase": phase, "epoch": int(m.get("epoch", 0))}))
+        if finite_scalar(m.get("val_acc")):
+            self.val_acc = float(m["val_acc"])
+        self._report(self._payload({"phase": phase, "epoch": int(m.get("epoch", 0))}))
 
     def final(self, res: dict[str, Any]) -> None:
         head = {k: float(res[k]) for k in FINAL_KEYS if finite_scalar(res.get(k))}
@@ -425,9 +449,10 @@ def pfnas_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         ckpt.to_directory(str(work))
     cfg = ctx.config(config, f"{ctx.study}-{trial_id}")
     rid = work / "mlflow_run_id"
-    logger = RunLogger(ctx.tracking_uri, ctx.experiment, trial_id, cfg, parent_run_id=ctx.parent_run_id,
-                       run_id=rid.read_text().strip() if rid.is_file() else None, reuse_tags={"pfnas.trial_id": trial_id},
-                       tags={"pfnas.kind": "trial", "pfnas.study": ctx.study, "pfnas.trial_id": trial_id,
+    logger = RunLogger(ctx.tracking_uri, ctx.experiment, ctx.run_name(config, trial_id), cfg,
+                       parent_run_id=ctx.parent_run_id, run_id=rid.read_text().strip() if rid.is_file() else None,
+                       reuse_tags={"pfnas.trial_id": trial_id},
+                       tags={**ctx.tags, "pfnas.kind": ctx.kind, "pfnas.study": ctx.study, "pfnas.trial_id": trial_id,
                              "pfnas.label": ctx.label(cfg, config)})
     reporter = _TrialReporter(work, logger, restored=ckpt is not None)
     with logger.recording():  # a scheduler's stop (SystemExit) closes the run as KILLED, an error as FAILED
@@ -509,6 +534,8 @@ class StudySummary:
     mlflow_experiment: str
     parent_run_id: str | None
     notes: list[str] = field(default_factory=list)
+    finals: FinalsRecord | None = None
+    variant_finals: list[FinalsRecord] = field(default_factory=list)
 
     def __rich__(self):
         from rich import box
@@ -538,8 +565,15 @@ class StudySummary:
         lines = ["policy per layer: pre=prepend add=add aff=affine xat=cross_attn; * best trial"]
         lines += [f"trial {r.trial_id} failed: {r.error}" for r in self.trials if r.error]
         if self.best is not None:
-            lines.append(f"best: trial {self.best.trial_id} {self.metric}={self.best.value:.4f}, policy "
-                         f"{self.best.metrics.get('policy', '?')}; config -> {self.best_config_path}")
+            lines.append(f"selected on validation: trial {self.best.trial_id} {self.metric}={self.best.value:.4f}, "
+                         f"policy {self.best.metrics.get('policy', '?')}; config -> {self.best_config_path}")
+            if self.finals is not None and self.finals.test_accs:
+                lines.append(f"final: {self.finals.describe()}")
+        for f in self.variant_finals:
+            if f.test_accs:
+                mean, std = f.mean_std()
+                lines.append(f"final [{f.label}]: test_acc {mean:.4f} ± {std:.4f} (n={len(f.test_accs)}, "
+                             f"trial {f.trial_id})")
         else:
             lines.append(f"no trial reported {self.metric}")
         lines.append(f"MLflow: {self.tracking_uri} experiment {self.mlflow_experiment!r} parent run {self.parent_run_id}")
@@ -707,15 +741,34 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
 
     recs = _records(results, space.metric, plan.param_keys)
     best = _best(recs, space.mode)
-    best_path, best_cfg = None, None
+    best_path, best_cfg, finals = None, None, None
     if best is not None:
-        best_cfg = ctx.config(best.params, f"{plan.name}-best").model_dump(mode="json")
+        final_cfg, fctx = _final_context(ctx, plan, best, space.metric)
+        best_cfg = final_cfg.model_dump(mode="json")
+        if space.final.seeds:
+            finals = _run_finals(fctx, final_cfg, best, space, storage, trainable_resources=resources)
+    variant_finals: list[FinalsRecord] = []
+    if best is not None and space.final.seeds and space.final.per_variant:
+        for i, overrides in enumerate(plan.variants):
+            vbest = _best([r for r in recs if r.params.get("variant") == i], space.mode)
+            if vbest is None:
+                continue
+            if vbest.trial_id == best.trial_id:
+                rec = finals
+            else:
+                vcfg, vctx = _final_context(ctx, plan, vbest, space.metric)
+                rec = _run_finals(vctx, vcfg, vbest, space, storage, trainable_resources=resources, suffix=f"-v{i}")
+            rec.label = " ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
+            variant_finals.append(rec)
     for r in recs:  # show a grid variant as its overrides, not its index
         if plan.variants and isinstance(r.params.get("variant"), int):
             r.params["variant"] = " ".join(f"{k.split('.')[-1]}={v}" for k, v in plan.variants[r.params["variant"]].items())
     if best_cfg is not None and local:
         best_path = Path(exp_path) / "best_config.yaml"
-        best_path.write_text(f"# best trial {best.trial_id} of study {plan.name}: {space.metric}={best.value:.6g}\n"
+        head = f"# selected: trial {best.trial_id} of study {plan.name}, {space.metric}={best.value:.6g} (validation)\n"
+        if finals is not None and finals.test_accs:
+            head += f"# final: {finals.describe()}\n"
+        best_path.write_text(head + "# rerun the final: pfnas run -c best_config.yaml --set seed=N\n"
                              + yaml.safe_dump(best_cfg, sort_keys=False))
     if any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none":
         notes.append("some trials did not finish; rerun with --resume to continue them")
@@ -734,13 +787,99 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
             metrics.append(Metric(f"best_{space.metric}", best.value, 0, 0))
             client.set_tag(parent, "pfnas.best_trial", best.trial_id)
             client.log_dict(parent, best_cfg, "best_config.yaml")
+        if finals is not None and finals.test_accs:
+            mean, std = finals.mean_std()
+            metrics += [Metric("final_test_acc_mean", mean, 0, 0), Metric("final_test_acc_std", std, 0, 0),
+                        Metric("final_n", len(finals.test_accs), 0, 0)]
         client.log_batch(parent, metrics=metrics)
         unfinished = any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none"
         client.set_terminated(parent, "KILLED" if unfinished else "FINISHED")
     except Exception as e:  # noqa: BLE001 - the study itself is done; say so instead of failing
         notes.append(f"warning: could not finish the MLflow parent run: {_error_line(e)}")
+    for rec in {id(f): f for f in [finals, *variant_finals] if f is not None}.values():
+        notes += [f"final seed {seed} of trial {rec.trial_id} failed: {err}" for seed, err in rec.errors]
     return StudySummary(plan.name, space.metric, space.mode, plan.param_keys, recs, best, best_path, exp_path,
-                        tracking_uri, mlflow_experiment, parent, notes)
+                        tracking_uri, mlflow_experiment, parent, notes, finals, variant_finals)
+
+
+@dataclass
+class FinalsRecord:
+    """Test scores of a study's finals: the selected trial's config and policy, retrained on train+val."""
+
+    trial_id: str
+    seeds: list[int]
+    test_accs: list[float]
+    errors: list[tuple[int, str]] = field(default_factory=list)
+    label: str = ""  # per-variant finals: the variant's overrides
+
+    def mean_std(self) -> tuple[float, float]:
+        from .tracking import _mean_std
+
+        return _mean_std(self.test_accs)
+
+    def describe(self) -> str:
+        mean, std = self.mean_std()
+        return (f"test_acc {mean:.4f} ± {std:.4f} (n={len(self.test_accs)}, trial {self.trial_id}'s config and "
+                f"policy retrained on train+val, tested once per seed)")
+
+
+def _final_context(ctx: TrialContext, plan: StudyPlan, best: TrialRecord,
+                   metric: str) -> tuple[ExperimentConfig, TrialContext]:
+    """The final config (selected trial's values, its policy as a fixed method, stage final) and its context."""
+    from .tracking import config_hash
+
+    trial_cfg = ctx.config(best.params, f"{plan.name}-{best.trial_id}")
+    policy = [op for op in str(best.metrics.get("policy", "")).split(",") if op]
+    final = merge_dotted(trial_cfg, {"name": f"{plan.name}-final", "train.stage": "final",
+                                     **({"method.kind": "fixed", "method.policy": policy} if policy else {})})
+    tags = {"pfnas.label": ctx.label(trial_cfg, best.params), "pfnas.selected": config_hash(trial_cfg),
+            "pfnas.selected_trial": best.trial_id, f"pfnas.selected_{metric}": f"{best.value:.6g}"}
+    fctx = TrialContext(study=ctx.study, base=final.model_dump(mode="json"), tracking_uri=ctx.tracking_uri,
+                        experiment=ctx.experiment, parent_run_id=ctx.parent_run_id, param_keys=["seed"],
+                        kind="final", tags=tags)
+    return final, fctx
+
+
+def _run_finals(fctx: TrialContext, final_cfg: ExperimentConfig, best: TrialRecord, space: SpaceConfig,
+                storage: str, trainable_resources: dict[str, float], suffix: str = "") -> FinalsRecord:
+    """Retrain the selected config on train+val and test it once per seed, as a Tune grid over seeds.
+
+    The finals live in ``<storage>/<study>-final``; a resumed study continues them when the selected trial
+    is unchanged and starts them afresh otherwise.
+    """
+    from ray import tune
+
+    name = f"{fctx.study}-final{suffix}"
+    path = f"{storage.rstrip('/')}/{name}"
+    seeds = [final_cfg.seed + i for i in range(space.final.seeds)]
+    marker = Path(path) / "selected_trial.txt" if "://" not in storage else None
+    trainable = tune.with_resources(tune.with_parameters(pfnas_trial, ctx=fctx), trainable_resources)
+    same = marker is not None and marker.is_file() and marker.read_text().strip() == best.trial_id
+    if same and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        if marker is not None:
+            shutil.rmtree(path, ignore_errors=True)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(best.trial_id)
+        tuner = tune.Tuner(
+            trainable, param_space={"seed": tune.grid_search(seeds)},
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=space.max_concurrent_trials,
+                                        reuse_actors=True, trial_name_creator=trial_name,
+                                        trial_dirname_creator=trial_dirname),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=space.max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints)))
+    rec = FinalsRecord(best.trial_id, [], [])
+    for r in sorted(tuner.fit(), key=lambda r: (r.config or {}).get("seed", 0)):
+        seed = int((r.config or {}).get("seed", -1))
+        acc = (r.metrics or {}).get("test_acc")
+        if r.error is None and finite_scalar(acc):
+            rec.seeds.append(seed)
+            rec.test_accs.append(float(acc))
+        else:
+            rec.errors.append((seed, _error_line(r.error) if r.error is not None else "no test_acc reported"))
+    return rec
 
 
 def _storage_root(storage: str | None) -> str:

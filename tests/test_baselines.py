@@ -77,7 +77,7 @@ def test_random_search_respects_budget(tmp_path):
     assert all(h["images"] == 3 * BATCH for h in r["history"])  # budget // (3 samples x 16) = 3 steps each
     assert len({tuple(sorted(h["policy"].items())) for h in r["history"]}) == 3  # distinct samples
     best = max(r["history"], key=lambda h: h["val_acc"])
-    assert r["policy"] == best["policy"] and r["val_acc"] == best["val_acc"]
+    assert r["policy"] == best["policy"] and r["select_val_acc"] == best["val_acc"]
     assert (tmp_path / "retrain" / "retrain.pt").is_file() and (tmp_path / "cand_002" / "candidate.pt").is_file()
     with pytest.raises(Exception, match="budget"):
         bl.run_method(_cfg(kind="random", samples=8), tmp_path / "tiny")  # 82 images < 8 batches
@@ -117,7 +117,7 @@ def test_evolution_respects_budget_and_ages(tmp_path):
     assert [h["cycle"] for h in hist] == [None, None] + list(range(8))
     assert all(h["parent"] is not None and h["parent"] < h["id"] for h in hist[2:])
     assert r["final_population"] == [8, 9]  # the two youngest survive, whatever their accuracy
-    assert r["val_acc"] == max(h["val_acc"] for h in hist)
+    assert r["select_val_acc"] == max(h["val_acc"] for h in hist)
     capped = bl.run_method(cfg, tmp_path / "capped", cycles=1)
     assert len(capped["history"]) == 3 and capped["cost_images"] <= capped["budget_images"]
     summary = bl.regularized_evolution(cfg, population=2, sample=2, cycles=1, out_dir=tmp_path / "capped")
@@ -184,3 +184,23 @@ def test_random_search_resume_skips_finished_candidates(tmp_path, monkeypatch):
     assert [h["val_acc"] for h in res["history"]] == [h["val_acc"] for h in ref["history"]]
     with pytest.raises(Exception, match="different configuration"):
         bl.run_method(_cfg(kind="random", samples=3, budget_multiplier=2.0), tmp_path / "run")
+
+
+def test_budget_in_images_or_seconds_and_cost_in_both(exp, tmp_path):
+    """method.budget_images / budget_seconds replace the search's image count; every method reports its
+    cost in images and in measured training-step seconds."""
+    e = lambda cfg: Experiment(cfg, exp.backbone, exp.data, exp.device)
+    search = _cfg(kind="search")
+    s = bl.run_method(search, tmp_path / "search", exp=e(search))
+    assert s["cost_images"] == bl.search_cost(search, exp.data)["total"]
+    assert s["cost_step_s"] == pytest.approx(sum(h["epoch_time_s"] for h in s["history"])) and s["cost_step_s"] > 0
+    fixed = _cfg(kind="random", samples=2, budget_images=4 * BATCH)
+    r = bl.run_method(fixed, tmp_path / "images", exp=e(fixed))
+    assert r["budget_images"] == 64 and r["cost_images"] == 64 and r["cost_step_s"] > 0
+    timed = _cfg(kind="evolution", population=2, sample_size=1, budget_seconds=0.5)
+    r = bl.run_method(timed, tmp_path / "seconds", exp=e(timed))
+    st = json.loads((tmp_path / "seconds" / "state.json").read_text())
+    assert r["budget_images"] == st["budget_images"] == int(0.5 / st["step_s_per_image"])  # converted once
+    assert r["cost_images"] <= r["budget_images"]
+    with pytest.raises(Exception, match="not both"):
+        _cfg(kind="random", budget_images=10, budget_seconds=1.0)

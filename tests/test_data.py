@@ -81,12 +81,13 @@ def test_vtab_resize_matches_torchvision_bicubic(tmp_path: Path) -> None:
 
     task = tmp_path / "r" / "t"
     img = _gradient_png(task / "images" / "a.png", (20, 12), 0)
+    _png(task / "images" / "b.png", (0, 0, 0))  # a second class: one-class tasks and label gaps are refused
     for f in D.VTAB_SPLIT_FILES.values():
-        (task / f).write_text("images/a.png 1\n")
+        (task / f).write_text("images/a.png 1\nimages/b.png 0\n")
     d = _vtab(tmp_path / "r", "t", img_size=16)
     ref = Resize((16, 16), interpolation=InterpolationMode.BICUBIC)(Image.open(img).convert("RGB"))
     expect = torch.from_numpy(np.array(ref)).permute(2, 0, 1)
-    assert d.splits["test"].images.shape == (1, 3, 16, 16)
+    assert d.splits["test"].images.shape == (2, 3, 16, 16)
     assert torch.equal(d.splits["test"].images[0], expect)
     assert d.num_classes == 2
 

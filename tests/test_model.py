@@ -102,7 +102,7 @@ def test_gumbel_single_path_runs_one_op_per_layer(backbone):
 
 def test_tuned_params_and_discretize(backbone):
     cfg = PromptConfig(length=3, fusion_dim=4)
-    assert PromptedViT(backbone, 5, cfg, policy=["add"] * 2).tuned_parameter_count() == 2 * 3 * 32 + 32 * 5 + 5
+    assert PromptedViT(backbone, 5, cfg, policy=["add"] * 2).tuned_parameter_count() == 2 * 32 + 32 * 5 + 5  # add stores mean(P)
     assert PromptedViT(backbone, 5, cfg, policy=["none"] * 2).tuned_parameter_count() == 32 * 5 + 5
     sup = PromptedViT(backbone, 5, cfg)
     with torch.no_grad():

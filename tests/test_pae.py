@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from conftest import tiny_config
 from pfnas.engine import Experiment, run_retrain, run_search
-from pfnas.pae import (PAERegularizer, apply_pae, band_filter, band_masks, frequency_init, prompt_chain,
-                       vpt_init_bound)
+from pfnas.pae import (PAERegularizer, apply_pae, band_filter, band_masks, fit_score_head, frequency_init,
+                       pooled_features, prompt_chain, vpt_init_bound)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,10 @@ def test_frequency_init_deterministic_and_vpt_scaled(exp, policy):
 
 
 def test_chosen_mask_has_lowest_loss(exp):
-    """Losses recomputed here with numpy's FFT match the report, and layer 0 gets the argmin mask."""
+    """Losses recomputed here with numpy's FFT (through the fitted score head) match the report, and layer 0
+    gets the argmin mask."""
     model = exp.fixed(["prepend", "prepend"])
+    head = fit_score_head(model.eval(), exp.data, exp.device, seed=3)
     cfg = exp.cfg.pae.model_copy(update={"n_bands": 6, "band_width": 0.3})
     gen = torch.Generator().manual_seed(3)
     x, y = next(iter(exp.data.batches("train", cfg.score_batch, shuffle=True, generator=gen)))
@@ -75,7 +77,7 @@ def test_chosen_mask_has_lowest_loss(exp):
         xf = np.fft.ifft2(np.fft.ifftshift(spec, axes=(-2, -1))).real
         model.eval()
         with torch.no_grad():
-            losses.append(F.cross_entropy(model(torch.from_numpy(xf).float()), y).item())
+            losses.append(F.cross_entropy(head(pooled_features(model, torch.from_numpy(xf).float())), y).item())
     report = frequency_init(model, exp.data, exp.device, cfg, seed=3)  # scores the same model state
     np.testing.assert_allclose(report["losses"], losses, rtol=1e-4)
     assert len(set(np.round(losses, 6))) > 1

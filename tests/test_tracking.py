@@ -82,7 +82,7 @@ def _logged_run(uri: str, cfg: ExperimentConfig, test_acc: float, status: str = 
     for e in range(1, epochs + 1):
         lg.log_epoch({"phase": "search", "epoch": e, "val_acc": 0.1 * e, "alpha": [[0.7, 0.1, 0.1, 0.1]] * 2,
                       "policy": {0: "prepend", 1: "prepend"}})
-    lg.finish({"test_acc": test_acc, "tuned_params": 100 * cfg.prompts.length, "tuned_percent": 0.5,
+    lg.finish({"val_acc": test_acc, "test_acc": test_acc - 0.05, "tuned_params": 100 * cfg.prompts.length, "tuned_percent": 0.5,
                "cost_images": 1000, "policy": {0: "prepend", 1: "prepend"}}, status=status)
     return lg.run_id
 
@@ -97,17 +97,21 @@ def test_compare_groups_seeds_and_sorts(uri, tmp_path):
     arts = {x.path for x in client.list_artifacts(ids[0])}
     assert {"alpha_heatmap.png", "policy.json", "config.yaml"} <= arts  # heatmap logged at the last search epoch
     console = Console(record=True, width=200)
-    rows = compare_runs(tracking_uri=uri, experiment="cmp", metric="test_acc", out_dir=tmp_path, console=console)
+    rows = compare_runs(tracking_uri=uri, experiment="cmp", out_dir=tmp_path, console=console)  # val_acc
     assert [(r["label"], r["n"]) for r in rows] == [("search", 1), ("search", 3)]
     assert rows[0]["mean"] == pytest.approx(0.8) and rows[0]["tuned_params"] == 800
     assert rows[1]["mean"] == pytest.approx(0.6) and rows[1]["std"] == pytest.approx(0.1)
     assert sorted(rows[1]["run_ids"]) == sorted(ids)
     assert "0.6000 ± 0.1000" in console.export_text()
+    assert rows[1]["final_mean"] == pytest.approx(0.55) and rows[1]["final_n"] == 3  # final-stage runs: own test
     csv_lines = (tmp_path / "compare.csv").read_text().splitlines()
     assert len(csv_lines) == 3 and csv_lines[1].startswith("1,search,search,1,0.8")
     assert (tmp_path / "acc_vs_params.png").read_bytes()[:4] == b"\x89PNG"
     best = yaml.safe_load((tmp_path / "best_config.yaml").read_text())
     assert best["name"] == "b" and best["prompts"]["length"] == 8
+    shown = compare_runs(tracking_uri=uri, experiment="cmp", metric="test_acc", out_dir=tmp_path / "t", console=console)
+    assert [r["n"] for r in shown] == [1, 3] and not (tmp_path / "t" / "best_config.yaml").exists()  # test picks nothing
+    assert "selects nothing" in console.export_text()
 
 
 def test_config_hash_ignores_fields_that_cannot_change_a_result():

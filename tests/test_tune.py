@@ -30,7 +30,7 @@ PARAMS = {
 def write_space(folder: Path, name: str = "study", **fields) -> Path:
     """A space over the conftest tiny config (2-block 32-dim ViT, 16 px synthetic data, 2+2 epochs)."""
     space = {"name": name, "base": tiny_config().model_dump(mode="json"), "params": PARAMS, "num_samples": 4,
-             "max_concurrent_trials": 2, "seed": 7, "startup_trials": 2}
+             "max_concurrent_trials": 2, "seed": 7, "startup_trials": 2, "final": {"seeds": 0}}
     space.update(fields)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.yaml"
@@ -57,7 +57,7 @@ def tracking(tmp_path_factory) -> str:
 def study(ray_session, tmp_path_factory, tracking):
     """One 4-trial study (2 concurrent, TPE after 2 random trials), shared by several tests."""
     d = tmp_path_factory.mktemp("study")
-    space = write_space(d)
+    space = write_space(d, final={"seeds": 2})
     summary = run_tune(space, storage=str(d / "ray"), tracking_uri=tracking)
     return SimpleNamespace(dir=d, space=space, uri=tracking, summary=summary, s=summary.studies[0])
 
@@ -70,7 +70,7 @@ def test_study_trials_have_nested_mlflow_runs(study):
     client, parents, trials = trial_runs(study.uri, "study")
     assert len(parents) == 1 and parents[0].info.run_id == s.parent_run_id
     assert parents[0].data.params["param.search.arch_lr"].startswith("loguniform")
-    assert parents[0].data.metrics["best_test_acc"] == pytest.approx(s.best.value)
+    assert parents[0].data.metrics["best_val_acc"] == pytest.approx(s.best.value)
     by_name = {r.info.run_name: r for r in trials}
     assert sorted(by_name) == sorted(t.trial_id for t in s.trials)
     for t in s.trials:
@@ -84,8 +84,10 @@ def test_study_trials_have_nested_mlflow_runs(study):
         # per-epoch metrics with steps, final metrics equal to what Tune saw
         hist = client.get_metric_history(run.info.run_id, "search/val_acc")
         assert sorted(m.step for m in hist) == [1, 2]
-        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "retrain/test_acc")) == [1, 2]
-        assert run.data.metrics["test_acc"] == pytest.approx(t.value)
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "retrain/val_acc")) == [1, 2]
+        assert run.data.metrics["val_acc"] == pytest.approx(t.value)
+        assert not [k for k in run.data.metrics if "test" in k]  # a trial never reads test
+        assert run.data.tags["pfnas.stage"] == "select" and run.data.params["train.stage"] == "select"
         assert run.data.metrics["tuned_params"] == t.metrics["tuned_params"] > 0
         assert run.data.metrics["images_per_s"] > 0
         arts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -96,10 +98,35 @@ def test_study_trials_have_nested_mlflow_runs(study):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_finals_retrain_the_val_selected_trial_and_test_once(study):
+    s = study.s
+    client = make_client(study.uri)
+    exp = client.get_experiment_by_name("study")
+    finals = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("pfnas.kind") == "final"]
+    assert sorted(r.info.run_name for r in finals) == ["final s0", "final s1"]
+    policy = s.best.metrics["policy"].split(",")
+    for r in finals:
+        assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == s.parent_run_id
+        assert r.data.tags["pfnas.selected_trial"] == s.best.trial_id and r.data.tags["pfnas.stage"] == "final"
+        assert r.data.params["train.stage"] == "final" and json.loads(r.data.params["method.policy"]) == policy
+        hist = client.get_metric_history(r.info.run_id, "retrain/test_acc")
+        assert [m.step for m in hist] == [2]  # tested once, after the last epoch
+        assert not client.get_metric_history(r.info.run_id, "retrain/val_acc")  # val is trained on
+    accs = sorted(r.data.metrics["test_acc"] for r in finals)
+    assert sorted(s.finals.test_accs) == pytest.approx(accs) and len(s.finals.seeds) == 2
+    parent = client.get_run(s.parent_run_id)
+    assert parent.data.metrics["final_test_acc_mean"] == pytest.approx(sum(accs) / 2)
+    assert parent.data.metrics["final_n"] == 2
+    text = str(study.summary)
+    assert "selected on validation" in text and "final: test_acc" in text
+
+
 def test_best_config_is_the_best_trial(study):
     s = study.s
     assert s.best.value == max(t.value for t in s.trials)
     cfg = ExperimentConfig.model_validate(yaml.safe_load(s.best_config_path.read_text()))
+    assert cfg.train.stage == "final" and cfg.method.kind == "fixed"
+    assert cfg.method.policy == s.best.metrics["policy"].split(",")
     assert s.best_config_path == study.dir / "ray" / "study" / "best_config.yaml"
     assert cfg.search.arch_lr == pytest.approx(s.best.params["search.arch_lr"])
     assert cfg.prompts.length == s.best.params["prompts.length"]
@@ -121,17 +148,23 @@ def test_same_seed_same_configs_and_best(study, tmp_path):
 
 
 def test_compare_runs_on_study(study, tmp_path):
-    rows = compare_runs(tracking_uri=study.uri, experiment="study", metric="test_acc", out_dir=tmp_path)
+    rows = compare_runs(tracking_uri=study.uri, experiment="study", out_dir=tmp_path)  # default: val_acc
     assert len(rows) == 4  # one row per trial label (each trial has its own tuned values)
     assert [r["mean"] for r in rows] == sorted((t.value for t in study.s.trials), reverse=True)
     labels = {r["label"] for r in rows}
     assert len(labels) == 4 and all(lb.startswith("search [search.arch_lr=") for lb in labels)
     lines = (tmp_path / "compare.csv").read_text().splitlines()
-    assert len(lines) == 5 and lines[0].startswith("rank,label,method,n,test_acc_mean")
+    assert len(lines) == 5 and lines[0].startswith("rank,label,method,n,val_acc_mean,val_acc_std,final_test_acc_mean")
     assert (tmp_path / "acc_vs_params.png").read_bytes()[:4] == b"\x89PNG"
+    # the finals sit on the selected trial's row only
+    with_finals = [r for r in rows if r["final_n"]]
+    assert len(with_finals) == 1 and with_finals[0]["final_n"] == 2
+    assert with_finals[0]["final_mean"] == pytest.approx(sum(study.s.finals.test_accs) / 2)
     best = ExperimentConfig.model_validate(yaml.safe_load((tmp_path / "best_config.yaml").read_text()))
-    top = next(t for t in study.s.trials if best.name == f"study-{t.trial_id}")  # the config of row 1's run
-    assert top.value == rows[0]["mean"] and best.prompts.length == top.params["prompts.length"]
+    assert best.train.stage == "final" and best.method.policy == study.s.best.metrics["policy"].split(",")
+    assert best.prompts.length == study.s.best.params["prompts.length"]
+    shown = compare_runs(tracking_uri=study.uri, experiment="study", metric="select_val_acc", out_dir=tmp_path / "s")
+    assert len(shown) == 4
 
 
 def test_existing_study_needs_resume_and_resume_needs_a_study(study, tmp_path):
@@ -240,7 +273,7 @@ def test_kill_and_resume(ray_session, tmp_path, tracking):
     after = {t.trial_id: t for t in s.trials}
     assert set(before) <= set(after)
     for tid, last in before.items():  # finished trials are neither lost nor re-run
-        assert after[tid].value == last["test_acc"]
+        assert after[tid].value == last["val_acc"]
         assert after[tid].metrics["training_iteration"] == last["training_iteration"]
         assert after[tid].metrics["restored"] == 0
     second = next(t for t in s.trials if t.index == 2)
@@ -250,7 +283,7 @@ def test_kill_and_resume(ray_session, tmp_path, tracking):
     assert len(parents) == 1 and len(runs) == 3  # one MLflow run per trial, the resumed one reopened
     assert all(r.info.status == "FINISHED" for r in runs)
     run2 = next(r for r in runs if r.info.run_name == second.trial_id)
-    steps = [m.step for m in client.get_metric_history(run2.info.run_id, "retrain/test_acc")]
+    steps = [m.step for m in client.get_metric_history(run2.info.run_id, "retrain/val_acc")]
     assert sorted(set(steps)) == [1, 2, 3]
 
 
@@ -290,7 +323,7 @@ def test_study_against_mlflow_server(ray_session, tmp_path):
         assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
         assert {r.info.run_name for r in runs} == {t.trial_id for t in s.trials}
         for r in runs:
-            assert r.info.status == "FINISHED" and "test_acc" in r.data.metrics
+            assert r.info.status == "FINISHED" and "val_acc" in r.data.metrics
             assert "alpha_heatmap.png" in {a.path for a in client.list_artifacts(r.info.run_id)}
         assert list((tmp_path / "artifacts").rglob("alpha_heatmap.png"))  # stored by the server
     finally:
@@ -328,12 +361,18 @@ def test_grid_study_runs_every_variant_and_seed(ray_session, tmp_path, tracking)
     """algorithm: grid runs the cross product of variants x choices; compare averages the seeds."""
     space = write_space(tmp_path, "grid", algorithm="grid", num_samples=None, startup_trials=0,
                         variants=[{"method": {"kind": "search"}}, {"method.kind": "fixed", "method.op": "prepend"}],
-                        params={"seed": {"type": "choice", "values": [0, 1]}})
+                        params={"seed": {"type": "choice", "values": [0, 1]}}, final={"seeds": 1, "per_variant": True})
     s = run_tune(space, storage=str(tmp_path / "ray"), tracking_uri=tracking).studies[0]
     assert [t.status for t in s.trials] == ["TERMINATED"] * 4
+    # one final per variant: each variant's val-best trial, retrained on train+val and tested
+    assert sorted(f.label for f in s.variant_finals) == ["kind=fixed op=prepend", "kind=search"]
+    for f in s.variant_finals:
+        picked = next(t for t in s.trials if t.trial_id == f.trial_id)
+        group = [t for t in s.trials if t.params["variant"] == picked.params["variant"]]
+        assert picked.value == max(t.value for t in group) and len(f.test_accs) == 1
     assert sorted((t.params["variant"], t.params["seed"]) for t in s.trials) == [
         ("kind=fixed op=prepend", 0), ("kind=fixed op=prepend", 1), ("kind=search", 0), ("kind=search", 1)]
-    rows = compare_runs(tracking_uri=tracking, experiment="grid", metric="test_acc", out_dir=tmp_path / "cmp")
+    rows = compare_runs(tracking_uri=tracking, experiment="grid", out_dir=tmp_path / "cmp")
     assert sorted((r["label"], r["n"]) for r in rows) == [("fixed:prepend", 2), ("search", 2)]
     fixed = next(t for t in s.trials if t.params["variant"].startswith("kind=fixed"))
     assert fixed.metrics["policy"] == "prepend,prepend" and fixed.metrics["cost_images"] == 0
@@ -392,7 +431,7 @@ def test_cached_experiment_matches_fresh_build(tmp_path, one_thread):
     cached = run_trial_method(cfg, tmp_path / "b")
     assert _CACHE["backbone"][1] is backbone
     losses = lambda r: [h["train_loss"] for h in r["search_history"] + r["retrain_history"]]
-    assert losses(cached) == losses(fresh) and cached["test_acc"] == fresh["test_acc"]
+    assert losses(cached) == losses(fresh) and cached["test_acc"] == fresh["test_acc"] is not None
     assert cached["policy"] == fresh["policy"]
     other = run_trial_method(cfg.model_copy(update={"seed": 1}), tmp_path / "c")  # new seed: new random backbone
     assert _CACHE["backbone"][1] is not backbone and losses(other) != losses(fresh)
@@ -401,7 +440,7 @@ def test_cached_experiment_matches_fresh_build(tmp_path, one_thread):
 def test_compare_on_empty_experiment_is_a_clear_error(tmp_path, tracking):
     uri = tracking
     get_experiment_id(make_client(uri), "nothing", uri)
-    with pytest.raises(PfnasError, match="no finished pfnas runs with metric 'test_acc'"):
+    with pytest.raises(PfnasError, match="no finished pfnas runs with metric 'val_acc'"):
         compare_runs(tracking_uri=uri, experiment="nothing", out_dir=tmp_path / "cmp")
     with pytest.raises(PfnasError, match="experiment 'missing' not found"):
         compare_runs(tracking_uri=uri, experiment="missing", out_dir=tmp_path / "cmp")

@@ -1,0 +1,104 @@
+"""The selection protocol: trials score val and never read test; finals train on train+val and test once."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import pfnas.baselines as bl
+from conftest import tiny_config
+from pfnas.config import ConfigError, merge_dotted
+from pfnas.data import TaskData
+from pfnas.engine import Experiment, run_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Names of the splits every ``TaskData.batches`` call reads, in order."""
+    seen: list[str] = []
+    real = TaskData.batches
+
+    def spy(self, split, *a, **kw):
+        seen.append(split)
+        return real(self, split, *a, **kw)
+
+    monkeypatch.setattr(TaskData, "batches", spy)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def exp():
+    return Experiment.build(tiny_config())
+
+
+@pytest.mark.parametrize("method", [{"kind": "search"}, {"kind": "fixed", "op": "affine"}, {"kind": "probe"},
+                                    {"kind": "random", "samples": 2},
+                                    {"kind": "evolution", "population": 2, "sample_size": 1}])
+def test_select_stage_never_reads_test(exp, reads, tmp_path, method):
+    cfg = tiny_config(method=method, train={"stage": "select", "epochs": 2})
+    res = bl.run_method(cfg, tmp_path, exp=Experiment(cfg, exp.backbone, exp.data, exp.device))
+    assert "test" not in reads and "trainval" not in reads
+    assert res["test_acc"] is None and 0.0 <= res["val_acc"] <= 1.0
+    assert res["val_acc"] == res["retrain_history"][-1]["val_acc"]  # the retrained policy's score, not selection's
+    assert [h.get("val_acc") is not None for h in res["retrain_history"]] == [True, True]  # val curve per epoch
+
+
+def test_final_stage_trains_on_trainval_and_tests_once(exp, reads, tmp_path):
+    cfg = tiny_config(train={"epochs": 3})
+    res = run_experiment(cfg, tmp_path, exp=Experiment(cfg, exp.backbone, exp.data, exp.device))
+    assert reads.count("test") == 1 and "trainval" in reads
+    assert [("test_acc" in h) for h in res.retrain_history] == [False, False, True]
+    assert res.val_acc is None and res.test_acc == res.retrain_history[-1]["test_acc"]
+    reads.clear()
+    curve = merge_dotted(cfg, {"train.test_every": 1})  # opt-in test curve, for plots
+    run_experiment(curve, tmp_path / "curve", exp=Experiment(curve, exp.backbone, exp.data, exp.device))
+    assert reads.count("test") == 3
+
+
+def test_fixed_method_runs_an_explicit_policy(exp, tmp_path):
+    cfg = tiny_config(method={"kind": "fixed", "policy": ["cross_attn", "none"]}, train={"epochs": 1})
+    res = bl.run_method(cfg, tmp_path, exp=Experiment(cfg, exp.backbone, exp.data, exp.device))
+    assert res["policy"] == {"0": "cross_attn", "1": "none"}
+    bad = tiny_config(method={"kind": "fixed", "policy": ["add"]})
+    with pytest.raises(Exception, match="names 1 ops; the backbone has 2"):
+        bl.run_method(bad, tmp_path / "bad", exp=Experiment(bad, exp.backbone, exp.data, exp.device))
+    with pytest.raises(ConfigError, match="method.policy"):
+        merge_dotted(cfg, {"method.policy": ["prepend", "bogus"]})
+
+
+def test_no_shipped_space_selects_on_test():
+    from pfnas.tune import SpaceConfig, load_space, reads_test
+    from pfnas.config import read_yaml
+
+    spaces = sorted((REPO / "search_spaces").glob("*.yaml"))
+    assert len(spaces) >= 6
+    for path in spaces:
+        space = SpaceConfig.model_validate(read_yaml(path))
+        assert not reads_test(space.metric) and not reads_test(space.scheduler.metric), path.name
+        assert space.final.seeds >= 3, path.name
+        _, plans = load_space(path)
+        assert all(p.base.train.stage == "select" and p.base.train.test_every is None for p in plans), path.name
+
+
+@pytest.mark.parametrize("field,value", [("metric", "test_acc"), ("metric", "retrain/test_acc"),
+                                         ("scheduler", {"type": "asha", "metric": "test_loss"})])
+def test_space_selecting_on_test_is_refused(tmp_path, field, value):
+    import yaml
+
+    from pfnas.cli import main
+    from pfnas.tune import load_space
+
+    space = {"name": "s", "params": {"search.arch_lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
+             field: value}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(space))
+    with pytest.raises(ConfigError, match="reads the test split"):
+        load_space(path)
+    assert main(["tune", "--space", str(path)]) == 2
+    space.pop(field)
+    space["params"]["train.stage"] = {"type": "choice", "values": ["final"]}
+    path.write_text(yaml.safe_dump(space))
+    with pytest.raises(ConfigError, match="train.stage is set by the study"):
+        load_space(path)
