@@ -330,7 +330,8 @@ def _finish(exp: Experiment, out: Path, policy: dict[int, str], on_epoch: EpochC
            "budget_images": budget_images(exp.cfg, exp.data), "eval_images": 0, "history": [],
            **res, "val_acc": last.get("val_acc"), "test_acc": last.get("test_acc"), "tuned_params": tuned,
            "tuned_percent": 100.0 * tuned / backbone_param_count(exp.backbone),
-           "retrain_history": phase.history, "time_s": time.perf_counter() - t0}
+           "retrain_history": phase.history, "time_s": time.perf_counter() - t0,
+           "model_dir": str((out / "retrain").resolve())}
     (out / "result.json").write_text(json.dumps(res, indent=1, default=str))
     return res
 
@@ -349,7 +350,7 @@ def _run_search(exp: Experiment, out: Path, on_epoch, progress, t0) -> dict[str,
     res = {"method": "search", "seed": exp.cfg.seed, **r.to_json(), "select_val_acc": r.search_val_acc,
            "cost_images": cost["total"], "cost_step_s": sum(h["epoch_time_s"] for h in r.search_history), "cost_breakdown": cost, "budget_images": budget_images(exp.cfg, exp.data),
            "eval_images": exp.cfg.search.epochs * exp.data.num_images("val"), "history": r.search_history,
-           "time_s": time.perf_counter() - t0}
+           "time_s": time.perf_counter() - t0, "model_dir": str(out.resolve())}
     (out / "result.json").write_text(json.dumps(res, indent=1, default=str))
     return res
 

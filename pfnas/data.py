@@ -650,6 +650,22 @@ def vtab_views(img_size: int) -> dict[str, _View]:
     return {s: v for s in SPLITS}
 
 
+def eval_view(kind: str, img_size: int) -> _View:
+    """How ``kind``'s evaluation splits are decoded (vtab and synthetic: square resize; others: FGVC's)."""
+    return (vtab_views if kind in ("vtab", "synthetic") else fgvc_views)(img_size)["test"]
+
+
+def decode_images(paths: Sequence[str | Path], view: _View, workers: int | None = None) -> torch.Tensor:
+    """Decode image files into uint8 ``[N, 3, crop, crop]`` exactly as a split stored with ``view``."""
+    return _decode_splits({"images": [Path(p) for p in paths]}, {"images": view}, workers)["images"]
+
+
+def render_image(img: Image.Image, view: _View) -> torch.Tensor:
+    """One decoded PIL image -> uint8 ``[3, crop, crop]``, the same resize and crop as :func:`decode_images`."""
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    return torch.from_numpy(_render(_resized(img, view), view)).permute(2, 0, 1).contiguous()
+
+
 # --------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------

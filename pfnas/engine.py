@@ -504,6 +504,12 @@ def run_retrain(exp: Experiment, policy: dict | list, out_dir: str | Path, on_ep
     model = exp.fixed(policy)
     phase = RetrainPhase(exp.cfg, model, exp.data, exp.device, exp.pae(model), eval_every=eval_every)
     fit(phase, out / "retrain.pt", on_epoch, out / "log.jsonl", progress, stop_after)
+    if phase.epoch >= phase.epochs:  # finished: the self-contained model.safetensors + pfnas_model.json
+        from .export import export_model
+
+        last = phase.history[-1] if phase.history else {}
+        score = {k: last[k] for k in (f"{phase.eval_split}_acc", f"{phase.eval_split}_loss") if k in last}
+        export_model(out, model, exp.cfg, exp.data, score)
     return phase
 
 

@@ -339,6 +339,15 @@ class RunLogger:
             self.finish(status="FAILED", error=f"{type(e).__name__}: {e}")
             raise
 
+    def _log_model(self, model_dir: str | None) -> None:
+        """The retrain's export (``model.safetensors`` + ``pfnas_model.json``) as the artifact folder ``model/``,
+        so ``pfnas.load_model("runs:/<run_id>/model")`` rebuilds the model."""
+        from .export import EXPORT_FILES
+
+        files = [Path(model_dir) / f for f in EXPORT_FILES] if model_dir else []
+        if files and all(f.is_file() for f in files):
+            self._call("model logging", lambda: [self.client.log_artifact(self.run_id, str(f), "model") for f in files])
+
     def finish(self, result: dict[str, Any] | None = None, status: str = "FINISHED", error: str | None = None) -> None:
         """Final metrics (test_acc, tuned params/percent, cost, throughput), the policy, and the run status."""
         if result:
@@ -352,6 +361,7 @@ class RunLogger:
             if isinstance(result.get("policy"), dict):
                 policy = {str(k): v for k, v in result["policy"].items()}
                 self._call("artifact logging", lambda: self.client.log_dict(self.run_id, policy, "policy.json"))
+            self._log_model(result.get("model_dir"))
         else:
             self._flush()
         if error:

@@ -552,16 +552,21 @@ class StudySummary:
         for key in _short_names(self.param_keys):
             t.add_column(key.replace(".", ".\n"), no_wrap=True)
         t.add_column(self.metric.replace("_", "\n"), no_wrap=True)
+        entropy = any(finite_scalar(r.metrics.get("search/alpha_entropy")) for r in self.trials)
+        if entropy:  # mean normalised entropy of softmax(alpha) after the search: 1 = uniform, 0 = decided
+            t.add_column("H(α)", no_wrap=True)
         t.add_column("tuned\nparams", no_wrap=True)
         t.add_column("policy", overflow="fold", min_width=11)
         for r in self.trials:
             star = "*" if self.best is not None and r.trial_id == self.best.trial_id else ""
             policy = " ".join(_OP_ABBREV.get(op, op) for op in str(r.metrics.get("policy", "")).split(",") if op)
             tp = r.metrics.get("tuned_params")
+            h = r.metrics.get("search/alpha_entropy")
             t.add_row(str(r.index), r.trial_id + star, _STATUS.get(r.status, r.status),
                       *[Text(format_value(r.params.get(k, ""))) for k in self.param_keys],
-                      f"{r.value:.4f}" if r.value is not None else "-", f"{int(tp)}" if finite_scalar(tp) else "-",
-                      "-" if r.error else policy)
+                      f"{r.value:.4f}" if r.value is not None else "-",
+                      *([f"{h:.2f}" if finite_scalar(h) else "-"] if entropy else []),
+                      f"{int(tp)}" if finite_scalar(tp) else "-", "-" if r.error else policy)
         lines = ["policy per layer: pre=prepend add=add aff=affine xat=cross_attn; * best trial"]
         lines += [f"trial {r.trial_id} failed: {r.error}" for r in self.trials if r.error]
         if self.best is not None:
@@ -569,13 +574,13 @@ class StudySummary:
                          f"policy {self.best.metrics.get('policy', '?')}; config -> {self.best_config_path}")
             if self.finals is not None and self.finals.test_accs:
                 lines.append(f"final: {self.finals.describe()}")
+        else:
+            lines.append(f"no trial reported {self.metric}")
         for f in self.variant_finals:
             if f.test_accs:
                 mean, std = f.mean_std()
                 lines.append(f"final [{f.label}]: test_acc {mean:.4f} ± {std:.4f} (n={len(f.test_accs)}, "
                              f"trial {f.trial_id})")
-        else:
-            lines.append(f"no trial reported {self.metric}")
         lines.append(f"MLflow: {self.tracking_uri} experiment {self.mlflow_experiment!r} parent run {self.parent_run_id}")
         lines.append(f"Tune: {self.experiment_path}")
         lines += self.notes

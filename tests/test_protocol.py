@@ -102,3 +102,16 @@ def test_space_selecting_on_test_is_refused(tmp_path, field, value):
     path.write_text(yaml.safe_dump(space))
     with pytest.raises(ConfigError, match="train.stage is set by the study"):
         load_space(path)
+
+
+def test_demo_space_search_decides(tmp_path):
+    """The quick start shows a real search: at the low end of the demo's arch lr range, in softmax mode
+    (the slower of its two modes), alpha leaves uniform (mean normalised entropy <= 0.7)."""
+    from pfnas.engine import run_search
+    from pfnas.tune import load_space
+
+    space, (plan,) = load_space(REPO / "search_spaces" / "demo.yaml")
+    cfg = merge_dotted(plan.base, {"search.arch_lr": space.params["search.arch_lr"].low, "search.mode": "softmax"})
+    phase = run_search(Experiment.build(cfg), tmp_path)
+    entropy = [h["alpha_entropy"] for h in phase.history]
+    assert entropy[0] > entropy[-1] and entropy[-1] <= 0.7, entropy
