@@ -37,8 +37,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .config import ExperimentConfig, PfnasError, dump_config, merge_dotted
-from .engine import (EpochCallback, Experiment, Phase, backbone_param_count, evaluate, fit, lr_at,
+from .config import ExperimentConfig, PfnasError, config_hash, merge_dotted
+from .engine import (EpochCallback, Experiment, Phase, backbone_param_count, claim_run_dir, evaluate, fit, lr_at,
                      run_experiment, run_retrain)
 from .model import PromptedViT
 
@@ -223,7 +223,9 @@ class BudgetPhase(Phase):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             l, c = self._weight_step(x, y)
             loss_sum, correct, n = loss_sum + l, correct + c, n + y.numel()
+        self.check_finite()  # syncs the device, so the epoch time below is real
         dt = time.perf_counter() - t0
+        loss_sum, correct = float(loss_sum), int(correct)
         self.epoch += 1
         m: dict[str, Any] = {"phase": self.name, "epoch": self.epoch, "train_loss": loss_sum / max(n, 1),
                              "train_acc": correct / max(n, 1), "lr": self.lr, "epoch_time_s": dt,
@@ -270,20 +272,27 @@ class SharedPhase(BudgetPhase):
 
 
 # ----------------------------------------------------------------------------- state and helpers
-def _fingerprint(cfg: ExperimentConfig, **extra: Any) -> str:
+def _fingerprint(cfg: ExperimentConfig, **extra: Any) -> tuple[str, str]:
+    """(fingerprint, legacy fingerprint) of a selection loop: the config's result identity (with the seed,
+    see :func:`pfnas.config.config_hash`) plus ``extra``; the legacy one hashed every field but name/output_dir/device."""
     raw = cfg.model_dump(mode="json")
     for k in ("name", "output_dir", "device"):
         raw.pop(k, None)
-    return hashlib.sha1(json.dumps([raw, extra], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    legacy = hashlib.sha1(json.dumps([raw, extra], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    new = hashlib.sha1(json.dumps([config_hash(cfg, include_seed=True), extra], sort_keys=True,
+                                  default=str).encode()).hexdigest()[:16]
+    return new, legacy
 
 
-def _load_state(out: Path, fingerprint: str) -> dict[str, Any]:
+def _load_state(out: Path, fingerprint: tuple[str, str]) -> dict[str, Any]:
     path = out / "state.json"
     if not path.is_file():
-        return {"fingerprint": fingerprint}
+        return {"fingerprint": fingerprint[0]}
     st = json.loads(path.read_text())
-    if st.get("fingerprint") != fingerprint:
-        raise PfnasError(f"{out} holds a run with a different configuration; use another output folder")
+    if st.get("fingerprint") not in fingerprint:
+        raise PfnasError(f"{out} holds a run with a different configuration (or evolution cycles); rerun with the "
+                         f"same ones to resume it, or start fresh with another --out (or delete {out})")
+    st["fingerprint"] = fingerprint[0]
     return st
 
 
@@ -330,7 +339,7 @@ def _finish(exp: Experiment, out: Path, policy: dict[int, str], on_epoch: EpochC
            "budget_images": budget_images(exp.cfg, exp.data), "eval_images": 0, "history": [],
            **res, "val_acc": last.get("val_acc"), "test_acc": last.get("test_acc"), "tuned_params": tuned,
            "tuned_percent": 100.0 * tuned / backbone_param_count(exp.backbone),
-           "retrain_history": phase.history, "time_s": time.perf_counter() - t0,
+           "retrain_history": phase.history, **(phase.inference or {}), "time_s": time.perf_counter() - t0,
            "model_dir": str((out / "retrain").resolve())}
     (out / "result.json").write_text(json.dumps(res, indent=1, default=str))
     return res
@@ -479,10 +488,16 @@ def run_method(cfg: ExperimentConfig, out_dir: str | Path, on_epoch: EpochCallba
     Returns the dict also written to ``out_dir/result.json``: method, seed, policy, val_acc,
     test_acc, tuned_params, tuned_percent, cost_images, budget_images, eval_images, history, ...
     ``cycles`` caps the evolution cycles on top of the budget (None: budget only).
+
+    ``out_dir`` is locked for the call (a second process is refused with :class:`~pfnas.config.RunDirError`), and a
+    folder holding a run of another configuration is refused rather than resumed (see ``engine.claim_run_dir``).
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    with claim_run_dir(cfg, out_dir) as claim:  # one process per folder; resume only the same configuration
+        return _run_method(cfg, claim.path, on_epoch, progress, exp, cycles)
+
+
+def _run_method(cfg: ExperimentConfig, out: Path, on_epoch: EpochCallback | None, progress: bool,
+                exp: Experiment | None, cycles: int | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     exp = exp or Experiment.build(cfg)
     kind = cfg.method.kind

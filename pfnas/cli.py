@@ -67,12 +67,13 @@ def _out(cfg, out: Optional[Path], suffix: str = "") -> Path:
 @app.command()
 def search(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt):
     """Bilevel search only: writes policy.json, alpha.pt, search.pt and log.jsonl (resumes if present)."""
-    from .engine import Experiment, run_search
+    from .engine import Experiment, claim_run_dir, run_search
 
     cfg = _cfg(config, overrides)
     out_dir = _out(cfg, out)
-    exp = Experiment.build(cfg)
-    phase = run_search(exp, out_dir, progress=True)
+    with claim_run_dir(cfg, out_dir):  # locked; resumes only the same configuration
+        exp = Experiment.build(cfg)
+        phase = run_search(exp, out_dir, progress=True)
     console.print(f"policy: {json.dumps(phase.model.discretize())}")
     console.print(f"wrote {out_dir / 'policy.json'}")
 
@@ -132,14 +133,59 @@ def tune(space: Path = typer.Option(..., "--space", help="Search-space YAML (sea
 
 
 @app.command()
+def predict(images: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+            model: str = typer.Option(..., "--model", "-m", help="Export or run folder, or runs:/<id>/model, "
+                                                                 "models:/<name>/<version>."),
+            top_k: int = typer.Option(5, "--top-k", min=1, help="Classes shown per image."),
+            csv_out: Optional[Path] = typer.Option(None, "--csv", help="Also write path,rank,class,prob rows here."),
+            batch_size: int = typer.Option(64, "--batch-size", min=1),
+            device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+            backbone_checkpoint: Optional[Path] = typer.Option(None, "--backbone-checkpoint",
+                                                               help="The backbone checkpoint, when it moved."),
+            tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                                       help="MLflow store for runs:/ and models:/ URIs.")):
+    """Top-k classes of images with an exported model (decoded as the training data's evaluation split)."""
+    import csv
+
+    from rich.table import Table
+
+    from .engine import resolve_device
+    from .export import list_images, load_model, predict_files
+
+    paths = list_images(images)
+    net = load_model(model, device=resolve_device(device), tracking_uri=tracking_uri,
+                     backbone_checkpoint=backbone_checkpoint)
+    results = predict_files(net, paths, top_k=top_k, batch_size=batch_size)
+    if csv_out is not None:
+        csv_out.parent.mkdir(parents=True, exist_ok=True)
+        with open(csv_out, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "rank", "class", "prob"])
+            for p, top in results:
+                w.writerows([str(p), r, c, f"{q:.6g}"] for r, (c, q) in enumerate(top, 1))
+    table = Table(title=f"top-{min(top_k, len(net.classes))} of {len(results)} image(s)")
+    for col in ("image", "rank", "class", "prob"):
+        table.add_column(col, justify="right" if col in ("rank", "prob") else "left", overflow="fold")
+    for p, top in results:
+        for r, (c, q) in enumerate(top, 1):
+            table.add_row(str(p) if r == 1 else "", str(r), c, f"{q:.4f}", end_section=r == len(top))
+    console.print(table)
+    if csv_out is not None:
+        console.print(f"wrote {csv_out}")
+
+
+@app.command()
 def compare(experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment (default: all)."),
             tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
             metric: str = typer.Option("val_acc", "--metric", help="Ranking metric (a validation score; a test metric is shown but selects nothing)."),
-            out: Path = typer.Option(Path("compare"), "--out", "-o", help="Folder for CSV, plot and best YAML.")):
+            out: Path = typer.Option(Path("compare"), "--out", "-o", help="Folder for CSV, plot and best YAML."),
+            pareto: Optional[str] = typer.Option(None, "--pareto", help="Also draw the front of the metric against "
+                                                 "tuned_params or infer_ms_per_image (pareto.png, pareto.csv).")):
     """Table of runs from MLflow (rich + CSV), accuracy vs tuned-params plot, best config as YAML."""
     from .tracking import compare_runs
 
-    compare_runs(tracking_uri=tracking_uri, experiment=experiment, metric=metric, out_dir=out, console=console)
+    compare_runs(tracking_uri=tracking_uri, experiment=experiment, metric=metric, out_dir=out, console=console,
+                 pareto=pareto)
 
 
 @app.command()
@@ -152,13 +198,15 @@ def bench(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = S
           e2e: bool = typer.Option(False, "--e2e", help="Also run search+retrain+test on the config's task and "
                                                         "compare its wall time with its pure step time."),
           e2e_dir: Optional[Path] = typer.Option(None, "--e2e-dir", help="Keep the end-to-end run here."),
+          torch_compile: bool = typer.Option(False, "--compile", help="torch.compile each row's model first "
+                                                                      "(a row that fails to compile reports an error)."),
           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table as JSON here.")):
     """Images/s of frozen forward, VPT-deep, soft / single-path search and retrained-policy steps."""
     from .bench import run_bench
 
     cfg = _cfg(config, overrides)
     run_bench(cfg, batch_size=batch_size, steps=steps, warmup=warmup, out=out, console=console,
-              policy=policy, num_classes=num_classes, e2e=e2e, e2e_dir=e2e_dir)
+              policy=policy, num_classes=num_classes, e2e=e2e, e2e_dir=e2e_dir, torch_compile=torch_compile)
 
 
 @data_app.command("check")

@@ -31,7 +31,21 @@ class ModelError(PfnasError):
 
 
 class TrainingError(PfnasError):
-    """Training diverged (NaN/inf loss) or ran out of memory."""
+    """Training diverged (NaN/inf loss) or ran out of memory.
+
+    ``deterministic``: rerunning the same config fails the same way (a non-finite loss), so retrying is useless.
+    """
+
+    def __init__(self, message: str = "", deterministic: bool = False):
+        super().__init__(message)
+        self.deterministic = deterministic
+
+    def __reduce__(self):
+        return type(self), (str(self), self.deterministic)
+
+
+class RunDirError(PfnasError):
+    """An output folder that holds another configuration's run, or is in use by another process."""
 
 
 class _Strict(BaseModel):
@@ -126,6 +140,8 @@ class SearchConfig(_Strict):
     # so one epoch uses the val split once (VTAB-1k: every 4th step, search cost ~1.25x VPT-deep)
     unrolled_lr: float | None = None  # xi of the second-order step; None: current prompt lr
     entropy_weight: float = 0.0  # >0 pushes alpha to be decisive, <0 keeps it spread
+    cost_weight: float = Field(0.0, ge=0)  # lambda of the resource-aware arch loss: + lambda * E_alpha[cost]
+    cost: Literal["params", "latency"] = "params"  # per-op cost: deployed numbers, or measured step latency
     tau: TemperatureConfig = Field(default_factory=TemperatureConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
 
@@ -293,6 +309,52 @@ def merge_dotted(cfg: ExperimentConfig, params: dict[str, Any]) -> ExperimentCon
     for k, v in params.items():
         _set_path(raw, k, v)
     return validate(ExperimentConfig, raw)
+
+
+# ----------------------------------------------------------------------------- result identity
+# fields that cannot change a result: bookkeeping, and (below) eval cadence and fields a method does not read
+_HASH_EXCLUDE = ("name", "output_dir", "device")
+_BUDGET = ("budget_multiplier", "budget_images", "budget_seconds")
+_METHOD_FIELDS = {"search": (), "fixed": ("op", "policy"), "probe": (), "random": ("samples", "weight_sharing", *_BUDGET),
+                  "evolution": ("samples", "population", "sample_size", *_BUDGET)}
+
+
+def result_fields(cfg: ExperimentConfig, include_seed: bool = True) -> dict[str, Any]:
+    """The config as a dict of only what defines its result (no name/output_dir/device, eval cadence or fields
+    its method does not read); ``include_seed=False`` also drops the seed (seeds of one configuration)."""
+    d = cfg.model_dump(mode="json")
+    for k in _HASH_EXCLUDE + (() if include_seed else ("seed",)):
+        d.pop(k, None)
+    kind = cfg.method.kind
+    d["method"] = {"kind": kind, **{f: d["method"][f] for f in _METHOD_FIELDS[kind]}}
+    for k in ("eval_every", "test_every"):
+        d["train"].pop(k, None)
+    if kind in ("fixed", "probe"):
+        d.pop("search", None)
+    return d
+
+
+def config_hash(cfg: ExperimentConfig, include_seed: bool = False) -> str:
+    """Hash of :func:`result_fields`. Without the seed (default) runs that share it are seeds of one
+    configuration (MLflow tag ``pfnas.config_hash``); with it, an output folder resumes only a run it matches."""
+    import hashlib
+    import json
+
+    return hashlib.sha1(json.dumps(result_fields(cfg, include_seed), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def config_diff(a: ExperimentConfig, b: ExperimentConfig, limit: int = 3) -> str:
+    """``key: a -> b`` for the first ``limit`` result fields that differ (for one-line errors)."""
+    def flat(d: dict[str, Any], pre: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) and v else {f"{pre}{k}": v})
+        return out
+
+    fa, fb = flat(result_fields(a)), flat(result_fields(b))
+    keys = sorted(k for k in set(fa) | set(fb) if fa.get(k, "<unset>") != fb.get(k, "<unset>"))
+    parts = [f"{k}: {fa.get(k, '<unset>')} -> {fb.get(k, '<unset>')}" for k in keys[:limit]]
+    return ", ".join(parts) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:

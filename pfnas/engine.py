@@ -5,11 +5,14 @@ directly) through the ``on_epoch`` callback and the checkpoint files the engine 
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
+import threading
 import time
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from itertools import cycle
 from pathlib import Path
@@ -20,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ExperimentConfig, OptimConfig, PfnasError, TemperatureConfig, TrainingError, dump_config
+from .config import (ExperimentConfig, OptimConfig, PfnasError, RunDirError, TemperatureConfig, TrainingError,
+                     config_diff, config_hash, dump_config)
 from .data import TaskData, load_task
 from .model import PromptedViT, backbone_input, load_backbone, save_policy
 
@@ -96,42 +100,148 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def _check_finite(loss: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(loss):
-        raise TrainingError(f"non-finite loss ({loss.item()}) {where}; lower the learning rate")
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TaskData, split: str, batch_size: int, device: torch.device,
              precision: str = "auto") -> dict[str, float]:
     """Top-1 accuracy and mean loss of ``model`` on ``split``."""
     was_training = model.training
     model.eval()
-    n, correct, loss_sum = 0, 0, 0.0
+    n, correct, loss_sum = 0, torch.zeros((), device=device), torch.zeros((), device=device)
     for x, y in data.batches(split, batch_size):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, precision):
             logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")  # summed on the device: one sync below
+        correct += (logits.argmax(-1) == y).sum()
         n += y.numel()
     model.train(was_training)
-    return {"acc": correct / max(n, 1), "loss": loss_sum / max(n, 1)}
+    return {"acc": correct.item() / max(n, 1), "loss": loss_sum.item() / max(n, 1)}
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``path`` whole or not at all: a temporary file, then ``os.replace``. A failed write (disk full,
+    quota, I/O error) removes the temporary file, keeps the previous checkpoint and raises a one-line PfnasError."""
+    path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as RuntimeError
+        with suppress(OSError):
+            tmp.unlink()
+        why = (e.strerror or os.strerror(e.errno or errno.EIO)) if isinstance(e, OSError) else str(e).splitlines()[0]
+        raise PfnasError(f"cannot write checkpoint {path}: {why}; the previous checkpoint is kept") from None
+
+
+# ----------------------------------------------------------------------------- output folders
+RUN_MARKERS = ("result.json", "state.json")  # besides *.pt checkpoints: files a resumed run reads or returns
+_HELD: dict[str, list[Any]] = {}  # realpath -> [fd, depth, owner thread]: run folders this process holds
+_HELD_GUARD = threading.Lock()
+
+
+@dataclass
+class RunDirClaim:
+    """A held output folder. ``replaced``: it held another configuration's config.yaml but no training state."""
+
+    path: Path
+    replaced: bool = False
+
+
+def _has_run_state(out: Path) -> bool:
+    return any((out / f).is_file() for f in RUN_MARKERS) or next(out.rglob("*.pt"), None) is not None
+
+
+def _check_run_config(cfg: ExperimentConfig, out: Path) -> bool:
+    """Refuse a folder whose stored run has another configuration; True when a stale config.yaml without any
+    training state is simply replaced. Fields that cannot change a result (name, output_dir, device, eval cadence,
+    fields the method does not read) may differ: :func:`pfnas.config.config_hash` with the seed."""
+    import yaml
+
+    stored_path = out / "config.yaml"
+    if not stored_path.is_file():
+        return False
+    fresh = f"rerun with the same configuration to resume it, or start fresh with another --out (or delete {out})"
+    try:
+        stored = ExperimentConfig.model_validate(yaml.safe_load(stored_path.read_text()) or {})
+    except Exception:  # noqa: BLE001 - unreadable, edited or from an incompatible version
+        if not _has_run_state(out):
+            return True
+        raise RunDirError(f"{out} holds a run whose config.yaml cannot be read; {fresh}") from None
+    if config_hash(stored, include_seed=True) == config_hash(cfg, include_seed=True):
+        return False
+    if not _has_run_state(out):  # e.g. the last try stopped at a bad data path before training: nothing to lose
+        return True
+    raise RunDirError(f"{out} holds a run with a different configuration ({config_diff(stored, cfg)}); {fresh}")
+
+
+def _lock_dir(out: Path) -> int:
+    """``fcntl.flock`` on ``out/.lock`` (the kernel drops it when the process dies, so kill -9 leaves no stale lock)."""
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: no lock
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            os.close(fd)
+            raise
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise RunDirError(f"{out} is in use by another pfnas run{f' (pid {holder})' if holder.isdigit() else ''}; "
+                          "wait for it to end or use another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+@contextmanager
+def claim_run_dir(cfg: ExperimentConfig, out_dir: str | Path):
+    """Hold ``out_dir`` for one run: an exclusive lock (a second process is refused), then the stored
+    ``config.yaml`` must match ``cfg`` (resume) or the folder is refused; ``cfg`` is written as config.yaml.
+
+    Re-entrant within a thread (``run_method`` -> ``run_experiment`` on one folder). Yields a :class:`RunDirClaim`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(out)
+    me = threading.get_ident()
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None and held[2] != me:
+            raise RunDirError(f"{out} is in use by another run in this process; use another --out")
+        if held is not None:
+            held[1] += 1
+        else:
+            _HELD[key] = [_lock_dir(out), 1, me]
+    try:
+        replaced = _check_run_config(cfg, out)
+        dump_config(cfg, out / "config.yaml")
+        yield RunDirClaim(out, replaced)
+    finally:
+        with _HELD_GUARD:
+            held = _HELD[key]
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[key]
+                os.close(held[0])  # releases the flock
 
 
 # ----------------------------------------------------------------------------- phases
 class Phase:
-    """One resumable training phase (search or retrain); ``run_epoch`` returns that epoch's metrics."""
+    """One resumable training phase (search or retrain); ``run_epoch`` returns that epoch's metrics.
+
+    Steps do not wait for the device: losses and accuracies accumulate as device tensors, and the
+    finiteness of every loss is folded into a device flag that the host reads every ``finite_every``
+    steps and at the end of each epoch (before its checkpoint), so a NaN still fails the run with the
+    last good checkpoint kept.
+    """
 
     name = "phase"
     seed_offset = 0  # distinct data-order streams for search and retrain
+    finite_every = 50  # steps between host reads of the finiteness flag (and at every epoch end)
 
     def __init__(self, cfg: ExperimentConfig, model: PromptedViT, data: TaskData, device: torch.device,
                  epochs: int, optim: OptimConfig, train_split: str, extra_loss: Any = None):
@@ -148,6 +258,8 @@ class Phase:
         self.opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.seed_offset)
         self.history: list[dict[str, Any]] = []
+        self._finite: torch.Tensor | None = None  # AND of isfinite(loss) since the last host check
+        self._checked_at = 0
 
     @property
     def lr(self) -> float:
@@ -159,21 +271,37 @@ class Phase:
         loss = F.cross_entropy(logits.float(), y)
         return loss, logits
 
-    def _weight_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    def _track_finite(self, loss: torch.Tensor) -> None:
+        """Fold ``isfinite(loss)`` into the device flag (no host sync); read it every ``finite_every`` steps."""
+        ok = torch.isfinite(loss.detach())
+        self._finite = ok if self._finite is None else self._finite & ok
+        if self.finite_every and self.step - self._checked_at >= self.finite_every:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """One host sync: a TrainingError if any loss since the last check was NaN or inf."""
+        ok, self._finite = self._finite, None
+        first, self._checked_at = self._checked_at, self.step
+        if ok is not None and not bool(ok):
+            raise TrainingError(f"non-finite loss in {self.name} epoch {self.epoch + 1} (steps {first}-{self.step}); "
+                                "lower the learning rate", deterministic=True)
+
+    def _weight_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step; returns the batch's summed loss and correct count as device tensors (no sync)."""
         for g in self.opt.param_groups:
             g["lr"] = self.lr
         loss, logits = self._loss(x, y)
         total = loss
         if self.extra_loss is not None:
             total = total + self.extra_loss.loss(self.model)
-        _check_finite(total, f"in {self.name} epoch {self.epoch + 1} step {self.step}")
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         if self.optim_cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.weights, self.optim_cfg.grad_clip)
         self.opt.step()
         self.step += 1
-        return loss.item() * y.numel(), int((logits.argmax(-1) == y).sum())
+        self._track_finite(total)
+        return loss.detach() * y.numel(), (logits.detach().argmax(-1) == y).sum()
 
     def _train_batches(self):
         return self.data.batches(self.train_split, self.batch_size, shuffle=True, generator=self.gen,
@@ -219,6 +347,22 @@ class SearchPhase(Phase):
         model.tau = temperature(s.tau, 0.0)
         n_val = max(data.num_images("val"), 1)
         self.arch_every = s.arch_every or max(data.num_images("train") // n_val, 1)
+        self.costs = self._cost_table() if s.cost_weight > 0 else None
+
+    def _cost_table(self) -> torch.Tensor:
+        """[depth, n_ops] cost of each candidate, scaled so the costliest policy costs 1 (lambda is unitless)."""
+        s = self.cfg.search
+        if s.cost == "params":
+            table = self.model.param_costs()
+        else:  # measured once per backbone / device / batch and cached (pfnas bench --op-latency)
+            from .bench import op_latency_table
+
+            table = op_latency_table(self.cfg, self.model, self.device, self.batch_size)
+        return (table / table.max(-1).values.sum().clamp_min(1e-12)).to(self.device)
+
+    def expected_cost(self) -> torch.Tensor:
+        """E_alpha[cost] under softmax(alpha), in [0, 1] of the costliest policy (differentiable in alpha)."""
+        return (F.softmax(self.model.alpha, -1) * self.costs).sum()
 
     def state_dict(self):
         return {**super().state_dict(), "arch_opt": self.arch_opt.state_dict()}
@@ -232,19 +376,22 @@ class SearchPhase(Phase):
         if self.cfg.search.entropy_weight:
             p = F.softmax(self.model.alpha, -1)
             loss = loss + self.cfg.search.entropy_weight * -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+        if self.costs is not None:
+            loss = loss + self.cfg.search.cost_weight * self.expected_cost()
         return loss
 
-    def _arch_step(self, xt, yt, xv, yv) -> float:
+    def _arch_step(self, xt, yt, xv, yv) -> torch.Tensor:
+        """One alpha step on a val batch; returns its loss as a device tensor (no sync)."""
         alpha = self.model.alpha
         if self.cfg.search.order == 1:
             loss = self._arch_loss(xv, yv)
-            _check_finite(loss, f"in the arch step, epoch {self.epoch + 1}")
             self.arch_opt.zero_grad(set_to_none=True)
             alpha.grad = torch.autograd.grad(loss, alpha)[0]
         else:
             loss = self._second_order_grad(xt, yt, xv, yv)
         self.arch_opt.step()
-        return loss.item()
+        self._track_finite(loss)
+        return loss.detach()
 
     def _rng_get(self) -> tuple:
         """Torch CPU (and the model's CUDA device) RNG state: dropout masks and Gumbel noise."""
@@ -275,7 +422,6 @@ class SearchPhase(Phase):
                 w.sub_(xi * ((g if g is not None else 0) + wd * w))
         self._rng_set(rng)
         loss_v = self._arch_loss(xv, yv)
-        _check_finite(loss_v, f"in the unrolled arch step, epoch {self.epoch + 1}")
         grads = torch.autograd.grad(loss_v, [alpha] + ws, allow_unused=True)
         d_alpha, dw = grads[0], [g if g is not None else torch.zeros_like(w) for g, w in zip(grads[1:], ws)]
         eps = 0.01 / (torch.sqrt(sum((g.float() ** 2).sum() for g in dw)) + 1e-12)
@@ -316,7 +462,9 @@ class SearchPhase(Phase):
             finally:
                 self.model.alpha.requires_grad_(True)
             loss_sum, correct, n = loss_sum + l, correct + c, n + y.numel()
+        self.check_finite()  # syncs the device, so the epoch time below is real
         dt = time.perf_counter() - t0
+        loss_sum, correct, arch_loss_sum = float(loss_sum), int(correct), float(arch_loss_sum)
         self.epoch += 1
         val = evaluate(self.model, self.data, "val", self.cfg.data.eval_batch_size, self.device, self.cfg.precision)
         ent = self.model.alpha_entropy()
@@ -324,6 +472,7 @@ class SearchPhase(Phase):
              "train_acc": correct / max(n, 1), "val_acc": val["acc"], "val_loss": val["loss"],
              "arch_loss": arch_loss_sum / max(arch_steps, 1), "arch_steps": arch_steps, "tau": self.model.tau, "lr": self.lr,
              "alpha_entropy": sum(ent) / len(ent), "alpha_entropy_per_layer": ent,
+             **({"expected_cost": float(self.expected_cost().detach())} if self.costs is not None else {}),
              "alpha": self.model.alpha_probs().tolist(), "policy": self.model.discretize(),
              "epoch_time_s": dt, "images_per_s": n / max(dt, 1e-9)}
         self.history.append({k: v for k, v in m.items() if k != "alpha"})
@@ -361,7 +510,9 @@ class RetrainPhase(Phase):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             l, c = self._weight_step(x, y)
             loss_sum, correct, n = loss_sum + l, correct + c, n + y.numel()
+        self.check_finite()  # syncs the device, so the epoch time below is real
         dt = time.perf_counter() - t0
+        loss_sum, correct = float(loss_sum), int(correct)
         self.epoch += 1
         m: dict[str, Any] = {"phase": self.name, "epoch": self.epoch, "train_loss": loss_sum / max(n, 1),
                              "train_acc": correct / max(n, 1), "lr": self.lr, "epoch_time_s": dt,
@@ -472,10 +623,12 @@ class ExperimentResult:
     retrain_history: list[dict[str, Any]] = field(default_factory=list)
     search_time_s: float = 0.0
     retrain_time_s: float = 0.0
+    inference: dict[str, Any] | None = None  # measured eval throughput of the retrained policy
 
     def to_json(self) -> dict[str, Any]:
         d = self.__dict__.copy()
         d["policy"] = {str(k): v for k, v in self.policy.items()}
+        d.update(d.pop("inference") or {})
         return d
 
 
@@ -496,6 +649,32 @@ def run_search(exp: Experiment, out_dir: str | Path, on_epoch: EpochCallback | N
     return phase
 
 
+@torch.no_grad()
+def inference_throughput(model: nn.Module, data: TaskData, device: torch.device, precision: str, batch_size: int,
+                         steps: int = 5, warmup: int = 2) -> dict[str, Any]:
+    """Measured eval-mode forward throughput of ``model``: median of ``steps`` batches of ``batch_size``
+    images (from the first split, repeated to fill the batch), bracketed by device syncs."""
+    was = model.training
+    model.eval()
+    x = next(iter(data.batches(next(iter(data.splits)), batch_size)))[0]
+    x = x.repeat(-(-batch_size // x.shape[0]), 1, 1, 1)[:batch_size].to(device)  # a full batch on small splits
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with autocast(device, precision):
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    model.train(was)
+    sec = sorted(times)[len(times) // 2]
+    return {"infer_images_per_s": batch_size / sec, "infer_ms_per_image": 1e3 * sec / batch_size,
+            "infer_batch": batch_size, "infer_device": str(device)}
+
+
 def run_retrain(exp: Experiment, policy: dict | list, out_dir: str | Path, on_epoch: EpochCallback | None = None,
                 progress: bool = False, stop_after: int | None = None,
                 eval_every: int | None = None) -> RetrainPhase:
@@ -504,7 +683,10 @@ def run_retrain(exp: Experiment, policy: dict | list, out_dir: str | Path, on_ep
     model = exp.fixed(policy)
     phase = RetrainPhase(exp.cfg, model, exp.data, exp.device, exp.pae(model), eval_every=eval_every)
     fit(phase, out / "retrain.pt", on_epoch, out / "log.jsonl", progress, stop_after)
-    if phase.epoch >= phase.epochs:  # finished: the self-contained model.safetensors + pfnas_model.json
+    phase.inference = None
+    if phase.epoch >= phase.epochs:  # finished: measured inference, and the self-contained model files
+        phase.inference = inference_throughput(model, exp.data, exp.device, exp.cfg.precision,
+                                               min(exp.cfg.data.eval_batch_size, 128))
         from .export import export_model
 
         last = phase.history[-1] if phase.history else {}
@@ -516,9 +698,12 @@ def run_retrain(exp: Experiment, policy: dict | list, out_dir: str | Path, on_ep
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_epoch: EpochCallback | None = None,
                    progress: bool = False, exp: Experiment | None = None) -> ExperimentResult:
     """Search, discretize, retrain (on the splits of ``train.stage``) and score; resumes from ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    with claim_run_dir(cfg, out_dir) as claim:
+        return _run_experiment(cfg, claim.path, on_epoch, progress, exp)
+
+
+def _run_experiment(cfg: ExperimentConfig, out: Path, on_epoch: EpochCallback | None, progress: bool,
+                    exp: Experiment | None) -> ExperimentResult:
     exp = exp or Experiment.build(cfg)
     t0 = time.perf_counter()
     search = run_search(exp, out, on_epoch, progress)
@@ -534,6 +719,6 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_epoch: EpochCa
                            tuned_params=tuned,
                            tuned_percent=100.0 * tuned / backbone_param_count(exp.backbone),
                            search_history=search.history, retrain_history=retrain.history,
-                           search_time_s=t1 - t0, retrain_time_s=t2 - t1)
+                           search_time_s=t1 - t0, retrain_time_s=t2 - t1, inference=retrain.inference)
     (out / "result.json").write_text(json.dumps(res.to_json(), indent=1))
     return res

@@ -226,12 +226,24 @@ def _download(uri: str, dst: str, tracking_uri: str | None) -> Path:
     from .tracking import resolve_tracking_uri
 
     tracking = resolve_tracking_uri(tracking_uri)
+    registry = os.environ.get("MLFLOW_REGISTRY_URI") or tracking
+    # models:/ URIs are resolved through mlflow's global tracking/registry URIs, not the arguments below
+    env = {"MLFLOW_TRACKING_URI": tracking, "MLFLOW_REGISTRY_URI": registry,
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=tracking,
-                                                    registry_uri=tracking)
+                                                    registry_uri=registry)
     except Exception as e:  # noqa: BLE001 - unknown run, missing artifact, unreachable server
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise PfnasError(f"cannot download {uri} from MLflow at {tracking}: {first}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return Path(local)
 
 

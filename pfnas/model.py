@@ -362,6 +362,11 @@ class PromptedViT(nn.Module):
         head = sum(p.numel() for p in self.head.parameters())
         return head + sum(layer.ops[0].deployed_size(layer.prompts.shape[0], self.dim) for layer in self.layers)
 
+    def param_costs(self) -> torch.Tensor:
+        """[depth, n_ops] deployed numbers of each candidate op in each layer (the supernet's cost table)."""
+        return torch.tensor([[float(op.deployed_size(layer.prompts.shape[0], self.dim)) for op in layer.ops]
+                             for layer in self.layers])
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.backbone.eval()  # frozen backbone: dropout/droppath stay off, as in VPT
@@ -400,6 +405,8 @@ class PromptedViT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
         weights = self.op_weights() if self.alpha is not None else None
+        # single path: the host must know which op each layer runs; one sync for the whole net per step
+        path = weights.detach().argmax(-1).tolist() if weights is not None and self.mode == "gumbel" else None
         per_sample = self.training and self.prompt_dropout.p > 0
         for l, (block, layer) in enumerate(zip(self.backbone.blocks, self.layers)):
             p = layer.prompts  # eval: [M, D] shared by the batch; train: a dropout mask per sample
@@ -408,7 +415,7 @@ class PromptedViT(nn.Module):
             if weights is None:
                 x = layer.run_op(0, block, x, p, self.n_prefix)
             elif self.mode == "gumbel":
-                i = int(weights[l].argmax())  # single path: only the sampled op runs
+                i = path[l]  # only the sampled op runs
                 x = weights[l, i] * layer.run_op(i, block, x, p, self.n_prefix)
             else:
                 x = layer.run_mixed(block, x, p, self.n_prefix, weights[l])

@@ -14,8 +14,8 @@ Tags written on every pfnas run (and read back by :func:`compare_runs`):
 """
 from __future__ import annotations
 
+import contextlib
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import ExperimentConfig, PfnasError
+from .config import ExperimentConfig, PfnasError, config_hash  # noqa: F401 - config_hash: re-exported
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # a run's final metrics: val_acc (stage select) or test_acc (stage final) of the retrained policy, and the
 # score that selected its policy inside the method (search's supernet val, random/evolution's best candidate)
 FINAL_METRICS = ("test_acc", "val_acc", "select_val_acc", "tuned_params", "tuned_percent", "cost_images",
-                 "search_time_s", "retrain_time_s", "time_s")
-_HASH_EXCLUDE = ("seed", "name", "output_dir", "device")
+                 "search_time_s", "retrain_time_s", "time_s", "cost_step_s", "infer_images_per_s",
+                 "infer_ms_per_image")
 
 
 # ----------------------------------------------------------------------------- URIs and experiments
@@ -86,6 +86,26 @@ def get_experiment_id(client, name: str, tracking_uri: str) -> str:
         return exp.experiment_id
 
 
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """For an http(s) tracking URI, one quick ``/health`` request: a server that is down is a one-line PfnasError
+    in seconds (MLflow's own client retries with backoff for minutes). Any HTTP answer counts as up."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # it answers (auth, a proxy's own status...): let the MLflow client deal with it
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, ssl.SSLError):
+            return  # custom CA / client certificates: MLflow's own TLS settings apply
+        raise PfnasError(f"cannot reach MLflow at {uri}: {reason}; is the tracking server running?") from None
+
+
 def make_client(tracking_uri: str):
     from mlflow import MlflowClient
 
@@ -113,24 +133,8 @@ def config_params(cfg: ExperimentConfig) -> dict[str, str]:
             for k, v in flatten(cfg.model_dump(mode="json")).items()}
 
 
-# method fields each kind reads; the others (and the search section for fixed policies) cannot change a result
-_BUDGET = ("budget_multiplier", "budget_images", "budget_seconds")
-_METHOD_FIELDS = {"search": (), "fixed": ("op", "policy"), "probe": (), "random": ("samples", "weight_sharing", *_BUDGET),
-                  "evolution": ("samples", "population", "sample_size", *_BUDGET)}
-
-
-def config_hash(cfg: ExperimentConfig) -> str:
-    """Hash of what defines a configuration's result: no seed, bookkeeping, eval cadence or unused fields."""
-    d = cfg.model_dump(mode="json")
-    for k in _HASH_EXCLUDE:
-        d.pop(k, None)
-    kind = cfg.method.kind
-    d["method"] = {"kind": kind, **{f: d["method"][f] for f in _METHOD_FIELDS[kind]}}
-    for k in ("eval_every", "test_every"):
-        d["train"].pop(k, None)
-    if kind in ("fixed", "probe"):
-        d.pop("search", None)
-    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+# config_hash (pfnas.config): what defines a configuration's result, without seed, bookkeeping, eval cadence or
+# the fields its method does not read; runs that share it are seeds of one configuration
 
 
 def method_label(cfg: ExperimentConfig) -> str:
@@ -151,6 +155,18 @@ TEST_NAME = re.compile(r"(^|[/_.])test($|[/_.])")
 def reads_test(metric: str) -> bool:
     """True for a metric computed on the test split (``test_acc``, ``retrain/test_loss``...)."""
     return bool(TEST_NAME.search(metric))
+
+
+def pareto_front(points: list[list[float]], modes: list[str]) -> list[int]:
+    """Indices (ascending) of the non-dominated ``points``: no other point is at least as good in every
+    objective (``max``/``min`` per entry of ``modes``) and strictly better in one. Equal points are all kept."""
+    sign = [1.0 if m == "max" else -1.0 for m in modes]
+    keyed = [[s * v for s, v in zip(sign, p)] for p in points]
+
+    def dominates(a: list[float], b: list[float]) -> bool:
+        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+    return [i for i, p in enumerate(keyed) if not any(dominates(q, p) for j, q in enumerate(keyed) if j != i)]
 
 
 def format_value(v: Any) -> str:
@@ -189,29 +205,65 @@ def alpha_heatmap(alpha: list[list[float]], ops: list[str], title: str = "softma
 class RunLogger:
     """One MLflow run fed by the engine's epoch callback; never raises.
 
-    Any MLflow error (server down, locked database) logs one warning and pauses logging for
-    ``retry_s`` seconds; epoch metrics are buffered meanwhile and flushed when MLflow answers again.
+    Any MLflow error (server down or restarting, locked database) logs one warning and pauses MLflow calls for
+    ``retry_s`` seconds. Everything not sent yet (the run's creation and params, epoch metrics, tags, artifacts
+    given as data, the final status) waits in an ordered backlog, mirrored to ``<folder>/mlflow_buffer.jsonl``
+    when a run ``folder`` is given, and is replayed on the next successful call, at :meth:`finish` (a few short
+    tries) and by a later logger on the same folder (rerunning the command). Metric timestamps are kept, so a
+    replay never adds a point twice; a run reopened on resume skips metric points at steps it already has.
+    The run id is kept in ``<folder>/mlflow_run_id``.
+
     Pass ``run_id`` to continue an existing run (a resumed trial), or ``reuse_tags`` to continue the run
     under the same parent whose tags match (a trial retried before its first checkpoint).
     """
 
+    BUFFER = "mlflow_buffer.jsonl"
+    RUN_ID = "mlflow_run_id"
+
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, cfg: ExperimentConfig | None = None,
                  *, parent_run_id: str | None = None, run_id: str | None = None, tags: dict[str, str] | None = None,
-                 reuse_tags: dict[str, str] | None = None, retry_s: float = 60.0):
+                 reuse_tags: dict[str, str] | None = None, retry_s: float = 60.0, folder: str | Path | None = None,
+                 finish_tries: int = 3, finish_wait_s: float = 1.0):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail fast when a server is down
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.tracking_uri, self.experiment, self.run_name, self.cfg = tracking_uri, experiment, run_name, cfg
         self.parent_run_id, self.run_id, self.retry_s = parent_run_id, run_id, retry_s
+        self.finish_tries, self.finish_wait_s = finish_tries, finish_wait_s
         self.tags = dict(tags or {})
         self.reuse_tags = dict(reuse_tags or {})
+        self.folder = Path(folder) if folder is not None else None
         self.client = None
-        self._pending: list[Any] = []
+        self._ready = False  # the run exists (created with its params, or reopened) in this process
+        self._need_params = False  # created, but its params / config.yaml are not logged yet
+        self._seen_steps: dict[str, int] = {}  # reopened run: latest step of each metric already logged
+        self._ops: list[dict[str, Any]] = []  # backlog, in order
+        self._journaled = False
         self._paused_until = 0.0
         self._warned = False
         self._alpha: list[list[float]] | None = None
         self._heatmap_logged = False
         self._throughput: dict[str, list[float]] = {}
+        if self.folder is not None:
+            rid, buf = self.folder / self.RUN_ID, self.folder / self.BUFFER
+            if self.run_id is None and rid.is_file():
+                self.run_id = rid.read_text().strip() or None
+            if buf.is_file():  # left by an earlier process that could not reach MLflow
+                self._journaled = True
+                for line in buf.read_text().splitlines():
+                    try:
+                        self._ops.append(json.loads(line))
+                    except json.JSONDecodeError:  # a torn last line
+                        pass
         self._ensure_run()
+        self._drain()
+
+    @property
+    def _pending(self) -> list[dict[str, Any]]:
+        return self._ops
+
+    @property
+    def buffer_path(self) -> Path | None:
+        return self.folder / self.BUFFER if self.folder is not None else None
 
     # --- plumbing
     def _ok(self) -> bool:
@@ -226,7 +278,7 @@ class RunLogger:
                         what, self.run_name, first)
 
     def _call(self, what: str, fn) -> bool:
-        """Run ``fn()`` (which may use ``self.client``/``self.run_id``) unless MLflow is paused."""
+        """Run ``fn()`` (which may use ``self.client``/``self.run_id``) unless MLflow is paused; not buffered."""
         if not self._ok() or not self._ensure_run():
             return False
         try:
@@ -236,10 +288,28 @@ class RunLogger:
             self._fail(what, e)
             return False
 
-    def _ensure_run(self) -> bool:
-        if self.run_id is not None and self.client is not None:
+    def _save_run_id(self) -> None:
+        if self.folder is not None and self.run_id:
+            with contextlib.suppress(OSError):
+                self.folder.mkdir(parents=True, exist_ok=True)
+                (self.folder / self.RUN_ID).write_text(self.run_id)
+
+    def _attach(self, run_id: str) -> None:
+        """Continue ``run_id``: note the steps it already has (never logged twice), mark it RUNNING."""
+        run = self.client.get_run(run_id)
+        seen: dict[str, int] = {}
+        for m in getattr(run.data, "_metric_objs", None) or []:  # latest point of each metric: its largest step
+            seen[m.key] = max(seen.get(m.key, m.step), m.step)
+        self._seen_steps = seen
+        if run.info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        self.run_id, self._ready = run_id, True
+        self._save_run_id()
+
+    def _ensure_run(self, force: bool = False) -> bool:
+        if self._ready:
             return True
-        if not self._ok():
+        if not force and not self._ok():
             return False
         from mlflow.exceptions import MlflowException
 
@@ -247,65 +317,126 @@ class RunLogger:
             from mlflow.entities import Param
 
             self.client = self.client or make_client(self.tracking_uri)
-            if self.run_id is not None:  # resumed: reopen the run, params are already there
+            if self.run_id is not None and not self._need_params:  # resumed: reopen the run
                 try:
-                    self.client.update_run(self.run_id, status="RUNNING")
+                    self._attach(self.run_id)
                     return True
                 except MlflowException as e:
                     if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                         raise
                     self.run_id = None  # the run lives in another store: start a new one here
-            exp_id = get_experiment_id(self.client, self.experiment, self.tracking_uri)
-            if self.reuse_tags:
-                match = dict(self.reuse_tags, **({"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}))
-                flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in match.items())
-                found = self.client.search_runs([exp_id], filter_string=flt, max_results=1,
-                                                order_by=["attributes.start_time DESC"])
-                if found:
-                    self.run_id = found[0].info.run_id
-                    self.client.update_run(self.run_id, status="RUNNING")
-                    return True
-            tags = dict(self.tags)
-            if self.parent_run_id:
-                tags["mlflow.parentRunId"] = self.parent_run_id
-            if self.cfg is not None:
-                tags.setdefault("pfnas.label", method_label(self.cfg))
-                tags.setdefault("pfnas.method", self.cfg.method.kind)
-                tags.setdefault("pfnas.config_hash", config_hash(self.cfg))
-                tags.setdefault("pfnas.stage", self.cfg.train.stage)  # select: scored on val; final: on test
-            run = self.client.create_run(exp_id, tags=tags, run_name=self.run_name)
-            self.run_id = run.info.run_id
-            if self.cfg is not None:
+            if self.run_id is None:
+                exp_id = get_experiment_id(self.client, self.experiment, self.tracking_uri)
+                if self.reuse_tags:
+                    match = dict(self.reuse_tags, **({"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}))
+                    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in match.items())
+                    found = self.client.search_runs([exp_id], filter_string=flt, max_results=1,
+                                                    order_by=["attributes.start_time DESC"])
+                    if found:
+                        self._attach(found[0].info.run_id)
+                        return True
+                tags = dict(self.tags)
+                if self.parent_run_id:
+                    tags["mlflow.parentRunId"] = self.parent_run_id
+                if self.cfg is not None:
+                    tags.setdefault("pfnas.label", method_label(self.cfg))
+                    tags.setdefault("pfnas.method", self.cfg.method.kind)
+                    tags.setdefault("pfnas.config_hash", config_hash(self.cfg))
+                    tags.setdefault("pfnas.stage", self.cfg.train.stage)  # select: scored on val; final: on test
+                run = self.client.create_run(exp_id, tags=tags, run_name=self.run_name)
+                self.run_id, self._need_params, self._seen_steps = run.info.run_id, self.cfg is not None, {}
+                self._save_run_id()
+            if self._need_params:  # retried until logged: a run never ends up without its config
                 params = [Param(k, v) for k, v in config_params(self.cfg).items()]
                 for i in range(0, len(params), 100):
                     self.client.log_batch(self.run_id, params=params[i:i + 100])
                 self.client.log_dict(self.run_id, self.cfg.model_dump(mode="json"), "config.yaml")
+                self._need_params = False
+            self._ready = True
             return True
         except Exception as e:  # noqa: BLE001
             self._fail("run creation", e)
             return False
 
-    def _flush(self) -> None:
-        if self._pending and self._call("metric logging", self._log_pending):
-            self._pending = []
+    def _journal_write(self) -> None:
+        """Mirror the backlog to the run folder (atomically), or remove the file once it is empty."""
+        path = self.buffer_path
+        if path is None or (not self._ops and not self._journaled):
+            return
+        try:
+            if not self._ops:
+                path.unlink(missing_ok=True)
+                self._journaled = False
+                return
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(op) + "\n" for op in self._ops))
+            os.replace(tmp, path)
+            self._journaled = True
+        except OSError as e:  # a full disk must not stop training either
+            log.debug("cannot write %s: %s", path, e)
 
-    def _log_pending(self) -> None:
-        for i in range(0, len(self._pending), 500):
-            self.client.log_batch(self.run_id, metrics=self._pending[i:i + 500])
-
-    def log_metrics(self, metrics: dict[str, Any], step: int = 0) -> None:
-        """Buffer finite scalars and try to send everything buffered."""
+    def _apply(self, op: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
+        kind = op["op"]
+        if kind == "metrics":
+            ms = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in op["m"]
+                  if int(step) > self._seen_steps.get(k, -1)]
+            for i in range(0, len(ms), 500):
+                self.client.log_batch(self.run_id, metrics=ms[i:i + 500])
+                for m in ms[i:i + 500]:  # one point per metric and step: a rerun's repeats are skipped
+                    self._seen_steps[m.key] = max(self._seen_steps.get(m.key, m.step), m.step)
+        elif kind == "tag":
+            self.client.set_tag(self.run_id, op["key"], op["value"])
+        elif kind == "dict":
+            self.client.log_dict(self.run_id, op["obj"], op["path"])
+        elif kind == "heatmap":
+            fig = alpha_heatmap(op["alpha"], op["ops"], op["title"])
+            self.client.log_figure(self.run_id, fig, "alpha_heatmap.png")
+            self.client.log_dict(self.run_id, {"ops": op["ops"], "alpha": op["alpha"]}, "alpha.json")
+        elif kind == "artifacts":  # local files (the retrain's export) into one artifact folder
+            for f in op["files"]:
+                if Path(f).is_file():
+                    self.client.log_artifact(self.run_id, f, op["path"])
+        elif kind == "status":
+            self.client.set_terminated(self.run_id, op["status"])
+
+    def _drain(self, force: bool = False) -> bool:
+        """Send the backlog in order. False when MLflow failed: the rest stays queued (and on disk)."""
+        if not self._ops:
+            return True
+        if not self._ensure_run(force):
+            self._journal_write()
+            return False
+        sent, ok = 0, True
+        try:
+            for op in self._ops:
+                self._apply(op)
+                sent += 1
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            self._fail(f"{self._ops[sent].get('op', '?')} logging", e)
+            ok = False
+        del self._ops[:sent]
+        self._journal_write()
+        return ok
+
+    def _submit(self, op: dict[str, Any]) -> bool:
+        self._ops.append(op)
+        return self._drain()
+
+    def log_metrics(self, metrics: dict[str, Any], step: int = 0) -> None:
+        """Queue finite scalars at ``step`` and try to send everything queued."""
         ts = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if finite_scalar(v)]
-        self._flush()
+        ms = [[k, float(v), ts, int(step)] for k, v in metrics.items() if finite_scalar(v)]
+        if ms:
+            self._submit({"op": "metrics", "m": ms})
 
     # --- engine callbacks
     def log_epoch(self, m: dict[str, Any]) -> None:
         """``on_epoch`` metrics: scalars as ``<phase>/<name>`` at ``step=epoch``; alpha heatmap at search end."""
         phase = str(m.get("phase", "run"))
-        step = int(m.get("epoch", 0))
+        step = int(m.get("epoch", m.get("candidate", 0)))  # random/evolution report once per candidate
         self.log_metrics({f"{phase}/{k}": v for k, v in m.items() if k not in ("phase", "epoch")}, step)
         if finite_scalar(m.get("images_per_s")):
             self._throughput.setdefault(phase, []).append(float(m["images_per_s"]))
@@ -321,11 +452,8 @@ class RunLogger:
         title = "softmax(alpha)"
         if isinstance(policy, dict):
             title += "  policy: " + " ".join(str(v)[:4] for _, v in sorted(policy.items(), key=lambda kv: int(kv[0])))
-        fig = alpha_heatmap(self._alpha, ops, title)
-        if self._call("figure logging", lambda: self.client.log_figure(self.run_id, fig, "alpha_heatmap.png")):
-            self._heatmap_logged = True
-            alpha = {"ops": ops, "alpha": self._alpha}
-            self._call("artifact logging", lambda: self.client.log_dict(self.run_id, alpha, "alpha.json"))
+        self._heatmap_logged = True  # queued: drawn and sent (with alpha.json) when MLflow answers
+        self._submit({"op": "heatmap", "alpha": self._alpha, "ops": ops, "title": title})
 
     @contextmanager
     def recording(self):
@@ -346,7 +474,7 @@ class RunLogger:
 
         files = [Path(model_dir) / f for f in EXPORT_FILES] if model_dir else []
         if files and all(f.is_file() for f in files):
-            self._call("model logging", lambda: [self.client.log_artifact(self.run_id, str(f), "model") for f in files])
+            self._submit({"op": "artifacts", "files": [str(f) for f in files], "path": "model"})
 
     def finish(self, result: dict[str, Any] | None = None, status: str = "FINISHED", error: str | None = None) -> None:
         """Final metrics (test_acc, tuned params/percent, cost, throughput), the policy, and the run status."""
@@ -360,13 +488,21 @@ class RunLogger:
             self._log_heatmap(result.get("policy"))
             if isinstance(result.get("policy"), dict):
                 policy = {str(k): v for k, v in result["policy"].items()}
-                self._call("artifact logging", lambda: self.client.log_dict(self.run_id, policy, "policy.json"))
+                self._submit({"op": "dict", "obj": policy, "path": "policy.json"})
             self._log_model(result.get("model_dir"))
-        else:
-            self._flush()
         if error:
-            self._call("tag logging", lambda: self.client.set_tag(self.run_id, "pfnas.error", error[:5000]))
-        self._call("run termination", lambda: self.client.set_terminated(self.run_id, status))
+            self._submit({"op": "tag", "key": "pfnas.error", "value": error[:5000]})
+        self._submit({"op": "status", "status": status})
+        # MLflow may be back (a restarted server) before the pause ends: a few short tries, then keep the backlog
+        for _ in range(self.finish_tries if status == "FINISHED" else 1):
+            if not self._ops or self._drain(force=True):
+                break
+            time.sleep(self.finish_wait_s)
+        if self._ops:
+            where = (f"kept in {self.buffer_path}; rerun the same command to send them" if self.buffer_path
+                     else "not logged")
+            log.warning("MLflow at %s is unreachable: %d record(s) of run %s %s", self.tracking_uri, len(self._ops),
+                        self.run_name, where)
 
 
 def run_logged(cfg: ExperimentConfig, out_dir: str | Path, *, tracking_uri: str | None = None,
@@ -374,24 +510,26 @@ def run_logged(cfg: ExperimentConfig, out_dir: str | Path, *, tracking_uri: str 
     """``baselines.run_method`` logged as one top-level MLflow run (``pfnas.kind=run``).
 
     The run id is kept in ``out_dir/mlflow_run_id``, so rerunning the command after a crash resumes the
-    experiment from its checkpoints and continues the same MLflow run. ``experiment`` defaults to
+    experiment from its checkpoints and continues the same MLflow run; what MLflow could not take (server
+    down or restarting) waits in ``out_dir/mlflow_buffer.jsonl`` and is sent then. ``experiment`` defaults to
     ``<cfg.name>-<data.task>`` (or ``cfg.name``), so seeds and methods of one task land side by side.
+    The folder is claimed first (lock, same configuration), so a refused rerun never touches the old MLflow run.
     """
     from .baselines import run_method
+    from .engine import claim_run_dir
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(tracking_uri)
     exp_name = experiment or (f"{cfg.name}-{cfg.data.task}" if cfg.data.task else cfg.name)
-    rid = out / "mlflow_run_id"
-    logger = RunLogger(uri, exp_name, f"{method_label(cfg)}-seed{cfg.seed}", cfg,
-                       run_id=rid.read_text().strip() if rid.is_file() else None,
-                       tags={"pfnas.kind": "run", "pfnas.task": str(cfg.data.task or cfg.data.kind)})
-    if logger.run_id:  # created (or reopened) in the constructor
-        rid.write_text(logger.run_id)
-    with logger.recording():
-        res = run_method(cfg, out, on_epoch=logger.log_epoch, progress=progress, **kw)
-    logger.finish(res)
+    with claim_run_dir(cfg, out_dir) as claim:
+        out = claim.path
+        if claim.replaced:  # the folder's earlier try (another config) never trained: its MLflow run is not ours
+            for f in (RunLogger.RUN_ID, RunLogger.BUFFER):
+                (out / f).unlink(missing_ok=True)
+        logger = RunLogger(uri, exp_name, f"{method_label(cfg)}-seed{cfg.seed}", cfg, folder=out,
+                           tags={"pfnas.kind": "run", "pfnas.task": str(cfg.data.task or cfg.data.kind)})
+        with logger.recording():
+            res = run_method(cfg, out, on_epoch=logger.log_epoch, progress=progress, **kw)
+        logger.finish(res)
     return res
 
 
@@ -434,6 +572,8 @@ def collect_rows(tracking_uri: str | None, experiment: str | None, metric: str) 
     config as selected (tag ``pfnas.selected``), or for a final-stage ``pfnas run`` its own ``test_acc``.
     """
     uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a server that dies mid-way: seconds, not minutes
     client = make_client(uri)
     try:
         if experiment:
@@ -467,6 +607,7 @@ def collect_rows(tracking_uri: str | None, experiment: str | None, metric: str) 
                           "final_stage": tags.get("pfnas.stage") == "final",
                           "tuned_params": metrics.get("tuned_params"), "tuned_percent": metrics.get("tuned_percent"),
                           "cost_images": metrics.get("cost_images"), "study": tags.get("pfnas.study", ""),
+                          "infer_ms_per_image": metrics.get("infer_ms_per_image"),
                           "artifact_uri": run.info.artifact_uri})
     rows = []
     for g in groups.values():
@@ -480,11 +621,43 @@ def collect_rows(tracking_uri: str | None, experiment: str | None, metric: str) 
         rows.append({**g, "n": len(runs), "mean": mean, "std": std, "final_mean": fmean, "final_std": fstd,
                      "final_n": len(tests), "final_run_ids": [f["run_id"] for f in fin], "tuned_params": _avg(runs, "tuned_params"),
                      "tuned_percent": _avg(runs, "tuned_percent"), "cost_images": _avg(runs, "cost_images"),
+                     "infer_ms_per_image": _avg(runs, "infer_ms_per_image"),
                      "best_run_id": best["run_id"], "run_ids": [r["run_id"] for r in runs],
                      "study": ",".join(sorted({r["study"] for r in runs if r["study"]}))})
     sign = 1 if "loss" not in metric else -1  # ties: the study's own selection (it has finals), then fewer params
     rows.sort(key=lambda r: (sign * r["mean"], r["final_n"] > 0, -(r["tuned_params"] or 0)), reverse=True)
     return rows
+
+
+def pareto_figure(points: list[tuple[float, float]], front: list[int], labels: list[str], xlabel: str, ylabel: str,
+                  title: str, baseline: list[bool] | None = None):
+    """Scatter of (x, y) points with the Pareto front drawn as a step line; ``baseline`` points (single-op
+    policies, the probe) are drawn as squares with their labels, the rest as dots. Returns the figure."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 5), dpi=110)
+    ax = fig.add_subplot()
+    baseline = baseline or [False] * len(points)
+    for kind, marker, color in ((False, "o", "tab:blue"), (True, "s", "tab:orange")):
+        idx = [i for i in range(len(points)) if baseline[i] == kind and i not in front]
+        ax.scatter([points[i][0] for i in idx], [points[i][1] for i in idx], marker=marker, color=color, alpha=0.45,
+                   label=("single-op / probe" if kind else "trials / configurations"))
+    fr = sorted(front, key=lambda i: points[i][0])
+    ax.step([points[i][0] for i in fr], [points[i][1] for i in fr], where="post", color="tab:red", alpha=0.6)
+    ax.scatter([points[i][0] for i in fr], [points[i][1] for i in fr], color="tab:red", zorder=3, label="Pareto front")
+    for i, lab in enumerate(labels):
+        if baseline[i] or i in front:
+            ax.annotate(lab[:28], points[i], textcoords="offset points", xytext=(4, 3), fontsize=7)
+    xs = [p[0] for p in points if p[0] > 0]
+    if xs and max(xs) > 20 * min(xs):
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def _plot(rows: list[dict[str, Any]], metric: str, path: Path, legend_max: int = 20) -> None:
@@ -512,14 +685,35 @@ def _plot(rows: list[dict[str, Any]], metric: str, path: Path, legend_max: int =
     fig.savefig(path)
 
 
+def _pareto(rows: list[dict[str, Any]], metric: str, cost: str, out: Path, where: str) -> None:
+    """Front of (``metric``, ``cost``) over the rows that have both; writes pareto.png and pareto.csv."""
+    have = [r for r in rows if r.get(cost) is not None]
+    if not have:
+        raise PfnasError(f"no configuration logged {cost!r}; --pareto takes tuned_params or infer_ms_per_image")
+    front = pareto_front([[r["mean"], r[cost]] for r in have], ["min" if "loss" in metric else "max", "min"])
+    for i, r in enumerate(have):
+        r["pareto"] = i in front
+    base = [r["label"].startswith(("fixed:", "probe")) for r in have]
+    fig = pareto_figure([(r[cost], r["mean"]) for r in have], front, [r["label"] for r in have],
+                        cost.replace("_", " "), metric, f"{metric} vs {cost} ({where})", base)
+    fig.savefig(out / "pareto.png")
+    with open(out / "pareto.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", f"{metric}_mean", cost, "final_test_acc_mean", "pareto", "config_hash"])
+        for r in sorted(have, key=lambda r: r[cost]):
+            w.writerow([r["label"], r["mean"], r[cost], r["final_mean"], r["pareto"], r["config_hash"]])
+
+
 def compare_runs(tracking_uri: str | None = None, experiment: str | None = None, metric: str = "val_acc",
-                 out_dir: str | Path = "compare", console=None) -> list[dict[str, Any]]:
+                 out_dir: str | Path = "compare", console=None, pareto: str | None = None) -> list[dict[str, Any]]:
     """Table of logged pfnas runs ranked by ``metric`` (mean +- std over seeds of one config), with each
     configuration's final test accuracy (its study finals, or a final-stage run's own test) beside it.
 
     Writes ``compare.csv``, ``acc_vs_params.png`` and ``best_config.yaml`` (the top row's final config when
     it has finals, else its own) to ``out_dir``. A test metric may be shown but never picks a best config.
-    Loss-like metrics (name containing ``loss``) sort ascending.
+    Loss-like metrics (name containing ``loss``) sort ascending. ``pareto`` (``tuned_params`` or
+    ``infer_ms_per_image``) also writes ``pareto.png`` / ``pareto.csv``: the front of ``metric`` against that
+    cost over every configuration, single-op baselines marked; rows get ``pareto: True`` when on it.
     """
     rows = collect_rows(tracking_uri, experiment, metric)
     where = f"experiment {experiment!r}" if experiment else "any experiment"
@@ -540,6 +734,8 @@ def compare_runs(tracking_uri: str | None = None, experiment: str | None = None,
                         r["final_n"], r["tuned_params"], r["tuned_percent"], r["cost_images"], r["study"],
                         r["config_hash"], r["best_run_id"], " ".join(r["run_ids"])])
     _plot(rows, metric, out / "acc_vs_params.png")
+    if pareto:
+        _pareto(rows, metric, pareto, out, where)
     best_cfg = None
     bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"

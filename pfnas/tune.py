@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +34,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.tune.search.optuna import OptunaSearch
 
-from .config import ConfigError, ExperimentConfig, PfnasError, apply_overrides, merge_dotted, read_yaml, validate
+from .config import (ConfigError, ExperimentConfig, PfnasError, TrainingError, apply_overrides, merge_dotted, read_yaml,
+                     validate)
 from .tracking import (
     RunLogger,
     finite_scalar,
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 PATH_KEYS = ("backbone.checkpoint", "data.root")  # resolved against the file (or cwd) that names them
 FINAL_KEYS = ("test_acc", "val_acc", "select_val_acc", "tuned_params", "tuned_percent", "cost_images",
+              "cost_step_s", "infer_images_per_s", "infer_ms_per_image",
               "search_time_s", "retrain_time_s", "time_s")
 STATE_FILE = "pfnas_study.json"
 
@@ -172,8 +174,8 @@ class SpaceConfig(_Strict):
     variants: list[dict[str, Any]] = Field(default_factory=list)  # grid: dotted overrides, one config each
     params: dict[str, ParamSpec] = Field(default_factory=dict)
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
-    metric: str = "val_acc"  # a validation score: a study never selects on test
-    mode: Literal["max", "min"] = "max"
+    metric: str | list[str] = "val_acc"  # a validation score; a list (e.g. [val_acc, tuned_params]): Pareto study
+    mode: Literal["max", "min"] | list[Literal["max", "min"]] = "max"
     final: FinalSpec = Field(default_factory=FinalSpec)
     num_samples: int | None = Field(None, ge=1)  # optuna: trials (8); grid: repeats of the grid (1)
     max_concurrent_trials: int = Field(1, ge=1)
@@ -191,9 +193,22 @@ class SpaceConfig(_Strict):
     def _scheduler_shorthand(cls, v: Any) -> Any:
         return {"type": v} if isinstance(v, str) else v
 
+    @property
+    def metrics(self) -> list[str]:
+        """The objectives; the first (a validation score) ranks single trials and drives ASHA."""
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def modes(self) -> list[str]:
+        return [self.mode] if isinstance(self.mode, str) else list(self.mode)
+
     @model_validator(mode="after")
     def _check(self) -> SpaceConfig:
-        for where, m in (("metric", self.metric), ("scheduler.metric", self.scheduler.metric)):
+        if len(self.metrics) != len(self.modes) or len(set(self.metrics)) != len(self.metrics) or not self.metrics:
+            raise ValueError(f"metric {self.metric} and mode {self.mode} must name distinct objectives, one mode each")
+        if len(self.metrics) > 1 and self.algorithm != "optuna":
+            raise ValueError("several objectives (a Pareto study) need algorithm: optuna")
+        for where, m in [*(("metric", m) for m in self.metrics), ("scheduler.metric", self.scheduler.metric)]:
             if reads_test(m):
                 raise ValueError(f"{where} {m!r} reads the test split; a study selects on validation "
                                  "(val_acc) and tests only its finals")
@@ -425,6 +440,13 @@ class _TrialReporter:
         head = {k: float(res[k]) for k in FINAL_KEYS if finite_scalar(res.get(k))}
         self._report(self._payload({**head, "phase": "done", "policy": _policy_str(res.get("policy")), "complete": 1}))
 
+    def failed(self, err: BaseException) -> None:
+        """Last report of a trial that fails the same way on every try: ``error``, and no metric (nothing to select)."""
+        from ray import tune
+
+        tune.report({"phase": "failed", "error": f"{type(err).__name__}: {err}"[:2000], "complete": 0,
+                     "restored": self.restored})
+
 
 def _error_line(err: BaseException | str | None) -> str:
     text = str(err or "").strip()
@@ -451,12 +473,20 @@ def pfnas_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     rid = work / "mlflow_run_id"
     logger = RunLogger(ctx.tracking_uri, ctx.experiment, ctx.run_name(config, trial_id), cfg,
                        parent_run_id=ctx.parent_run_id, run_id=rid.read_text().strip() if rid.is_file() else None,
-                       reuse_tags={"pfnas.trial_id": trial_id},
+                       reuse_tags={"pfnas.trial_id": trial_id}, folder=work,
                        tags={**ctx.tags, "pfnas.kind": ctx.kind, "pfnas.study": ctx.study, "pfnas.trial_id": trial_id,
                              "pfnas.label": ctx.label(cfg, config)})
     reporter = _TrialReporter(work, logger, restored=ckpt is not None)
-    with logger.recording():  # a scheduler's stop (SystemExit) closes the run as KILLED, an error as FAILED
-        res = run_trial_method(cfg, work, reporter.on_epoch)
+    try:
+        with logger.recording():  # a scheduler's stop (SystemExit) closes the run as KILLED, an error as FAILED
+            res = run_trial_method(cfg, work, reporter.on_epoch)
+    except TrainingError as e:
+        if not e.deterministic:  # e.g. out of memory: another try (FailureConfig) may fit
+            raise
+        # a non-finite loss comes back on every retry of this config: end the trial here (its MLflow run is FAILED)
+        # instead of raising, which Ray would retry; the study sees it as an errored trial (``error``)
+        reporter.failed(e)
+        return
     logger.finish(res)  # before the final report, so MLflow is complete when Tune marks the trial done
     reporter.final(res)
 
@@ -466,8 +496,11 @@ class PfnasOptunaSearch(OptunaSearch):
     """OptunaSearch that skips intermediate results which do not carry the metric yet (search epochs)."""
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if self.metric in result:
+        if isinstance(self.metric, str) and self.metric in result:
             super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        super().on_trial_complete(trial_id, result, error or bool(result and result.get("error")))  # FAIL, not PRUNED
 
 
 def _trial_index(trial) -> int:
@@ -513,9 +546,10 @@ class TrialRecord:
     trial_id: str
     status: str  # TERMINATED (completed), STOPPED (by the scheduler / interrupted), ERROR
     params: dict[str, Any]
-    value: float | None
+    value: float | None  # the first objective
     metrics: dict[str, Any]
     error: str | None = None
+    values: list[float] | None = None  # every objective, when all are finite
 
 
 @dataclass
@@ -535,7 +569,9 @@ class StudySummary:
     parent_run_id: str | None
     notes: list[str] = field(default_factory=list)
     finals: FinalsRecord | None = None
-    variant_finals: list[FinalsRecord] = field(default_factory=list)
+    group_finals: list[FinalsRecord] = field(default_factory=list)  # per grid variant / per Pareto-front point
+    objectives: list[str] = field(default_factory=list)
+    front: list[TrialRecord] = field(default_factory=list)  # Pareto studies: the non-dominated trials
 
     def __rich__(self):
         from rich import box
@@ -559,6 +595,7 @@ class StudySummary:
         t.add_column("policy", overflow="fold", min_width=11)
         for r in self.trials:
             star = "*" if self.best is not None and r.trial_id == self.best.trial_id else ""
+            star += "+" if any(r is p for p in self.front) else ""
             policy = " ".join(_OP_ABBREV.get(op, op) for op in str(r.metrics.get("policy", "")).split(",") if op)
             tp = r.metrics.get("tuned_params")
             h = r.metrics.get("search/alpha_entropy")
@@ -576,7 +613,11 @@ class StudySummary:
                 lines.append(f"final: {self.finals.describe()}")
         else:
             lines.append(f"no trial reported {self.metric}")
-        for f in self.variant_finals:
+        if self.front:
+            lines.append(f"Pareto front of ({', '.join(self.objectives)}), + in the table: "
+                         + "; ".join(f"{r.trial_id} (" + ", ".join(format_value(v) for v in r.values) + ")"
+                                     for r in self.front))
+        for f in self.group_finals:
             if f.test_accs:
                 mean, std = f.mean_std()
                 lines.append(f"final [{f.label}]: test_acc {mean:.4f} ± {std:.4f} (n={len(f.test_accs)}, "
@@ -606,7 +647,7 @@ class TuneSummary:
         return buf.getvalue()
 
 
-def _records(results, metric: str, param_keys: list[str]) -> list[TrialRecord]:
+def _records(results, objectives: list[str], param_keys: list[str]) -> list[TrialRecord]:
     recs = []
     for r in results:
         name = Path(str(r.path)).name
@@ -615,13 +656,24 @@ def _records(results, metric: str, param_keys: list[str]) -> list[TrialRecord]:
         metrics = dict(r.metrics or {})
         if r.error is not None:
             status, err = "ERROR", _error_line(r.error)
+        elif metrics.get("error"):  # failed deterministically (NaN): ended by the trial itself, not retried
+            status, err = "ERROR", _error_line(metrics["error"])
         else:
             status, err = ("TERMINATED" if metrics.get("complete") else "STOPPED"), None
-        val = metrics.get(metric)
-        val = float(val) if status != "ERROR" and finite_scalar(val) else None
+        vals = [metrics.get(m) for m in objectives]
+        ok = status != "ERROR" and all(finite_scalar(v) for v in vals)
+        val = float(vals[0]) if status != "ERROR" and finite_scalar(vals[0]) else None
         params = {k: (r.config or {}).get(k) for k in param_keys}
-        recs.append(TrialRecord(idx, tid, status, params, val, metrics, err))
+        recs.append(TrialRecord(idx, tid, status, params, val, metrics, err, [float(v) for v in vals] if ok else None))
     return sorted(recs, key=lambda x: (x.index, x.trial_id))
+
+
+def _front(recs: list[TrialRecord], modes: list[str]) -> list[TrialRecord]:
+    """Finished trials on the Pareto front of the objectives (by index order)."""
+    from .tracking import pareto_front
+
+    done = [r for r in recs if r.status == "TERMINATED" and r.values is not None]
+    return [done[i] for i in pareto_front([r.values for r in done], modes)]
 
 
 def _best(recs: list[TrialRecord], mode: str) -> TrialRecord | None:
@@ -657,6 +709,17 @@ def _parent_run(client, exp_id: str, plan: StudyPlan, space: SpaceConfig, space_
     return run.info.run_id
 
 
+def _close_orphans(client, exp_id: str, parent: str) -> int:
+    """Mark KILLED the study's child runs still RUNNING once it is over: a trial killed with its driver before Tune
+    recorded it is recreated under a new id on resume, and its first run would otherwise stay RUNNING forever."""
+    found = client.search_runs([exp_id], max_results=5000, filter_string=(
+        f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"))
+    for r in found:
+        client.set_tag(r.info.run_id, "pfnas.error", "interrupted; its trial was not resumed")
+        client.set_terminated(r.info.run_id, "KILLED")
+    return len(found)
+
+
 def _tuner(plan: StudyPlan, space: SpaceConfig, trainable, storage: str, num_samples: int):
     import optuna
     from ray import tune
@@ -683,7 +746,7 @@ def _tuner(plan: StudyPlan, space: SpaceConfig, trainable, storage: str, num_sam
                                                       trial_dirname_creator=trial_dirname))
     sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
     searcher = PfnasOptunaSearch(space={key: p.distribution() for key, p in plan.params.items()},
-                                 metric=space.metric, mode=space.mode, sampler=sampler,
+                                 metric=space.metric, mode=space.mode, sampler=sampler,  # str, or lists
                                  points_to_evaluate=plan.points or None)
     if space.sync_batches:
         searcher = ConcurrencyLimiter(searcher, max_concurrent=k, batch=True)
@@ -744,33 +807,40 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
         tuner = _tuner(plan, space, trainable, storage, num_samples)
     results = tuner.fit()
 
-    recs = _records(results, space.metric, plan.param_keys)
-    best = _best(recs, space.mode)
+    recs = _records(results, space.metrics, plan.param_keys)
+    primary, primary_mode = space.metrics[0], space.modes[0]
+    best = _best(recs, primary_mode)
+    front = _front(recs, space.modes) if len(space.metrics) > 1 else []
     best_path, best_cfg, finals = None, None, None
     if best is not None:
-        final_cfg, fctx = _final_context(ctx, plan, best, space.metric)
+        final_cfg, fctx = _final_context(ctx, plan, best, primary)
         best_cfg = final_cfg.model_dump(mode="json")
         if space.final.seeds:
             finals = _run_finals(fctx, final_cfg, best, space, storage, trainable_resources=resources)
-    variant_finals: list[FinalsRecord] = []
-    if best is not None and space.final.seeds and space.final.per_variant:
+    group_finals: list[FinalsRecord] = []  # a grid's variants, or a Pareto study's front: each point finalised
+    groups: list[tuple[str, str, TrialRecord]] = []
+    if space.final.per_variant:
         for i, overrides in enumerate(plan.variants):
-            vbest = _best([r for r in recs if r.params.get("variant") == i], space.mode)
-            if vbest is None:
-                continue
-            if vbest.trial_id == best.trial_id:
-                rec = finals
-            else:
-                vcfg, vctx = _final_context(ctx, plan, vbest, space.metric)
-                rec = _run_finals(vctx, vcfg, vbest, space, storage, trainable_resources=resources, suffix=f"-v{i}")
-            rec.label = " ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
-            variant_finals.append(rec)
+            vbest = _best([r for r in recs if r.params.get("variant") == i], primary_mode)
+            if vbest is not None:
+                groups.append((f"-v{i}", " ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()), vbest))
+    for k, point in enumerate(front):
+        groups.append((f"-p{k}", "front " + " ".join(f"{m}={format_value(v)}" for m, v in
+                                                     zip(space.metrics, point.values)), point))
+    for suffix, label, chosen in groups if best is not None and space.final.seeds else []:
+        if chosen.trial_id == best.trial_id:
+            rec = replace(finals, label=label)
+        else:
+            ccfg, cctx = _final_context(ctx, plan, chosen, primary)
+            rec = _run_finals(cctx, ccfg, chosen, space, storage, trainable_resources=resources, suffix=suffix)
+            rec.label = label
+        group_finals.append(rec)
     for r in recs:  # show a grid variant as its overrides, not its index
         if plan.variants and isinstance(r.params.get("variant"), int):
             r.params["variant"] = " ".join(f"{k.split('.')[-1]}={v}" for k, v in plan.variants[r.params["variant"]].items())
     if best_cfg is not None and local:
         best_path = Path(exp_path) / "best_config.yaml"
-        head = f"# selected: trial {best.trial_id} of study {plan.name}, {space.metric}={best.value:.6g} (validation)\n"
+        head = f"# selected: trial {best.trial_id} of study {plan.name}, {primary}={best.value:.6g} (validation)\n"
         if finals is not None and finals.test_accs:
             head += f"# final: {finals.describe()}\n"
         best_path.write_text(head + "# rerun the final: pfnas run -c best_config.yaml --set seed=N\n"
@@ -779,17 +849,30 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
         notes.append("some trials did not finish; rerun with --resume to continue them")
     if not any(r.value is not None for r in recs) and any(r.status == "TERMINATED" for r in recs):
         keys = sorted({k for r in recs for k in r.metrics if "/" not in k})
-        notes.append(f"warning: no trial reported metric {space.metric!r} (final keys: {', '.join(keys)})")
+        notes.append(f"warning: no trial reported metric {primary!r} (final keys: {', '.join(keys)})")
     try:
         from mlflow.entities import Metric
 
         table = [{"index": r.index, "trial_id": r.trial_id, "status": r.status, "params": r.params,
-                  space.metric: r.value, "error": r.error} for r in recs]
+                  **dict(zip(space.metrics, r.values or [r.value])), "error": r.error,
+                  "pareto": any(r is p for p in front)} for r in recs]
         client.log_dict(parent, {"trials": table}, "trials.json")
+        if front:  # the front as a table and a plot (first objective against the second)
+            from .tracking import pareto_figure
+
+            pts = [r for r in recs if r.values is not None]
+            client.log_dict(parent, {"objectives": space.metrics, "modes": space.modes,
+                                     "front": [{"trial_id": r.trial_id, "params": r.params,
+                                                **dict(zip(space.metrics, r.values))} for r in front]},
+                            "pareto_front.json")
+            fig = pareto_figure([(r.values[1], r.values[0]) for r in pts], [pts.index(r) for r in front],
+                                [r.trial_id for r in pts], space.metrics[1], space.metrics[0],
+                                f"study {plan.name}: Pareto front")
+            client.log_figure(parent, fig, "pareto_front.png")
         metrics = [Metric("n_trials", len(recs), 0, 0),
                    Metric("n_errored", sum(r.status == "ERROR" for r in recs), 0, 0)]
         if best is not None:
-            metrics.append(Metric(f"best_{space.metric}", best.value, 0, 0))
+            metrics.append(Metric(f"best_{primary}", best.value, 0, 0))
             client.set_tag(parent, "pfnas.best_trial", best.trial_id)
             client.log_dict(parent, best_cfg, "best_config.yaml")
         if finals is not None and finals.test_accs:
@@ -798,13 +881,17 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
                         Metric("final_n", len(finals.test_accs), 0, 0)]
         client.log_batch(parent, metrics=metrics)
         unfinished = any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none"
+        orphans = _close_orphans(client, exp_id, parent)
+        if orphans:
+            notes.append(f"closed {orphans} MLflow trial run(s) left RUNNING by an interrupted, unresumed trial")
         client.set_terminated(parent, "KILLED" if unfinished else "FINISHED")
     except Exception as e:  # noqa: BLE001 - the study itself is done; say so instead of failing
         notes.append(f"warning: could not finish the MLflow parent run: {_error_line(e)}")
-    for rec in {id(f): f for f in [finals, *variant_finals] if f is not None}.values():
+    for rec in {f.trial_id: f for f in [finals, *group_finals] if f is not None}.values():
         notes += [f"final seed {seed} of trial {rec.trial_id} failed: {err}" for seed, err in rec.errors]
-    return StudySummary(plan.name, space.metric, space.mode, plan.param_keys, recs, best, best_path, exp_path,
-                        tracking_uri, mlflow_experiment, parent, notes, finals, variant_finals)
+    return StudySummary(plan.name, primary, primary_mode, plan.param_keys, recs, best, best_path, exp_path,
+                        tracking_uri, mlflow_experiment, parent, notes, finals, group_finals,
+                        objectives=space.metrics, front=front)
 
 
 @dataclass
@@ -883,7 +970,8 @@ def _run_finals(fctx: TrialContext, final_cfg: ExperimentConfig, best: TrialReco
             rec.seeds.append(seed)
             rec.test_accs.append(float(acc))
         else:
-            rec.errors.append((seed, _error_line(r.error) if r.error is not None else "no test_acc reported"))
+            why = r.error if r.error is not None else (r.metrics or {}).get("error")
+            rec.errors.append((seed, _error_line(why) if why else "no test_acc reported"))
     return rec
 
 

@@ -43,7 +43,8 @@ def test_logger_survives_an_unreachable_server(monkeypatch, caplog):
         lg.finish({"test_acc": 0.5, "policy": {0: "add"}})
     assert lg.run_id is None and len(lg._pending) > 0
     warnings = [r for r in caplog.records if r.name == "pfnas.tracking"]
-    assert len(warnings) == 1 and "training continues" in warnings[0].getMessage()
+    assert len(warnings) == 2 and "training continues" in warnings[0].getMessage()
+    assert "unreachable" in warnings[1].getMessage() and "not logged" in warnings[1].getMessage()  # no run folder
 
 
 def test_logger_buffers_through_an_outage_then_flushes(tmp_path):

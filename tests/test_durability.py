@@ -1,0 +1,314 @@
+"""Never a stale result, never lost MLflow data: output folders that hold another config's run are refused,
+one process per folder (a lock that dies with its holder), whole checkpoints only, MLflow runs that survive a
+server that is down or restarts, and ``pfnas compare`` that fails fast against a down server."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, tiny_config
+
+from pfnas import cli
+from pfnas.config import PfnasError
+from pfnas.tracking import RunLogger, make_client
+
+
+def _one_error_line(stderr: str, *fragments: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pfnas: error: "), stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path: Path) -> Path:
+    """The conftest tiny config as a file for the CLI (1 search + 2 retrain epochs: seconds)."""
+    path = tmp_path / "tiny.yaml"
+    cfg = tiny_config(search={"epochs": 1}).model_dump(mode="json")
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _run(capsys, *args: str) -> tuple[int, str]:
+    rc = cli.main(list(args))
+    return rc, capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- stale output folders
+def test_rerun_into_a_folder_with_another_config_is_refused(tmp_path, tiny_yaml, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "out"
+    rc, err = _run(capsys, "run", "-c", str(tiny_yaml), "-o", str(out))
+    assert rc == 0, err
+    result, stored = (out / "result.json").read_bytes(), (out / "config.yaml").read_bytes()
+    for change, field in ((["--set", "seed=1"], "seed: 0 -> 1"), (["--set", "train.optim.lr=0.3"], "train.optim.lr"),
+                          (["--set", "prompts.length=8"], "prompts.length: 4 -> 8")):
+        rc, err = _run(capsys, "run", "-c", str(tiny_yaml), *change, "-o", str(out))
+        assert rc == 2, (change, err)
+        _one_error_line(err, str(out), field, "another --out")
+        assert (out / "result.json").read_bytes() == result and (out / "config.yaml").read_bytes() == stored
+    # the same config resumes (nothing retrained); fields that cannot change the result may differ
+    epochs = len((out / "log.jsonl").read_text().splitlines())
+    for same in ([], ["--set", "train.eval_every=3", "--set", "name=renamed", "--set", "device=cpu"]):
+        rc, err = _run(capsys, "run", "-c", str(tiny_yaml), *same, "-o", str(out))
+        assert rc == 0, err
+        assert len((out / "log.jsonl").read_text().splitlines()) == epochs
+    # baselines: the per-seed folder of another learning rate is refused too
+    base = tmp_path / "fixed"
+    assert _run(capsys, "baseline", "fixed", "--op", "add", "-c", str(tiny_yaml), "-o", str(base))[0] == 0
+    rc, err = _run(capsys, "baseline", "fixed", "--op", "add", "-c", str(tiny_yaml), "--set", "train.optim.lr=0.3",
+                   "-o", str(base))
+    assert rc == 2
+    _one_error_line(err, str(base / "seed0"), "train.optim.lr")
+    # a first try that stopped before training (a wrong data path) leaves only config.yaml: nothing to protect
+    fresh = tmp_path / "fresh"
+    rc, err = _run(capsys, "run", "-c", str(tiny_yaml), "--set", "data.kind=imagefolder",
+                   "--set", f"data.root={tmp_path / 'missing'}", "-o", str(fresh))
+    assert rc == 2 and (fresh / "config.yaml").is_file() and not list(fresh.rglob("*.pt"))
+    assert _run(capsys, "run", "-c", str(tiny_yaml), "-o", str(fresh))[0] == 0
+
+
+def test_run_method_refuses_a_folder_of_another_seed(tmp_path):
+    from pfnas.baselines import run_method
+
+    cfg = tiny_config(method={"kind": "probe"}, train={"epochs": 1})
+    first = run_method(cfg, tmp_path)
+    with pytest.raises(PfnasError, match=r"different configuration \(seed: 0 -> 1\)"):
+        run_method(cfg.model_copy(update={"seed": 1}), tmp_path)
+    assert run_method(cfg, tmp_path)["test_acc"] == first["test_acc"]  # same config: resumed
+
+
+def _holder(out: Path, cfg_path: Path) -> subprocess.Popen:
+    """Another process holding ``out`` as a run would (pfnas.engine.claim_run_dir), until killed."""
+    code = ("import sys, time, yaml\n"
+            "from pfnas.config import ExperimentConfig\n"
+            "from pfnas.engine import claim_run_dir\n"
+            "cfg = ExperimentConfig.model_validate(yaml.safe_load(open(sys.argv[2])))\n"
+            "with claim_run_dir(cfg, sys.argv[1]):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out), str(cfg_path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_run_on_a_locked_folder_refused_and_kill_9_frees_it(tmp_path, tiny_yaml, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "out"
+    proc = _holder(out, tiny_yaml)
+    try:
+        rc, err = _run(capsys, "run", "-c", str(tiny_yaml), "-o", str(out))
+        assert rc == 2
+        _one_error_line(err, str(out), "in use by another pfnas run", f"pid {proc.pid}")
+        assert not (out / "result.json").exists()
+        rc, err = _run(capsys, "baseline", "probe", "-c", str(tiny_yaml), "-o", str(out.parent / "p"))
+        assert rc == 0, err  # other folders are free
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert (out / ".lock").is_file()  # the file stays; its lock died with the holder
+    rc, err = _run(capsys, "run", "-c", str(tiny_yaml), "-o", str(out))
+    assert rc == 0, err
+    assert json.loads((out / "result.json").read_text())["test_acc"] is not None
+
+
+def test_a_failed_checkpoint_write_leaves_no_partial_file(tmp_path, tiny_yaml, capsys, monkeypatch):
+    from pfnas.engine import save_atomic
+
+    ckpt = tmp_path / "ck" / "search.pt"
+    save_atomic({"epoch": 1}, ckpt)
+    real = torch.save
+
+    def disk_full(obj, f, *a, **kw):
+        Path(f).write_bytes(b"half a checkpoint")  # what a full disk leaves behind
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(PfnasError) as ei:
+        save_atomic({"epoch": 2}, ckpt)
+    assert "\n" not in str(ei.value) and "No space left on device" in str(ei.value) and str(ckpt) in str(ei.value)
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["search.pt"]
+    monkeypatch.setattr(torch, "save", real)
+    assert torch.load(ckpt, weights_only=False) == {"epoch": 1}  # the previous checkpoint is whole
+    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rc, err = _run(capsys, "run", "-c", str(tiny_yaml), "-o", str(tmp_path / "out"))
+    assert rc == 2
+    _one_error_line(err, "No space left on device")
+    assert not list((tmp_path / "out").rglob("*.tmp")) and not list((tmp_path / "out").rglob("*.pt"))
+
+
+# ----------------------------------------------------------------------------- MLflow server down or restarting
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on a fixed port and sqlite file; stop() and start() again to restart it."""
+
+    def __init__(self, folder: Path, port: int):
+        self.folder, self.port, self.proc = folder, port, None
+        self.uri = f"http://127.0.0.1:{port}"
+
+    def start(self) -> None:
+        log = open(self.folder / "server.log", "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/srv.db",
+             "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port",
+             str(self.port), "--workers", "1"], cwd=self.folder, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True)
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            assert self.proc.poll() is None and time.time() < deadline, (self.folder / "server.log").read_text()[-2000:]
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the server and its uvicorn worker
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=20)
+        deadline = time.time() + 20
+        while time.time() < deadline:  # the port is free again (a worker may outlive its parent briefly)
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) != 0:
+                    return
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def server(tmp_path):
+    (tmp_path / "srv").mkdir()
+    srv = MlflowServer(tmp_path / "srv", _free_port())
+    yield srv
+    srv.stop()
+
+
+def _epoch(e: int) -> dict:
+    return {"phase": "search", "epoch": e, "val_acc": 0.1 * e, "train_loss": 1.0 / e,
+            "alpha": [[0.7, 0.1, 0.1, 0.1]] * 2, "policy": {0: "prepend", 1: "add"}}
+
+
+FINAL = {"val_acc": 0.5, "test_acc": 0.45, "tuned_params": 100, "tuned_percent": 0.5, "cost_images": 10,
+         "policy": {0: "prepend", 1: "add"}}
+
+
+def _check_complete(uri: str, run_id: str, epochs: list[int]) -> None:
+    client = make_client(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("search/val_acc", "search/train_loss"):
+        hist = client.get_metric_history(run_id, key)
+        assert sorted(m.step for m in hist) == epochs, key  # every epoch, once, at its step
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "search/val_acc")] == \
+        sorted((e, pytest.approx(0.1 * e)) for e in epochs)
+    assert run.data.metrics["test_acc"] == pytest.approx(0.45) and run.data.metrics["tuned_params"] == 100
+    assert run.data.params["prompts.length"] == "4" and run.data.tags["pfnas.kind"] == "run"
+    assert {"config.yaml", "policy.json", "alpha_heatmap.png", "alpha.json"} <= {
+        a.path for a in client.list_artifacts(run_id)}
+
+
+def test_run_started_while_the_server_is_down_is_complete_once_it_is_back(tmp_path, server, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = tiny_config()
+    a, b = tmp_path / "a", tmp_path / "b"
+    # default retry_s (60 s): after the first failure, calls pause; nothing may be lost meanwhile
+    la = RunLogger(server.uri, "dur", "a", cfg, folder=a, tags={"pfnas.kind": "run"})
+    lb = RunLogger(server.uri, "dur", "b", cfg, folder=b, tags={"pfnas.kind": "run"})
+    assert la.run_id is None and lb.run_id is None
+    for e in (1, 2):
+        la.log_epoch(_epoch(e))
+        lb.log_epoch(_epoch(e))
+    assert (a / "mlflow_buffer.jsonl").is_file()
+    lb.finish(FINAL)  # still down at the end: kept on disk, one warning line
+    assert (b / "mlflow_buffer.jsonl").is_file() and lb.run_id is None
+    assert any("kept in" in r.getMessage() and str(b) in r.getMessage() for r in caplog.records)
+
+    server.start()
+    la.finish(FINAL)  # the server is back: run created, params, every epoch, final metrics, status
+    _check_complete(server.uri, la.run_id, [1, 2])
+    assert not (a / "mlflow_buffer.jsonl").exists() and (a / "mlflow_run_id").read_text() == la.run_id
+
+    again = RunLogger(server.uri, "dur", "b", cfg, folder=b, tags={"pfnas.kind": "run"})  # the same command, rerun
+    assert not (b / "mlflow_buffer.jsonl").exists()
+    _check_complete(server.uri, again.run_id, [1, 2])
+    client = make_client(server.uri)
+    assert len(client.search_runs([client.get_experiment_by_name("dur").experiment_id])) == 2
+
+
+def test_server_restart_mid_run_loses_nothing(tmp_path, server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    server.start()
+    lg = RunLogger(server.uri, "restart", "r", tiny_config(), folder=tmp_path / "r", tags={"pfnas.kind": "run"})
+    lg.log_epoch(_epoch(1))
+    server.stop()
+    lg.log_epoch(_epoch(2))
+    lg.log_epoch(_epoch(3))
+    assert (tmp_path / "r" / "mlflow_buffer.jsonl").is_file()
+    server.start()
+    lg.log_epoch(_epoch(4))  # still inside the 60 s pause: queued behind epochs 2-3
+    lg.finish(FINAL)
+    _check_complete(server.uri, lg.run_id, [1, 2, 3, 4])
+    # a rerun of the finished command logs nothing twice
+    again = RunLogger(server.uri, "restart", "r", tiny_config(), folder=tmp_path / "r", tags={"pfnas.kind": "run"})
+    assert again.run_id == lg.run_id
+    for e in (3, 4):
+        again.log_epoch(_epoch(e))
+    again.finish(FINAL)
+    _check_complete(server.uri, lg.run_id, [1, 2, 3, 4])
+    client = make_client(server.uri)
+    assert len(client.get_metric_history(lg.run_id, "test_acc")) == 1
+
+
+def test_cli_run_with_the_server_down_is_replayed_by_the_rerun(tmp_path, tiny_yaml, server, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    out = tmp_path / "out"
+    args = ["run", "-c", str(tiny_yaml), "-o", str(out), "--tracking-uri", server.uri, "--experiment", "cli"]
+    rc, err = _run(capsys, *args)
+    assert rc == 0, err
+    assert (out / "mlflow_buffer.jsonl").is_file()
+    server.start()
+    rc, err = _run(capsys, *args)  # resume: nothing to train, the buffer is sent
+    assert rc == 0, err
+    assert not (out / "mlflow_buffer.jsonl").exists()
+    client = make_client(server.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cli").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_id == (out / "mlflow_run_id").read_text()
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "retrain/train_loss")) == [1, 2]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "search/val_acc")) == [1]
+    assert len(client.get_metric_history(run.info.run_id, "test_acc")) == 1
+
+
+def test_compare_against_a_down_server_fails_in_seconds(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)  # MLflow's own default: 7 retries
+    uri = f"http://127.0.0.1:{_free_port()}"
+    t0 = time.monotonic()
+    rc, err = _run(capsys, "compare", "--tracking-uri", uri, "--experiment", "x", "-o", str(tmp_path / "cmp"))
+    took = time.monotonic() - t0
+    assert rc == 2 and took < 30, (rc, took)
+    _one_error_line(err, uri)
