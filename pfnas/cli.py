@@ -13,7 +13,7 @@ from rich.console import Console
 
 from .config import PfnasError, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Per-layer prompt fusion search for frozen Vision Transformers.")
 baseline_app = typer.Typer(no_args_is_help=True, help="Discrete baselines under the search budget.")
 data_app = typer.Typer(no_args_is_help=True, help="Data set utilities.")
@@ -29,8 +29,23 @@ TrackOpt = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
 ExpOpt = typer.Option(None, "--experiment", help="MLflow experiment (default: <name>-<task>).")
 
 
-def _runner(tracking_uri: Optional[str], experiment: Optional[str]):
-    """``run_method``, or the same logged to MLflow as one run when a tracking URI is given."""
+def _version_callback(value: bool):
+    if value:
+        from . import __version__
+
+        print(f"pfnas {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                       help="Print the pfnas version and exit.")):
+    """Per-layer prompt fusion search for frozen Vision Transformers."""
+
+
+def _runner(tracking_uri: Optional[str], experiment: Optional[str], verb: str = "run"):
+    """``run_method``, or the same logged to MLflow as one run when a tracking URI is given (its MLflow source is
+    ``pfnas <verb>``)."""
     if not tracking_uri:
         from .baselines import run_method
 
@@ -39,7 +54,7 @@ def _runner(tracking_uri: Optional[str], experiment: Optional[str]):
 
     from .tracking import run_logged
 
-    return partial(run_logged, tracking_uri=tracking_uri, experiment=experiment)
+    return partial(run_logged, tracking_uri=tracking_uri, experiment=experiment, source=f"pfnas {verb}")
 
 
 def _score(res: dict) -> str:
@@ -74,7 +89,7 @@ def search(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = 
     with claim_run_dir(cfg, out_dir):  # locked; resumes only the same configuration
         exp = Experiment.build(cfg)
         phase = run_search(exp, out_dir, progress=True)
-    console.print(f"policy: {json.dumps(phase.model.discretize())}")
+    console.print(f"policy: {json.dumps(phase.policy)}")
     console.print(f"wrote {out_dir / 'policy.json'}")
 
 
@@ -105,7 +120,7 @@ def run(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = Set
     """Search, discretize, retrain and test in one go (or the config's method.kind); resumable."""
     cfg = _cfg(config, overrides)
     out_dir = _out(cfg, out)
-    res = _runner(tracking_uri, experiment)(cfg, out_dir, progress=True)
+    res = _runner(tracking_uri, experiment, "run")(cfg, out_dir, progress=True)
     console.print(f"policy: {json.dumps({str(k): v for k, v in res['policy'].items()})}")
     times = "".join(f"  {k.split('_')[0]} {res[k]:.1f}s" for k in ("search_time_s", "retrain_time_s") if k in res)
     console.print(f"{_score(res)}  tuned params {res['tuned_params']} "
@@ -122,13 +137,18 @@ def tune(space: Path = typer.Option(..., "--space", help="Search-space YAML (sea
          storage: Optional[str] = typer.Option(None, "--storage", help="Ray Tune storage path or URI (s3://...)."),
          resume: bool = typer.Option(False, "--resume", help="Continue an interrupted study (Tuner.restore)."),
          num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Override the space's num_samples."),
+         optuna_storage: Optional[str] = typer.Option(
+             None, "--optuna-storage", help="Optuna study storage (RDB URL, e.g. sqlite:///optuna.db; none: in memory). "
+                                            "Default: optuna.db next to a sqlite MLflow db, else in --storage."),
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="Ray Tune's own per-trial output instead of "
+                                                                     "the live pfnas table."),
          overrides: Optional[List[str]] = SetOpt):
     """Ray Tune study with OptunaSearch over a YAML space; every trial logs to MLflow."""
     from .tune import run_tune
 
     summary = run_tune(space, address=address, tracking_uri=tracking_uri, experiment=experiment,
                        storage=str(storage) if storage else None, resume=resume, overrides=overrides,
-                       num_samples=num_samples)
+                       num_samples=num_samples, optuna_storage=optuna_storage, verbose=verbose, console=console)
     console.print(summary)
 
 
@@ -236,7 +256,7 @@ def baseline_fixed(op: str = typer.Option(..., "--op", help="prepend|add|affine|
 
     cfg = _cfg(config, overrides)
     console.print(fixed_baseline(cfg, op, seeds=seeds, out_dir=_out(cfg, out, f"-fixed-{op}"),
-                                 runner=_runner(tracking_uri, experiment)))
+                                 runner=_runner(tracking_uri, experiment, "baseline fixed")))
 
 
 @baseline_app.command("probe")
@@ -248,7 +268,7 @@ def baseline_probe(config: Optional[Path] = ConfigOpt, overrides: Optional[List[
 
     cfg = _cfg(config, overrides)
     console.print(fixed_baseline(cfg, "none", seeds=seeds, out_dir=_out(cfg, out, "-probe"),
-                                 runner=_runner(tracking_uri, experiment)))
+                                 runner=_runner(tracking_uri, experiment, "baseline probe")))
 
 
 @baseline_app.command("random")
@@ -262,7 +282,8 @@ def baseline_random(config: Optional[Path] = ConfigOpt, overrides: Optional[List
 
     cfg = _cfg(config, overrides)
     console.print(random_search(cfg, samples=samples, weight_sharing=weight_sharing,
-                                out_dir=_out(cfg, out, "-random"), runner=_runner(tracking_uri, experiment)))
+                                out_dir=_out(cfg, out, "-random"),
+                                runner=_runner(tracking_uri, experiment, "baseline random")))
 
 
 @baseline_app.command("evolution")
@@ -276,7 +297,7 @@ def baseline_evolution(config: Optional[Path] = ConfigOpt, overrides: Optional[L
     cfg = _cfg(config, overrides)
     console.print(regularized_evolution(cfg, population=population, sample=sample, cycles=cycles,
                                         out_dir=_out(cfg, out, "-evolution"),
-                                        runner=_runner(tracking_uri, experiment)))
+                                        runner=_runner(tracking_uri, experiment, "baseline evolution")))
 
 
 def _usage_errors() -> tuple[type, ...]:

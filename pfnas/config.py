@@ -140,6 +140,7 @@ class SearchConfig(_Strict):
     # so one epoch uses the val split once (VTAB-1k: every 4th step, search cost ~1.25x VPT-deep)
     unrolled_lr: float | None = None  # xi of the second-order step; None: current prompt lr
     entropy_weight: float = 0.0  # >0 pushes alpha to be decisive, <0 keeps it spread
+    select: Literal["argmax", "perturb"] = "argmax"  # perturb: per-layer val accuracy of each pinned op
     cost_weight: float = Field(0.0, ge=0)  # lambda of the resource-aware arch loss: + lambda * E_alpha[cost]
     cost: Literal["params", "latency"] = "params"  # per-op cost: deployed numbers, or measured step latency
     tau: TemperatureConfig = Field(default_factory=TemperatureConfig)

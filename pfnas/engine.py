@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .config import (ExperimentConfig, OptimConfig, PfnasError, RunDirError, TemperatureConfig, TrainingError,
                      config_diff, config_hash, dump_config)
 from .data import TaskData, load_task
-from .model import PromptedViT, backbone_input, load_backbone, save_policy
+from .model import PromptedViT, backbone_input, load_backbone, load_policy, save_policy
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -643,10 +643,46 @@ def run_search(exp: Experiment, out_dir: str | Path, on_epoch: EpochCallback | N
     model = exp.supernet()
     phase = SearchPhase(exp.cfg, model, exp.data, exp.device, exp.pae(model))
     fit(phase, out / "search.pt", on_epoch, out / "log.jsonl", progress, stop_after)
+    phase.policy = None
     if phase.epoch >= phase.epochs:
-        save_policy(model.discretize(), out / "policy.json")
-        torch.save(model.alpha.detach().cpu(), out / "alpha.pt")
+        done = out / "policy.json"
+        if done.is_file() and (out / "alpha.pt").is_file():  # selected before (a finished, resumed run)
+            phase.policy = load_policy(done)
+        else:
+            phase.policy = (model.discretize() if exp.cfg.search.select == "argmax" else
+                            perturbation_policy(model, exp.data, exp.device, exp.cfg.precision,
+                                                exp.cfg.data.eval_batch_size))
+            save_policy(phase.policy, done)
+            torch.save(model.alpha.detach().cpu(), out / "alpha.pt")
     return phase
+
+
+PIN_LOGIT = 1e4  # an alpha row pinned to one op: its softmax is exactly one-hot
+
+
+@torch.no_grad()
+def perturbation_policy(model: PromptedViT, data: TaskData, device: torch.device, precision: str,
+                        batch_size: int) -> dict[int, str]:
+    """Selection by measured val accuracy instead of argmax(alpha) (after Wang et al., ICLR 2021).
+
+    Layer by layer, each candidate op is pinned in turn (the layers not decided yet keep their search
+    weights, the decided ones stay pinned) and the op with the best supernet val accuracy is kept; ties go
+    to the larger alpha. Costs depth x ops val evaluations; reads val only, never test.
+    """
+    alpha0 = model.alpha.detach().clone()
+    try:
+        for l in range(model.depth):
+            scores = []
+            for i in range(len(model.candidates)):
+                model.alpha[l].fill_(-PIN_LOGIT)
+                model.alpha[l, i] = PIN_LOGIT
+                scores.append((evaluate(model, data, "val", batch_size, device, precision)["acc"], float(alpha0[l, i])))
+            best = max(range(len(scores)), key=lambda i: scores[i])
+            model.alpha[l].fill_(-PIN_LOGIT)
+            model.alpha[l, best] = PIN_LOGIT
+        return model.discretize()
+    finally:
+        model.alpha.copy_(alpha0)
 
 
 @torch.no_grad()
@@ -708,7 +744,7 @@ def _run_experiment(cfg: ExperimentConfig, out: Path, on_epoch: EpochCallback | 
     t0 = time.perf_counter()
     search = run_search(exp, out, on_epoch, progress)
     t1 = time.perf_counter()
-    policy = search.model.discretize()
+    policy = search.policy
     retrain = run_retrain(exp, policy, out, on_epoch, progress)
     t2 = time.perf_counter()
     final = retrain.history[-1]

@@ -11,6 +11,9 @@ Tags written on every pfnas run (and read back by :func:`compare_runs`):
 * ``pfnas.config_hash`` hash of the config without seed/name/output_dir/device: runs that share it are
                         seeds of one configuration and are averaged by :func:`compare_runs`
 * ``mlflow.parentRunId`` on trial runs, the study's parent run
+* ``pfnas.policy``      once the run finished: the retrained policy, one op per layer, comma separated (also the
+                        param ``policy``), so the runs table can show and filter it
+* provenance            ``mlflow.source.*``, ``mlflow.user``, versions, backbone and dataset (``pfnas.provenance``)
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import ExperimentConfig, PfnasError, config_hash  # noqa: F401 - config_hash: re-exported
+from .config import ExperimentConfig, PfnasError, config_hash
+from .provenance import dataset_info, dataset_input, dataset_tags, provenance_tags
 
 log = logging.getLogger(__name__)
 
@@ -223,13 +227,15 @@ class RunLogger:
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, cfg: ExperimentConfig | None = None,
                  *, parent_run_id: str | None = None, run_id: str | None = None, tags: dict[str, str] | None = None,
                  reuse_tags: dict[str, str] | None = None, retry_s: float = 60.0, folder: str | Path | None = None,
-                 finish_tries: int = 3, finish_wait_s: float = 1.0):
+                 finish_tries: int = 3, finish_wait_s: float = 1.0, source: str = "pfnas run",
+                 source_type: str = "LOCAL"):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail fast when a server is down
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.tracking_uri, self.experiment, self.run_name, self.cfg = tracking_uri, experiment, run_name, cfg
         self.parent_run_id, self.run_id, self.retry_s = parent_run_id, run_id, retry_s
         self.finish_tries, self.finish_wait_s = finish_tries, finish_wait_s
         self.tags = dict(tags or {})
+        self.source, self.source_type = source, source_type  # provenance tags at run creation (pfnas.provenance)
         self.reuse_tags = dict(reuse_tags or {})
         self.folder = Path(folder) if folder is not None else None
         self.client = None
@@ -303,7 +309,8 @@ class RunLogger:
         self._seen_steps = seen
         if run.info.status != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
-        self.run_id, self._ready = run_id, True
+        self.run_id = run_id
+        self._need_params = self.cfg is not None and not run.data.params  # created by a process that died early
         self._save_run_id()
 
     def _ensure_run(self, force: bool = False) -> bool:
@@ -320,7 +327,6 @@ class RunLogger:
             if self.run_id is not None and not self._need_params:  # resumed: reopen the run
                 try:
                     self._attach(self.run_id)
-                    return True
                 except MlflowException as e:
                     if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                         raise
@@ -334,8 +340,10 @@ class RunLogger:
                                                     order_by=["attributes.start_time DESC"])
                     if found:
                         self._attach(found[0].info.run_id)
-                        return True
+            if self.run_id is None:
                 tags = dict(self.tags)
+                for k, v in provenance_tags(self.source, self.source_type, self.cfg).items():
+                    tags.setdefault(k, v)
                 if self.parent_run_id:
                     tags["mlflow.parentRunId"] = self.parent_run_id
                 if self.cfg is not None:
@@ -399,6 +407,20 @@ class RunLogger:
             for f in op["files"]:
                 if Path(f).is_file():
                     self.client.log_artifact(self.run_id, f, op["path"])
+        elif kind == "dataset":  # the decoded task: an MLflow dataset input (metadata only) and its tags
+            from mlflow.entities import RunTag
+
+            self.client.log_inputs(self.run_id, [dataset_input(op["info"])])
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in dataset_tags(op["info"]).items()])
+        elif kind == "param":
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self.client.log_param(self.run_id, op["key"], op["value"])
+            except MlflowException as e:  # a reopened run that logged another value: the first one stays
+                if e.error_code != "INVALID_PARAMETER_VALUE":
+                    raise
+                log.debug("param %s of run %s kept: %s", op["key"], self.run_id, e)
         elif kind == "status":
             self.client.set_terminated(self.run_id, op["status"])
 
@@ -431,6 +453,10 @@ class RunLogger:
         ms = [[k, float(v), ts, int(step)] for k, v in metrics.items() if finite_scalar(v)]
         if ms:
             self._submit({"op": "metrics", "m": ms})
+
+    def log_dataset(self, info: dict[str, Any]) -> None:
+        """The decoded task (``pfnas.provenance.dataset_info``): ``mlflow.log_input`` plus ``pfnas.dataset.*`` tags."""
+        self._submit({"op": "dataset", "info": info})
 
     # --- engine callbacks
     def log_epoch(self, m: dict[str, Any]) -> None:
@@ -489,6 +515,9 @@ class RunLogger:
             if isinstance(result.get("policy"), dict):
                 policy = {str(k): v for k, v in result["policy"].items()}
                 self._submit({"op": "dict", "obj": policy, "path": "policy.json"})
+                ops = ",".join(str(v) for _, v in sorted(policy.items(), key=lambda kv: int(kv[0])))
+                self._submit({"op": "tag", "key": "pfnas.policy", "value": ops[:5000]})  # runs table: show, filter
+                self._submit({"op": "param", "key": "policy", "value": ops[:6000]})
             self._log_model(result.get("model_dir"))
         if error:
             self._submit({"op": "tag", "key": "pfnas.error", "value": error[:5000]})
@@ -506,7 +535,8 @@ class RunLogger:
 
 
 def run_logged(cfg: ExperimentConfig, out_dir: str | Path, *, tracking_uri: str | None = None,
-               experiment: str | None = None, progress: bool = True, **kw: Any) -> dict[str, Any]:
+               experiment: str | None = None, progress: bool = True, source: str = "pfnas run",
+               **kw: Any) -> dict[str, Any]:
     """``baselines.run_method`` logged as one top-level MLflow run (``pfnas.kind=run``).
 
     The run id is kept in ``out_dir/mlflow_run_id``, so rerunning the command after a crash resumes the
@@ -514,9 +544,10 @@ def run_logged(cfg: ExperimentConfig, out_dir: str | Path, *, tracking_uri: str 
     down or restarting) waits in ``out_dir/mlflow_buffer.jsonl`` and is sent then. ``experiment`` defaults to
     ``<cfg.name>-<data.task>`` (or ``cfg.name``), so seeds and methods of one task land side by side.
     The folder is claimed first (lock, same configuration), so a refused rerun never touches the old MLflow run.
+    ``source`` (``pfnas <verb>``) is the run's ``mlflow.source.name``; the decoded task is its dataset input.
     """
     from .baselines import run_method
-    from .engine import claim_run_dir
+    from .engine import Experiment, claim_run_dir
 
     uri = resolve_tracking_uri(tracking_uri)
     exp_name = experiment or (f"{cfg.name}-{cfg.data.task}" if cfg.data.task else cfg.name)
@@ -525,10 +556,12 @@ def run_logged(cfg: ExperimentConfig, out_dir: str | Path, *, tracking_uri: str 
         if claim.replaced:  # the folder's earlier try (another config) never trained: its MLflow run is not ours
             for f in (RunLogger.RUN_ID, RunLogger.BUFFER):
                 (out / f).unlink(missing_ok=True)
-        logger = RunLogger(uri, exp_name, f"{method_label(cfg)}-seed{cfg.seed}", cfg, folder=out,
+        logger = RunLogger(uri, exp_name, f"{method_label(cfg)}-seed{cfg.seed}", cfg, folder=out, source=source,
                            tags={"pfnas.kind": "run", "pfnas.task": str(cfg.data.task or cfg.data.kind)})
         with logger.recording():
-            res = run_method(cfg, out, on_epoch=logger.log_epoch, progress=progress, **kw)
+            exp = kw.pop("exp", None) or Experiment.build(cfg)  # what run_method would build, first
+            logger.log_dataset(dataset_info(cfg, exp.data))
+            res = run_method(cfg, out, on_epoch=logger.log_epoch, progress=progress, exp=exp, **kw)
         logger.finish(res)
     return res
 

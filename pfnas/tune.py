@@ -15,6 +15,8 @@ therefore the sequence of configs do not depend on which trial happens to finish
 Metrics reported per epoch: every scalar as ``<phase>/<name>`` (latest value of each, carried across
 phases), ``val_acc`` (latest search validation accuracy), ``test_acc`` (retrain epochs), ``restored``;
 the final report adds ``test_acc``, ``tuned_params``, ``tuned_percent``, ``cost_images`` and ``complete``.
+A trial whose loss turns non-finite fails the same way on every try: it ends with a report carrying ``error``
+(and no metric), its MLflow run FAILED, instead of raising (which Ray would retry under ``max_failures``).
 The study metric is only reported once it is real, so Tune's strict metric check is turned off.
 """
 from __future__ import annotations
@@ -26,16 +28,19 @@ import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from .config import (ConfigError, ExperimentConfig, PfnasError, TrainingError, apply_overrides, merge_dotted, read_yaml,
                      validate)
+from .provenance import dataset_info, provenance_tags
 from .tracking import (
     RunLogger,
     finite_scalar,
@@ -187,6 +192,9 @@ class SpaceConfig(_Strict):
     max_failures: int = Field(1, ge=0)  # retries of a crashed trial from its last checkpoint
     keep_checkpoints: int = Field(2, ge=1)
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+    # Optuna study storage (RDB URL; a relative sqlite file resolves against this YAML; "none": in memory).
+    # Default: optuna.db next to a sqlite MLflow db, else in the Tune storage folder. --optuna-storage overrides.
+    optuna_storage: str | None = None
 
     @field_validator("scheduler", mode="before")
     @classmethod
@@ -355,8 +363,15 @@ class TrialContext:
         base = ExperimentConfig.model_validate(self.base)
         return merge_dotted(base, {**self._values(params), "name": name})
 
-    def run_name(self, params: dict[str, Any], trial_id: str) -> str:
-        return f"final s{params['seed']}" if self.kind == "final" else trial_id
+    def run_name(self, params: dict[str, Any], trial_id: str, index: int | None = None) -> str:
+        """``final s1`` for a final; for a trial ``t03 gumbel len8``: its index, the method and its sampled values."""
+        if self.kind == "final":
+            return f"final s{params['seed']}"
+        try:
+            cfg = self.config(params, "name")
+        except Exception:  # noqa: BLE001 - a name never fails a trial
+            return trial_id
+        return readable_name(index, cfg, self._values(params)) if index else trial_id
 
     def label(self, cfg: ExperimentConfig, params: dict[str, Any]) -> str:
         """Method label plus the values that make this configuration (seeds and method fields left out)."""
@@ -365,6 +380,49 @@ class TrialContext:
         tuned = ", ".join(f"{k}={format_value(v)}" for k, v in self._values(params).items()
                           if k != "seed" and not k.startswith("method."))
         return f"{method_label(cfg)} [{tuned}]" if tuned else method_label(cfg)
+
+
+_ABBREV = {"prompts.length": "len", "prompts.fusion_dim": "r", "prompts.dropout": "drop", "search.arch_lr": "alr",
+           "search.optim.lr": "slr", "train.optim.lr": "lr", "search.epochs": "se", "train.epochs": "te",
+           "search.tau.start": "tau", "search.tau.end": "tauend", "search.order": "ord", "search.cost_weight": "cw",
+           "pae.enabled": "pae", "data.task": "", "seed": "s"}
+
+
+def _short_method(cfg: ExperimentConfig) -> str:
+    m = cfg.method
+    if m.kind == "search":
+        return cfg.search.mode  # softmax | gumbel
+    if m.kind == "fixed":
+        return m.op or "policy"
+    if m.kind == "random":
+        return "random" + ("+ws" if m.weight_sharing else "")
+    return {"evolution": "evo"}.get(m.kind, m.kind)
+
+
+def _abbrev(key: str, value: Any) -> str:
+    """``prompts.length=8`` -> ``len8``, ``search.arch_lr=0.00413`` -> ``alr0.0041``, a string value as itself."""
+    if isinstance(value, str) or value is None:
+        return str(value)
+    leaf = key.split(".")[-1]
+    short = _ABBREV.get(key, "".join(w[0] for w in leaf.split("_")) if "_" in leaf else leaf[:4])
+    if isinstance(value, bool):
+        return short if value else f"no{short}"
+    if isinstance(value, float):
+        text = f"{value:.2g}"
+        text = re.sub(r"e([+-])0*(\d)", lambda m: "e" + ("-" if m.group(1) == "-" else "") + m.group(2), text)
+        return short + text
+    if isinstance(value, (list, tuple)):
+        return short + "-".join(map(str, value))
+    return f"{short}{value}"
+
+
+def readable_name(index: int, cfg: ExperimentConfig, values: dict[str, Any], limit: int = 60) -> str:
+    """A trial's MLflow run name: ``t03 gumbel len8 alr0.0041``."""
+    parts = [f"t{index:02d}", _short_method(cfg)]
+    parts += [_abbrev(k, v) for k, v in values.items()
+              if k not in ("search.mode", "name") and not k.startswith("method.")]
+    name = " ".join(p for p in parts if p)
+    return name if len(name) <= limit else name[:limit - 1] + "…"
 
 
 _CACHE: dict[str, tuple[str, Any]] = {}
@@ -391,11 +449,15 @@ def _cached_experiment(cfg: ExperimentConfig):
     return exp
 
 
-def run_trial_method(cfg: ExperimentConfig, out_dir: str | Path, on_epoch=None) -> dict[str, Any]:
-    """``baselines.run_method`` (every ``method.kind``) on the experiment cached in this worker."""
+def run_trial_method(cfg: ExperimentConfig, out_dir: str | Path, on_epoch=None, on_data=None) -> dict[str, Any]:
+    """``baselines.run_method`` (every ``method.kind``) on the experiment cached in this worker; ``on_data`` gets the
+    decoded task (``TaskData``) first."""
     from .baselines import run_method
 
-    return run_method(cfg, out_dir, on_epoch=on_epoch, exp=_cached_experiment(cfg))
+    exp = _cached_experiment(cfg)
+    if on_data is not None:
+        on_data(exp.data)
+    return run_method(cfg, out_dir, on_epoch=on_epoch, exp=exp)
 
 
 def _policy_str(policy: Any) -> str:
@@ -471,15 +533,17 @@ def pfnas_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         ckpt.to_directory(str(work))
     cfg = ctx.config(config, f"{ctx.study}-{trial_id}")
     rid = work / "mlflow_run_id"
-    logger = RunLogger(ctx.tracking_uri, ctx.experiment, ctx.run_name(config, trial_id), cfg,
-                       parent_run_id=ctx.parent_run_id, run_id=rid.read_text().strip() if rid.is_file() else None,
-                       reuse_tags={"pfnas.trial_id": trial_id}, folder=work,
+    m = re.match(r"(\d+)_", Path(tctx.get_trial_dir()).name)  # trial_dirname: 0003_<id>
+    logger = RunLogger(ctx.tracking_uri, ctx.experiment, ctx.run_name(config, trial_id, int(m.group(1)) if m else None),
+                       cfg, parent_run_id=ctx.parent_run_id, run_id=rid.read_text().strip() if rid.is_file() else None,
+                       reuse_tags={"pfnas.trial_id": trial_id}, folder=work, source="pfnas tune", source_type="JOB",
                        tags={**ctx.tags, "pfnas.kind": ctx.kind, "pfnas.study": ctx.study, "pfnas.trial_id": trial_id,
                              "pfnas.label": ctx.label(cfg, config)})
     reporter = _TrialReporter(work, logger, restored=ckpt is not None)
     try:
         with logger.recording():  # a scheduler's stop (SystemExit) closes the run as KILLED, an error as FAILED
-            res = run_trial_method(cfg, work, reporter.on_epoch)
+            res = run_trial_method(cfg, work, reporter.on_epoch,
+                                   on_data=lambda data: logger.log_dataset(dataset_info(cfg, data)))
     except TrainingError as e:
         if not e.deterministic:  # e.g. out of memory: another try (FailureConfig) may fit
             raise
@@ -552,6 +616,22 @@ class TrialRecord:
     values: list[float] | None = None  # every objective, when all are finite
 
 
+class _FitTable:
+    """A table that takes the wide layout when it fits the console and the compact one otherwise (80 columns: the
+    tuned params wrap in one column, the policy keeps its own)."""
+
+    def __init__(self, build):
+        self.build = build
+        self.title = build(False).title
+
+    def __rich_console__(self, console, options):
+        from rich.measure import Measurement
+
+        wide = self.build(False)
+        natural = Measurement.get(console, options.update_width(100_000), wide).maximum
+        yield wide if natural <= options.max_width else self.build(True)
+
+
 @dataclass
 class StudySummary:
     """Outcome of one study; renders as a rich table (``console.print(summary)``)."""
@@ -572,10 +652,12 @@ class StudySummary:
     group_finals: list[FinalsRecord] = field(default_factory=list)  # per grid variant / per Pareto-front point
     objectives: list[str] = field(default_factory=list)
     front: list[TrialRecord] = field(default_factory=list)  # Pareto studies: the non-dominated trials
+    optuna_storage: str | None = None  # RDB URL of the Optuna study (optuna.load_study, optuna-dashboard)
+    optuna_study: str | None = None
 
-    def __rich__(self):
+    def _table(self, compact: bool):
+        """The trials table: one column per tuned param, or (``compact``) the params as one wrapped ``k=v`` column."""
         from rich import box
-        from rich.console import Group
         from rich.table import Table
         from rich.text import Text
 
@@ -585,25 +667,38 @@ class StudySummary:
         t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
         for col in ["#", "trial", "state"]:
             t.add_column(col, no_wrap=True)
-        for key in _short_names(self.param_keys):
-            t.add_column(key.replace(".", ".\n"), no_wrap=True)
+        short = _short_names(self.param_keys)
+        if compact:
+            t.add_column("config", ratio=1, min_width=12)
+        else:
+            for key in short:
+                t.add_column(key.replace(".", ".\n"), no_wrap=True)
         t.add_column(self.metric.replace("_", "\n"), no_wrap=True)
         entropy = any(finite_scalar(r.metrics.get("search/alpha_entropy")) for r in self.trials)
         if entropy:  # mean normalised entropy of softmax(alpha) after the search: 1 = uniform, 0 = decided
             t.add_column("H(α)", no_wrap=True)
         t.add_column("tuned\nparams", no_wrap=True)
-        t.add_column("policy", overflow="fold", min_width=11)
+        t.add_column("policy", ratio=1, min_width=15)  # wraps between ops: one or more lines per trial
         for r in self.trials:
             star = "*" if self.best is not None and r.trial_id == self.best.trial_id else ""
             star += "+" if any(r is p for p in self.front) else ""
             policy = " ".join(_OP_ABBREV.get(op, op) for op in str(r.metrics.get("policy", "")).split(",") if op)
             tp = r.metrics.get("tuned_params")
             h = r.metrics.get("search/alpha_entropy")
+            values = [format_value(r.params.get(k, "")) for k in self.param_keys]
             t.add_row(str(r.index), r.trial_id + star, _STATUS.get(r.status, r.status),
-                      *[Text(format_value(r.params.get(k, ""))) for k in self.param_keys],
+                      *([Text(" ".join(f"{k}={v}" for k, v in zip(short, values)))] if compact
+                        else [Text(v) for v in values]),
                       f"{r.value:.4f}" if r.value is not None else "-",
                       *([f"{h:.2f}" if finite_scalar(h) else "-"] if entropy else []),
                       f"{int(tp)}" if finite_scalar(tp) else "-", "-" if r.error else policy)
+        return t
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.text import Text
+
+        t = _FitTable(self._table)
         lines = ["policy per layer: pre=prepend add=add aff=affine xat=cross_attn; * best trial"]
         lines += [f"trial {r.trial_id} failed: {r.error}" for r in self.trials if r.error]
         if self.best is not None:
@@ -624,6 +719,9 @@ class StudySummary:
                              f"trial {f.trial_id})")
         lines.append(f"MLflow: {self.tracking_uri} experiment {self.mlflow_experiment!r} parent run {self.parent_run_id}")
         lines.append(f"Tune: {self.experiment_path}")
+        if self.optuna_study:
+            lines.append(f"Optuna: study {self.optuna_study!r} in {self.optuna_storage} "
+                         f"(optuna-dashboard {self.optuna_storage})")
         lines += self.notes
         return Group(t, Text("\n".join(lines)))
 
@@ -695,7 +793,8 @@ def _parent_run(client, exp_id: str, plan: StudyPlan, space: SpaceConfig, space_
             return previous
         except Exception as e:  # noqa: BLE001 - e.g. another tracking store: start a new parent
             log.warning("cannot reopen MLflow parent run %s (%s); starting a new one", previous, _error_line(e))
-    tags = {"pfnas.kind": "study", "pfnas.study": plan.name, "pfnas.space": str(space_path)}
+    tags = {"pfnas.kind": "study", "pfnas.study": plan.name, "pfnas.space": str(space_path),
+            **provenance_tags("pfnas tune", "LOCAL", plan.base)}
     if plan.task:
         tags["pfnas.task"] = plan.task
     run = client.create_run(exp_id, tags=tags, run_name=plan.name)
@@ -720,7 +819,258 @@ def _close_orphans(client, exp_id: str, parent: str) -> int:
     return len(found)
 
 
-def _tuner(plan: StudyPlan, space: SpaceConfig, trainable, storage: str, num_samples: int):
+# ----------------------------------------------------------------------------- Optuna storage
+def _sqlite_url(url: str, base: Path | None = None) -> str:
+    """A relative ``sqlite:///file.db`` made absolute against ``base`` (default: the cwd); other URLs unchanged."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        rest = url[len("sqlite:///"):]
+        if rest and rest != ":memory:":
+            return "sqlite:///" + os.path.normpath(str((base or Path.cwd()) / Path(rest).expanduser()))
+    return url
+
+
+def default_optuna_storage(tracking_uri: str, storage_root: str) -> str | None:
+    """``sqlite:///<dir>/optuna.db`` next to a sqlite MLflow db, else next to a local Tune storage folder; else None
+    (an in-memory study)."""
+    if tracking_uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(tracking_uri[len("sqlite:///"):]).parent / "optuna.db")
+    if "://" not in storage_root:
+        return "sqlite:///" + str(Path(storage_root) / "optuna.db")
+    return None
+
+
+def _rdb(url: str | None):
+    if not url:
+        return None
+    import optuna
+
+    kw = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if url.startswith("sqlite:") else {}
+    if url.startswith("sqlite:////"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(url, **kw)
+
+
+def _optuna_study_name(url: str, name: str) -> str | None:
+    """``name``, or ``name-2``, ``name-3``... when the storage already holds a study of that name (a fresh study never
+    continues another's sampler history). None (with a warning) when the storage cannot be opened."""
+    import optuna
+
+    try:
+        taken = set(optuna.study.get_all_study_names(_rdb(url)))
+    except Exception as e:  # noqa: BLE001 - a bad URL or driver: the study runs with an in-memory sampler
+        log.warning("cannot open Optuna storage %s (%s); the study's sampler stays in memory", url, _error_line(e))
+        return None
+    k, out = 1, name
+    while out in taken:
+        k += 1
+        out = f"{name}-{k}"
+    return out
+
+
+# ----------------------------------------------------------------------------- live progress
+_DISPLAY: list[Any] = []  # the live table of this driver process (set by run_tune); _Progress callbacks feed it
+
+
+class _Progress(Callback):
+    """Driver-side Tune callback that feeds pfnas's live table. It holds plain data only: Tune pickles it with the
+    run config, and a restored study's copy finds the display of the process that resumes it."""
+
+    def __init__(self, title: str, metric: str, ctx: TrialContext, total: int, mode: str = "max"):
+        self.title, self.metric, self.ctx, self.total, self.mode = title, metric, ctx, int(total), mode
+
+    def _display(self):
+        return _DISPLAY[-1] if _DISPLAY else None
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        d = self._display()
+        if d is not None:
+            d.update(self, trials)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        d = self._display()
+        if d is not None:
+            d.update(self, trials, done=trial)
+
+    on_trial_error = on_trial_complete
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        d = self._display()
+        if d is not None:
+            d.update(self, trials, end=True)
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "-"
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+class LiveTable:
+    """One live rich table per Tune run: trial, state, key params, phase (epoch of planned), the latest value of the
+    study metric and an ETA from epochs done vs planned (search.epochs + train.epochs). On a terminal it redraws in
+    place (at most twice a second); elsewhere (a log file, a pipe) it prints one line per finished trial."""
+
+    def __init__(self, console=None, refresh_s: float = 0.5):
+        from rich.console import Console
+
+        self.console = console or Console()
+        self.refresh_s = refresh_s
+        self.live = None
+        self.t0 = None
+        self._last = 0.0
+        self._planned: dict[str, int] = {}
+        self._said: set[str] = set()
+        self._owner = None
+
+    def _plan(self, cb: _Progress, trial) -> int:
+        if trial.trial_id not in self._planned:
+            try:
+                cfg = cb.ctx.config(trial.config or {}, "x")
+                n = (cfg.search.epochs if cfg.method.kind == "search" else 0) + cfg.train.epochs
+            except Exception:  # noqa: BLE001
+                n = 0
+            self._planned[trial.trial_id] = n
+        return self._planned[trial.trial_id]
+
+    def _progress(self, cb: _Progress, trial) -> tuple[int, int, str]:
+        """(epochs done, planned, phase text) of a trial from its last result."""
+        r = trial.last_result or {}
+        planned, phase, epoch = self._plan(cb, trial), str(r.get("phase", "")), int(r.get("epoch", 0) or 0)
+        search_epochs = planned - self._train_epochs(cb, trial)
+        if phase in ("done", "failed") or trial.status in ("TERMINATED", "ERROR"):
+            return planned, planned, phase or trial.status.lower()
+        if phase == "search":
+            return epoch, planned, f"search {epoch}/{search_epochs}"
+        if phase == "retrain":
+            return search_epochs + epoch, planned, f"retrain {epoch}/{planned - search_epochs}"
+        return 0, planned, "" if trial.status == "PENDING" else (phase or "starting")
+
+    def _train_epochs(self, cb: _Progress, trial) -> int:
+        try:
+            return cb.ctx.config(trial.config or {}, "x").train.epochs
+        except Exception:  # noqa: BLE001
+            return 0
+
+    def _table(self, cb: _Progress, trials: list, done=None):
+        from rich import box
+        from rich.table import Table
+
+        now = time.monotonic()
+        rows, done_all, planned_all, best = [], 0, 0, None
+        finished = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        if done is not None:  # the trial being completed: Tune sets its status after the callbacks
+            finished.add(done.trial_id)
+        for t in sorted(trials, key=lambda t: (_trial_index(t), t.trial_id)):
+            n, planned, phase = self._progress(cb, t)
+            if t.trial_id in finished:
+                n = planned
+            done_all, planned_all = done_all + n, planned_all + planned
+            r = t.last_result or {}
+            v = r.get(cb.metric)
+            if finite_scalar(v) and t.trial_id in finished and not r.get("error"):
+                best = v if best is None else (max(best, v) if cb.mode == "max" else min(best, v))
+            rows.append((t, phase, v, n, planned, r))
+        missing = max(cb.total - len(trials), 0)  # trials not created yet: planned like the last one
+        if missing and rows:
+            planned_all += missing * rows[-1][4]
+        elapsed = now - self.t0
+        eta = elapsed * (planned_all - done_all) / done_all if done_all else None
+        n_done = len(finished)
+        self._counts, self._eta = (n_done, best), eta
+        title = (f"{cb.title}: {n_done}/{cb.total} trials"
+                 + (f", best {cb.metric} {best:.4f}" if best is not None else "") + f", elapsed {_eta(elapsed)}"
+                 + (f", ETA {_eta(eta)}" if n_done < cb.total else ""))
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for col in ("#", "trial", "state"):
+            table.add_column(col, no_wrap=True)
+        keys = [k for k in cb.ctx.param_keys]
+        for k in _short_names(keys):
+            table.add_column(k, overflow="fold")
+        table.add_column("phase", overflow="fold")
+        table.add_column(cb.metric, no_wrap=True)
+        table.add_column("ETA", no_wrap=True)
+        for t, phase, v, done, planned, r in rows:
+            t_eta = None
+            if t.status == "RUNNING" and done and finite_scalar(r.get("time_total_s")):
+                t_eta = float(r["time_total_s"]) * (planned - done) / done
+            state = {"TERMINATED": "done", "ERROR": "error"}.get(t.status, t.status.lower())
+            table.add_row(str(_trial_index(t)), t.trial_id, state,
+                          *[format_value((t.config or {}).get(k, "")) for k in keys], phase,
+                          f"{v:.4f}" if finite_scalar(v) else "-", _eta(t_eta) if t.status == "RUNNING" else "")
+        return table, title
+
+    def update(self, cb: _Progress, trials: list, done=None, end: bool = False) -> None:
+        from rich.live import Live
+
+        if self._owner is not cb:  # a new Tune run (the finals after the study): a fresh table
+            self.close()
+            self._owner, self.t0, self._said = cb, time.monotonic(), set()
+        terminal = self.console.is_terminal and not self.console.is_dumb_terminal
+        if not terminal:  # one line per finished trial
+            if done is not None and done.trial_id not in self._said:
+                self._said.add(done.trial_id)
+                table, title = self._table(cb, trials, done)
+                r = done.last_result or {}
+                v = r.get(cb.metric)
+                state = "error" if done.status == "ERROR" or r.get("error") else "done"
+                n_done, best = self._counts
+                label = (f"seed {(done.config or {}).get('seed')}" if cb.ctx.kind == "final"
+                         else f"t{_trial_index(done):02d}")
+                self.console.print(f"{cb.title}: {label} {state}"
+                                   + (f" {cb.metric}={v:.4f}" if finite_scalar(v) else "")
+                                   + f" | {n_done}/{cb.total} done" + (f", best {best:.4f}" if best is not None else "")
+                                   + f", {_eta(time.monotonic() - self.t0)}"
+                                   + (f", ETA {_eta(self._eta)}" if n_done < cb.total else ""), highlight=False)
+            return
+        now = time.monotonic()
+        if not (end or done is not None) and now - self._last < self.refresh_s:
+            return
+        self._last = now
+        from rich.console import Group
+        from rich.text import Text
+
+        table, title = self._table(cb, trials, done)
+        table = Group(Text(title, style="bold"), table)
+        if self.live is None:
+            self.live = Live(table, console=self.console, auto_refresh=False, transient=True)
+            self.live.start()
+        self.live.update(table, refresh=True)
+        if end:
+            self.close()
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+        self._owner = None
+
+
+def _n_trials(space: SpaceConfig, plan: StudyPlan, num_samples: int) -> int:
+    """Trials a study will run: ``num_samples``, times the size of the grid for a grid study."""
+    n = num_samples
+    if space.algorithm == "grid":
+        n *= max(len(plan.variants), 1)
+        for p in plan.params.values():
+            n *= len(p.values or [None])
+    return n
+
+
+def _fit(tuner):
+    """``tuner.fit()``, closing the live table even when interrupted."""
+    try:
+        return tuner.fit()
+    finally:
+        if _DISPLAY:
+            _DISPLAY[-1].close()
+
+
+def _tuner(plan: StudyPlan, space: SpaceConfig, trainable, storage: str, num_samples: int, *, verbose: bool = True,
+           optuna_storage: str | None = None, optuna_study: str | None = None, progress: Any = None):
+    """The study's Tuner: Optuna TPE (its study in ``optuna_storage`` when given: sqlite/RDB URL) or a grid.
+
+    ``verbose`` keeps Ray's own per-trial output; otherwise Tune is silent and ``progress`` (a :class:`_Progress`
+    callback) feeds pfnas's live table."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -735,7 +1085,8 @@ def _tuner(plan: StudyPlan, space: SpaceConfig, trainable, storage: str, num_sam
     run_config = tune.RunConfig(name=plan.name, storage_path=storage,
                                 failure_config=tune.FailureConfig(max_failures=space.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints),
-                                verbose=1)
+                                verbose=1 if verbose else 0,
+                                callbacks=[progress] if progress is not None and not verbose else None)
     if space.algorithm == "grid":  # Tune's variant generator: the full cross product, num_samples repeats
         grid = {"variant": tune.grid_search(list(range(len(plan.variants))))} if plan.variants else {}
         grid.update({key: tune.grid_search(list(p.values)) for key, p in plan.params.items()})
@@ -747,7 +1098,8 @@ def _tuner(plan: StudyPlan, space: SpaceConfig, trainable, storage: str, num_sam
     sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
     searcher = PfnasOptunaSearch(space={key: p.distribution() for key, p in plan.params.items()},
                                  metric=space.metric, mode=space.mode, sampler=sampler,  # str, or lists
-                                 points_to_evaluate=plan.points or None)
+                                 points_to_evaluate=plan.points or None, storage=_rdb(optuna_storage),
+                                 study_name=optuna_study if optuna_storage else None)
     if space.sync_batches:
         searcher = ConcurrencyLimiter(searcher, max_concurrent=k, batch=True)
     return tune.Tuner(
@@ -760,7 +1112,8 @@ def _tuner(plan: StudyPlan, space: SpaceConfig, trainable, storage: str, num_sam
 
 
 def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage: str, tracking_uri: str,
-               mlflow_experiment: str, resume: bool, num_samples: int) -> StudySummary:
+               mlflow_experiment: str, resume: bool, num_samples: int, verbose: bool = False,
+               optuna_storage: str | None = None) -> StudySummary:
     from ray import tune
 
     exp_path = f"{storage.rstrip('/')}/{plan.name}"
@@ -787,6 +1140,12 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
                                                          f"tags.`pfnas.study` = '{plan.name}'")
                 earlier = found[0].info.run_id if found else None
         parent = _parent_run(client, exp_id, plan, space, space_path, earlier)
+        optuna_study = None
+        if optuna_storage and space.algorithm == "optuna":  # the sampler's study in RDB storage (optuna-dashboard)
+            optuna_study = previous.get("optuna_study") if restoring else _optuna_study_name(optuna_storage, plan.name)
+            if optuna_study:
+                client.set_tag(parent, "pfnas.optuna_storage", optuna_storage)
+                client.set_tag(parent, "pfnas.optuna_study", optuna_study)
     except PfnasError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -800,12 +1159,16 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
         state_path.parent.mkdir(parents=True, exist_ok=True)
         state_path.write_text(json.dumps({"study": plan.name, "parent_run_id": parent, "tracking_uri": tracking_uri,
                                           "mlflow_experiment": mlflow_experiment, "digest": digest,
-                                          "space": str(space_path)}, indent=1))
-    if restoring:
+                                          "space": str(space_path), "optuna_storage": optuna_storage if optuna_study
+                                          else None, "optuna_study": optuna_study}, indent=1))
+    if restoring:  # the search state (OptunaSearch with its RDB study) comes back from Tune's experiment folder
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
     else:
-        tuner = _tuner(plan, space, trainable, storage, num_samples)
-    results = tuner.fit()
+        tuner = _tuner(plan, space, trainable, storage, num_samples, verbose=verbose,
+                       optuna_storage=optuna_storage if optuna_study else None, optuna_study=optuna_study,
+                       progress=_Progress(f"study {plan.name}", space.metrics[0], ctx,
+                                          _n_trials(space, plan, num_samples), space.modes[0]))
+    results = _fit(tuner)
 
     recs = _records(results, space.metrics, plan.param_keys)
     primary, primary_mode = space.metrics[0], space.modes[0]
@@ -816,7 +1179,7 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
         final_cfg, fctx = _final_context(ctx, plan, best, primary)
         best_cfg = final_cfg.model_dump(mode="json")
         if space.final.seeds:
-            finals = _run_finals(fctx, final_cfg, best, space, storage, trainable_resources=resources)
+            finals = _run_finals(fctx, final_cfg, best, space, storage, trainable_resources=resources, verbose=verbose)
     group_finals: list[FinalsRecord] = []  # a grid's variants, or a Pareto study's front: each point finalised
     groups: list[tuple[str, str, TrialRecord]] = []
     if space.final.per_variant:
@@ -832,7 +1195,8 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
             rec = replace(finals, label=label)
         else:
             ccfg, cctx = _final_context(ctx, plan, chosen, primary)
-            rec = _run_finals(cctx, ccfg, chosen, space, storage, trainable_resources=resources, suffix=suffix)
+            rec = _run_finals(cctx, ccfg, chosen, space, storage, trainable_resources=resources, suffix=suffix,
+                              verbose=verbose)
             rec.label = label
         group_finals.append(rec)
     for r in recs:  # show a grid variant as its overrides, not its index
@@ -891,7 +1255,8 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
         notes += [f"final seed {seed} of trial {rec.trial_id} failed: {err}" for seed, err in rec.errors]
     return StudySummary(plan.name, primary, primary_mode, plan.param_keys, recs, best, best_path, exp_path,
                         tracking_uri, mlflow_experiment, parent, notes, finals, group_finals,
-                        objectives=space.metrics, front=front)
+                        objectives=space.metrics, front=front, optuna_storage=optuna_storage if optuna_study else None,
+                        optuna_study=optuna_study)
 
 
 @dataclass
@@ -933,7 +1298,8 @@ def _final_context(ctx: TrialContext, plan: StudyPlan, best: TrialRecord,
 
 
 def _run_finals(fctx: TrialContext, final_cfg: ExperimentConfig, best: TrialRecord, space: SpaceConfig,
-                storage: str, trainable_resources: dict[str, float], suffix: str = "") -> FinalsRecord:
+                storage: str, trainable_resources: dict[str, float], suffix: str = "",
+                verbose: bool = False) -> FinalsRecord:
     """Retrain the selected config on train+val and test it once per seed, as a Tune grid over seeds.
 
     The finals live in ``<storage>/<study>-final``; a resumed study continues them when the selected trial
@@ -959,11 +1325,13 @@ def _run_finals(fctx: TrialContext, final_cfg: ExperimentConfig, best: TrialReco
             tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=space.max_concurrent_trials,
                                         reuse_actors=True, trial_name_creator=trial_name,
                                         trial_dirname_creator=trial_dirname),
-            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1 if verbose else 0,
+                                      callbacks=[] if verbose else [_Progress(
+                                          f"finals of trial {best.trial_id}{suffix}", "test_acc", fctx, len(seeds))],
                                       failure_config=tune.FailureConfig(max_failures=space.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints)))
     rec = FinalsRecord(best.trial_id, [], [])
-    for r in sorted(tuner.fit(), key=lambda r: (r.config or {}).get("seed", 0)):
+    for r in sorted(_fit(tuner), key=lambda r: (r.config or {}).get("seed", 0)):
         seed = int((r.config or {}).get("seed", -1))
         acc = (r.metrics or {}).get("test_acc")
         if r.error is None and finite_scalar(acc):
@@ -975,6 +1343,44 @@ def _run_finals(fctx: TrialContext, final_cfg: ExperimentConfig, best: TrialReco
     return rec
 
 
+class _Quiet:
+    """Quiet Ray/Tune/Optuna loggers for the run (``on``), restored afterwards; ``init_kwargs`` for ``ray.init``."""
+
+    LOGGERS = ("ray", "ray.tune", "ray.train", "ray.air", "ray.data", "optuna")
+
+    def __init__(self, on: bool):
+        self.on = on
+        self.levels = {n: logging.getLogger(n).level for n in self.LOGGERS}
+        self.optuna = None
+        self.new_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
+        if on:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the new engine prints its header and paths even at verbose=0
+            import optuna
+
+            self.optuna = optuna.logging.get_verbosity()
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            for n in self.LOGGERS:
+                logging.getLogger(n).setLevel(logging.WARNING)
+
+    def init_kwargs(self) -> dict[str, Any]:
+        # ERROR: no "Started a local Ray instance" / token-authentication notes on the quiet terminal; worker output
+        # (actor shutdown noise included) stays in Ray's session logs, trial errors reach the summary anyway
+        return {"logging_level": logging.ERROR, "log_to_driver": False} if self.on else {}
+
+    def restore(self) -> None:
+        if not self.on:
+            return
+        import optuna
+
+        optuna.logging.set_verbosity(self.optuna)
+        if self.new_output is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = self.new_output
+        for n, level in self.levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
 def _storage_root(storage: str | None) -> str:
     if storage and "://" in storage:
         return storage
@@ -983,7 +1389,8 @@ def _storage_root(storage: str | None) -> str:
 
 def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri: str | None = None,
              experiment: str | None = None, storage: str | None = None, resume: bool = False,
-             overrides: list[str] | None = None, num_samples: int | None = None) -> TuneSummary:
+             overrides: list[str] | None = None, num_samples: int | None = None, optuna_storage: str | None = None,
+             verbose: bool = False, console=None) -> TuneSummary:
     """Run (or with ``resume`` continue) the studies of a space YAML; returns a printable summary.
 
     ``address``: Ray cluster (``auto``, ``ray://host:10001``); None starts a local Ray unless one is
@@ -991,6 +1398,10 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
     ``mlflow.tracking_uri`` > ``sqlite:///mlflow.db``, made absolute and handed to every trial.
     ``experiment`` names both the study and the MLflow experiment. ``storage``: Tune storage path
     (default ``./ray_results``); ``<storage>/<study>/best_config.yaml`` receives the best config.
+    ``optuna_storage``: the RDB URL of the Optuna study (explicit > the space's ``optuna_storage`` > ``optuna.db``
+    next to a sqlite MLflow db, else in the Tune storage folder; ``none``: in memory). ``verbose`` keeps Ray Tune's
+    own output (per-trial tables and results); otherwise Ray, Tune and Optuna stay quiet and a live pfnas table
+    (:class:`LiveTable`) is drawn on ``console``.
     """
     space_path = Path(space_path)
     space, plans = load_space(space_path, overrides, experiment)
@@ -1003,6 +1414,14 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
                                    if space.mlflow.tracking_uri else None)
     mlflow_experiment = experiment or space.mlflow.experiment or space.name
     root = _storage_root(storage)
+    if optuna_storage:
+        ostore = _sqlite_url(optuna_storage)
+    elif space.optuna_storage:
+        ostore = _sqlite_url(space.optuna_storage, space_path.resolve().parent)
+    else:
+        ostore = default_optuna_storage(uri, root)
+    if ostore and ostore.strip().lower() in ("none", "memory"):
+        ostore = None
 
     from ray import tune
 
@@ -1016,9 +1435,10 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
 
     import ray
 
+    quiet = _Quiet(not verbose)
     started = False
     if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True)
+        ray.init(address=address, ignore_reinit_error=True, **quiet.init_kwargs())
         started = True
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
@@ -1026,12 +1446,18 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     strict = os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # the study metric only appears once it is real
+    if not verbose:
+        _DISPLAY.append(LiveTable(console))
     try:
         studies = [_run_study(p, space, space_path, storage=root, tracking_uri=uri,
                               mlflow_experiment=mlflow_experiment, resume=resume and p.name in existing,
                               num_samples=num_samples or space.num_samples
-                              or (1 if space.algorithm == "grid" else 8)) for p in plans]
+                              or (1 if space.algorithm == "grid" else 8), verbose=verbose,
+                              optuna_storage=ostore) for p in plans]
     finally:
+        if not verbose:
+            _DISPLAY.pop().close()
+        quiet.restore()
         if strict is None:
             os.environ.pop("TUNE_DISABLE_STRICT_METRIC_CHECKING", None)
         else:

@@ -90,38 +90,32 @@ def test_run_method_refuses_a_folder_of_another_seed(tmp_path):
     assert run_method(cfg, tmp_path)["test_acc"] == first["test_acc"]  # same config: resumed
 
 
-def _holder(out: Path, cfg_path: Path) -> subprocess.Popen:
-    """Another process holding ``out`` as a run would (pfnas.engine.claim_run_dir), until killed."""
-    code = ("import sys, time, yaml\n"
-            "from pfnas.config import ExperimentConfig\n"
-            "from pfnas.engine import claim_run_dir\n"
-            "cfg = ExperimentConfig.model_validate(yaml.safe_load(open(sys.argv[2])))\n"
-            "with claim_run_dir(cfg, sys.argv[1]):\n"
-            "    print('held', flush=True)\n"
-            "    time.sleep(600)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(out), str(cfg_path)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
-
 def test_second_run_on_a_locked_folder_refused_and_kill_9_frees_it(tmp_path, tiny_yaml, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "out"
-    proc = _holder(out, tiny_yaml)
+    args = ["run", "-c", str(tiny_yaml), "--set", "train.epochs=200", "-o", str(out)]
+    holder = subprocess.Popen([sys.executable, "-m", "pfnas", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
-        rc, err = _run(capsys, "run", "-c", str(tiny_yaml), "-o", str(out))
+        deadline = time.monotonic() + 240
+        while not (out / "retrain.pt").is_file():  # the holder is training (~45 ms per epoch, 200 epochs)
+            assert holder.poll() is None, holder.stderr.read()
+            assert time.monotonic() < deadline, "the first run never checkpointed"
+            time.sleep(0.05)
+        rc, err = _run(capsys, *args)
+        assert holder.poll() is None  # still running: the refusal is the lock's
         assert rc == 2
-        _one_error_line(err, str(out), "in use by another pfnas run", f"pid {proc.pid}")
-        assert not (out / "result.json").exists()
-        rc, err = _run(capsys, "baseline", "probe", "-c", str(tiny_yaml), "-o", str(out.parent / "p"))
+        _one_error_line(err, str(out), "in use by another pfnas run", f"pid {holder.pid}")
+        rc, err = _run(capsys, "baseline", "probe", "-c", str(tiny_yaml), "-o", str(tmp_path / "p"))
         assert rc == 0, err  # other folders are free
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    assert (out / ".lock").is_file()  # the file stays; its lock died with the holder
-    rc, err = _run(capsys, "run", "-c", str(tiny_yaml), "-o", str(out))
+        holder.send_signal(signal.SIGKILL)  # kill -9: no cleanup runs, the kernel drops the lock
+        holder.communicate(timeout=30)
+    assert not (out / "result.json").exists() and (out / ".lock").is_file()
+    rc, err = _run(capsys, *args)  # resumes from the holder's last checkpoint
     assert rc == 0, err
+    last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert (last["phase"], last["epoch"]) == ("retrain", 200)
     assert json.loads((out / "result.json").read_text())["test_acc"] is not None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 import pfnas.baselines as bl
 from conftest import tiny_config
@@ -115,3 +116,28 @@ def test_demo_space_search_decides(tmp_path):
     phase = run_search(Experiment.build(cfg), tmp_path)
     entropy = [h["alpha_entropy"] for h in phase.history]
     assert entropy[0] > entropy[-1] and entropy[-1] <= 0.7, entropy
+
+
+def test_perturbation_selection_reads_val_only(exp, reads, tmp_path):
+    """search.select=perturb picks each layer's op by supernet val accuracy with that op pinned: the chosen
+    op's pinned score is the best of its layer, and only train/val are read."""
+    from pfnas.engine import PIN_LOGIT, evaluate, run_search
+
+    cfg = tiny_config(search={"select": "perturb", "epochs": 2, "optim": {"lr": 1.0, "warmup_epochs": 0}})
+    phase = run_search(Experiment(cfg, exp.backbone, exp.data, exp.device), tmp_path)
+    assert "test" not in reads and "trainval" not in reads
+    model, policy = phase.model, phase.policy
+    alpha = model.alpha.detach().clone()
+    assert policy == {int(k): v for k, v in __import__("json").loads((tmp_path / "policy.json").read_text()).items()}
+    with torch.no_grad():  # replay the last layer's decision with every earlier layer pinned as chosen
+        for l in range(model.depth - 1):
+            model.alpha[l].fill_(-PIN_LOGIT)
+            model.alpha[l, model.candidates.index(policy[l])] = PIN_LOGIT
+        last = model.depth - 1
+        scores = []
+        for i in range(len(model.candidates)):
+            model.alpha[last].fill_(-PIN_LOGIT)
+            model.alpha[last, i] = PIN_LOGIT
+            scores.append(evaluate(model, exp.data, "val", 256, exp.device)["acc"])
+        model.alpha.copy_(alpha)
+    assert scores[model.candidates.index(policy[last])] == max(scores)

@@ -62,6 +62,23 @@ def test_logger_buffers_through_an_outage_then_flushes(tmp_path):
     assert client.get_run(lg.run_id).info.status == "FINISHED"
 
 
+def test_resumed_run_logs_each_step_once(uri):
+    """A run killed after epoch 3 but resumed from its epoch-2 checkpoint re-runs epoch 3: one point per step."""
+    cfg = tiny_config()
+    first = RunLogger(uri, "resume", "r", cfg)
+    for e in (1, 2, 3):
+        first.log_epoch({"phase": "retrain", "epoch": e, "train_loss": 1.0 / e})
+    first.log_metrics({"val_acc": 0.5})  # a final metric logged before the kill
+    again = RunLogger(uri, "resume", "r", cfg, run_id=first.run_id)  # the resumed trial reopens its run
+    for e in (3, 4):
+        again.log_epoch({"phase": "retrain", "epoch": e, "train_loss": 1.0 / e})
+    again.finish({"val_acc": 0.5})
+    client = make_client(uri)
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "retrain/train_loss")) == [1, 2, 3, 4]
+    assert len(client.get_metric_history(first.run_id, "val_acc")) == 1
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+
+
 def test_logger_reuses_the_run_of_a_retried_trial(uri):
     client = make_client(uri)
     exp = get_experiment_id(client, "retry", uri)  # artifacts beside the database, not in the cwd

@@ -71,7 +71,7 @@ def test_study_trials_have_nested_mlflow_runs(study):
     assert len(parents) == 1 and parents[0].info.run_id == s.parent_run_id
     assert parents[0].data.params["param.search.arch_lr"].startswith("loguniform")
     assert parents[0].data.metrics["best_val_acc"] == pytest.approx(s.best.value)
-    by_name = {r.info.run_name: r for r in trials}
+    by_name = {r.data.tags["pfnas.trial_id"]: r for r in trials}  # run names are readable: t01 softmax ...
     assert sorted(by_name) == sorted(t.trial_id for t in s.trials)
     for t in s.trials:
         run = by_name[t.trial_id]
@@ -191,10 +191,10 @@ def test_diverging_trial_fails_alone(ray_session, tmp_path, tracking):
     assert s.best is not None and s.best.params["search.optim.lr"] in (1.0, 2.0)
     assert "1 errored" in str(s.__rich__().renderables[0].title)
     _, _, runs = trial_runs(uri, "nan")
-    status = {r.info.run_name: r.info.status for r in runs}
+    status = {r.data.tags["pfnas.trial_id"]: r.info.status for r in runs}
     assert len(runs) == 3
     assert status[bad.trial_id] == "FAILED"
-    assert "TrainingError" in next(r for r in runs if r.info.run_name == bad.trial_id).data.tags["pfnas.error"]
+    assert "TrainingError" in next(r for r in runs if r.data.tags["pfnas.trial_id"] == bad.trial_id).data.tags["pfnas.error"]
     state = json.loads(sorted((tmp_path / "ray" / "nan").glob("experiment_state-*.json"))[-1].read_text())
     failures = {json.loads(t)["trial_id"]: json.loads(m)["num_failures"] for t, m in state["trial_data"]}
     assert failures == {t.trial_id: 0 for t in s.trials}  # the NaN trial ran once: max_failures=2 did not retry it
@@ -272,6 +272,12 @@ def test_kill_and_resume(ray_session, tmp_path, tracking):
     before = {t: r for t, (st, r) in _tune_state(exp_dir).items() if st == "TERMINATED"}
     assert before and len(before) < 3
     (exp_dir / "pfnas_study.json").unlink()  # as with s3:// storage: the parent run is found by its MLflow tags
+    # a trial killed with the driver before Tune recorded it: its MLflow run exists, Tune will never resume it
+    client = make_client(uri)
+    exp_id = client.get_experiment_by_name("killme").experiment_id
+    (parent,) = client.search_runs([exp_id], filter_string="tags.`pfnas.kind` = 'study'")
+    orphan = client.create_run(exp_id, run_name="lost", tags={"pfnas.kind": "trial", "pfnas.trial_id": "lost",
+                                                              "mlflow.parentRunId": parent.info.run_id}).info.run_id
 
     s = run_tune(space, storage=str(storage), tracking_uri=uri, resume=True).studies[0]
     assert [t.status for t in s.trials] == ["TERMINATED"] * 3
@@ -285,9 +291,11 @@ def test_kill_and_resume(ray_session, tmp_path, tracking):
     assert second.trial_id not in before and second.metrics["restored"] == 1  # continued from its checkpoint
     assert second.metrics["training_iteration"] == 4 + 3 + 1
     client, parents, runs = trial_runs(uri, "killme")
+    assert client.get_run(orphan).info.status == "KILLED"  # closed by the resumed study, not left RUNNING
+    runs = [r for r in runs if r.info.run_id != orphan]
     assert len(parents) == 1 and len(runs) == 3  # one MLflow run per trial, the resumed one reopened
     assert all(r.info.status == "FINISHED" for r in runs)
-    run2 = next(r for r in runs if r.info.run_name == second.trial_id)
+    run2 = next(r for r in runs if r.data.tags["pfnas.trial_id"] == second.trial_id)
     steps = [m.step for m in client.get_metric_history(run2.info.run_id, "retrain/val_acc")]
     assert sorted(steps) == [1, 2, 3]
     everything = client.search_runs([client.get_experiment_by_name("killme").experiment_id])
@@ -332,7 +340,7 @@ def test_study_against_mlflow_server(ray_session, tmp_path):
         client, parents, runs = trial_runs(uri, "remote")
         assert len(parents) == 1 and len(runs) == 2
         assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
-        assert {r.info.run_name for r in runs} == {t.trial_id for t in s.trials}
+        assert {r.data.tags["pfnas.trial_id"] for r in runs} == {t.trial_id for t in s.trials}
         for r in runs:
             assert r.info.status == "FINISHED" and "val_acc" in r.data.metrics
             assert "alpha_heatmap.png" in {a.path for a in client.list_artifacts(r.info.run_id)}
