@@ -1,0 +1,545 @@
+"""The driver side: one Ray Tune study per plan (OptunaSearch or a grid), its MLflow parent run, the
+Optuna storage, the finals, and :func:`run_tune`."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray.tune.search.optuna import OptunaSearch
+
+from ..config import ConfigError, ExperimentConfig, PfnasError, merge_dotted
+from ..provenance import provenance_tags
+from ..tracking import (
+    finite_scalar,
+    format_value,
+    get_experiment_id,
+    make_client,
+    resolve_tracking_uri,
+)
+from .space import SpaceConfig, StudyPlan, load_space
+from .summary import (
+    _DISPLAY,
+    FinalsRecord,
+    LiveTable,
+    StudySummary,
+    TrialRecord,
+    TuneSummary,
+    _best,
+    _front,
+    _Progress,
+    _records,
+)
+from .trial import TrialContext, _error_line, pfnas_trial, trial_dirname, trial_name
+
+log = logging.getLogger(__name__)
+
+
+STATE_FILE = "pfnas_study.json"
+
+
+class PfnasOptunaSearch(OptunaSearch):
+    """OptunaSearch that skips intermediate results which do not carry the metric yet (search epochs)."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, str) and self.metric in result:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        super().on_trial_complete(trial_id, result, error or bool(result and result.get("error")))  # FAIL, not PRUNED
+
+
+def _space_digest(space: SpaceConfig, plan: StudyPlan) -> str:
+    blob = json.dumps([space.model_dump(mode="json"), plan.base.model_dump(mode="json"), sorted(plan.params)],
+                      sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def _parent_run(client, exp_id: str, plan: StudyPlan, space: SpaceConfig, space_path: Path,
+                previous: str | None) -> str:
+    """Reopen the study's parent run on resume, else create it with the space as params."""
+    from mlflow.entities import Param
+
+    if previous:
+        try:
+            client.update_run(previous, status="RUNNING")
+            return previous
+        except Exception as e:  # noqa: BLE001 - e.g. another tracking store: start a new parent
+            log.warning("cannot reopen MLflow parent run %s (%s); starting a new one", previous, _error_line(e))
+    tags = {"pfnas.kind": "study", "pfnas.study": plan.name, "pfnas.space": str(space_path),
+            **provenance_tags("pfnas tune", "LOCAL", plan.base)}
+    if plan.task:
+        tags["pfnas.task"] = plan.task
+    run = client.create_run(exp_id, tags=tags, run_name=plan.name)
+    params = {"space.metric": space.metric, "space.mode": space.mode, "space.num_samples": space.num_samples,
+              "space.algorithm": space.algorithm, **{f"variant.{i}": json.dumps(v) for i, v in enumerate(plan.variants)},
+              "space.seed": space.seed, "space.max_concurrent_trials": space.max_concurrent_trials,
+              "space.scheduler": space.scheduler.type, "space.sync_batches": space.sync_batches,
+              **{f"param.{k}": v.describe() for k, v in plan.params.items()}}
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    client.log_dict(run.info.run_id, plan.base.model_dump(mode="json"), "base_config.yaml")
+    return run.info.run_id
+
+
+def _close_orphans(client, exp_id: str, parent: str) -> int:
+    """Mark KILLED the study's child runs still RUNNING once it is over: a trial killed with its driver before Tune
+    recorded it is recreated under a new id on resume, and its first run would otherwise stay RUNNING forever."""
+    found = client.search_runs([exp_id], max_results=5000, filter_string=(
+        f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"))
+    for r in found:
+        client.set_tag(r.info.run_id, "pfnas.error", "interrupted; its trial was not resumed")
+        client.set_terminated(r.info.run_id, "KILLED")
+    return len(found)
+
+
+def _sqlite_url(url: str, base: Path | None = None) -> str:
+    """A relative ``sqlite:///file.db`` made absolute against ``base`` (default: the cwd); other URLs unchanged."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        rest = url[len("sqlite:///"):]
+        if rest and rest != ":memory:":
+            return "sqlite:///" + os.path.normpath(str((base or Path.cwd()) / Path(rest).expanduser()))
+    return url
+
+
+def default_optuna_storage(tracking_uri: str, storage_root: str) -> str | None:
+    """``sqlite:///<dir>/optuna.db`` next to a sqlite MLflow db, else next to a local Tune storage folder; else None
+    (an in-memory study)."""
+    if tracking_uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(tracking_uri[len("sqlite:///"):]).parent / "optuna.db")
+    if "://" not in storage_root:
+        return "sqlite:///" + str(Path(storage_root) / "optuna.db")
+    return None
+
+
+def _rdb(url: str | None):
+    if not url:
+        return None
+    import optuna
+
+    kw = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if url.startswith("sqlite:") else {}
+    if url.startswith("sqlite:////"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(url, **kw)
+
+
+def _optuna_study_name(url: str, name: str) -> str | None:
+    """``name``, or ``name-2``, ``name-3``... when the storage already holds a study of that name (a fresh study never
+    continues another's sampler history). None (with a warning) when the storage cannot be opened."""
+    import optuna
+
+    try:
+        taken = set(optuna.study.get_all_study_names(_rdb(url)))
+    except Exception as e:  # noqa: BLE001 - a bad URL or driver: the study runs with an in-memory sampler
+        log.warning("cannot open Optuna storage %s (%s); the study's sampler stays in memory", url, _error_line(e))
+        return None
+    k, out = 1, name
+    while out in taken:
+        k += 1
+        out = f"{name}-{k}"
+    return out
+
+
+def _n_trials(space: SpaceConfig, plan: StudyPlan, num_samples: int) -> int:
+    """Trials a study will run: ``num_samples``, times the size of the grid for a grid study."""
+    n = num_samples
+    if space.algorithm == "grid":
+        n *= max(len(plan.variants), 1)
+        for p in plan.params.values():
+            n *= len(p.values or [None])
+    return n
+
+
+def _fit(tuner):
+    """``tuner.fit()``, closing the live table even when interrupted."""
+    try:
+        return tuner.fit()
+    finally:
+        if _DISPLAY:
+            _DISPLAY[-1].close()
+
+
+def _tuner(plan: StudyPlan, space: SpaceConfig, trainable, storage: str, num_samples: int, *, verbose: bool = True,
+           optuna_storage: str | None = None, optuna_study: str | None = None, progress: Any = None):
+    """The study's Tuner: Optuna TPE (its study in ``optuna_storage`` when given: sqlite/RDB URL) or a grid.
+
+    ``verbose`` keeps Ray's own per-trial output; otherwise Tune is silent and ``progress`` (a :class:`_Progress`
+    callback) feeds pfnas's live table."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    k = space.max_concurrent_trials
+    sched = None
+    if space.scheduler.type == "asha":
+        s = space.scheduler
+        sched = ASHAScheduler(time_attr="training_iteration", metric=s.metric, mode=s.mode, max_t=s.max_t,
+                              grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    run_config = tune.RunConfig(name=plan.name, storage_path=storage,
+                                failure_config=tune.FailureConfig(max_failures=space.max_failures),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints),
+                                verbose=1 if verbose else 0,
+                                callbacks=[progress] if progress is not None and not verbose else None)
+    if space.algorithm == "grid":  # Tune's variant generator: the full cross product, num_samples repeats
+        grid = {"variant": tune.grid_search(list(range(len(plan.variants))))} if plan.variants else {}
+        grid.update({key: tune.grid_search(list(p.values)) for key, p in plan.params.items()})
+        return tune.Tuner(trainable, param_space=grid, run_config=run_config,
+                          tune_config=tune.TuneConfig(num_samples=num_samples, scheduler=sched,
+                                                      max_concurrent_trials=k, reuse_actors=True,
+                                                      trial_name_creator=trial_name,
+                                                      trial_dirname_creator=trial_dirname))
+    sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
+    searcher = PfnasOptunaSearch(space={key: p.distribution() for key, p in plan.params.items()},
+                                 metric=space.metric, mode=space.mode, sampler=sampler,  # str, or lists
+                                 points_to_evaluate=plan.points or None, storage=_rdb(optuna_storage),
+                                 study_name=optuna_study if optuna_storage else None)
+    if space.sync_batches:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=k, batch=True)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=sched, num_samples=num_samples,
+                                    max_concurrent_trials=None if space.sync_batches else k,  # else: the limiter
+                                    reuse_actors=True, trial_name_creator=trial_name,
+                                    trial_dirname_creator=trial_dirname),
+        run_config=run_config)
+
+
+def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage: str, tracking_uri: str,
+               mlflow_experiment: str, resume: bool, num_samples: int, verbose: bool = False,
+               optuna_storage: str | None = None) -> StudySummary:
+    from ray import tune
+
+    exp_path = f"{storage.rstrip('/')}/{plan.name}"
+    local = "://" not in storage
+    state_path = Path(exp_path) / STATE_FILE if local else None
+    digest = _space_digest(space, plan)
+    previous: dict[str, Any] = {}
+    if state_path is not None and state_path.is_file():
+        previous = json.loads(state_path.read_text())
+    restoring = resume and tune.Tuner.can_restore(exp_path)
+    notes = []
+    if restoring and previous.get("digest") not in (None, digest):
+        notes.append("note: the space or base config changed since this study started; the stored "
+                      "search state (sampler, trial configs) continues, new base values apply to new trials")
+    try:
+        client = make_client(tracking_uri)
+        exp_id = get_experiment_id(client, mlflow_experiment, tracking_uri)
+        earlier = None
+        if restoring:  # the parent this study logged to before (state file, else MLflow tags: URI storage)
+            earlier = previous.get("parent_run_id") if previous.get("tracking_uri") == tracking_uri else None
+            if earlier is None:
+                found = client.search_runs([exp_id], max_results=1, order_by=["attributes.start_time DESC"],
+                                           filter_string=f"tags.`pfnas.kind` = 'study' and "
+                                                         f"tags.`pfnas.study` = '{plan.name}'")
+                earlier = found[0].info.run_id if found else None
+        parent = _parent_run(client, exp_id, plan, space, space_path, earlier)
+        optuna_study = None
+        if optuna_storage and space.algorithm == "optuna":  # the sampler's study in RDB storage (optuna-dashboard)
+            optuna_study = previous.get("optuna_study") if restoring else _optuna_study_name(optuna_storage, plan.name)
+            if optuna_study:
+                client.set_tag(parent, "pfnas.optuna_storage", optuna_storage)
+                client.set_tag(parent, "pfnas.optuna_study", optuna_study)
+    except PfnasError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise PfnasError(f"cannot use MLflow at {tracking_uri}: {_error_line(e)}") from None
+    ctx = TrialContext(study=plan.name, base=plan.base.model_dump(mode="json"), tracking_uri=tracking_uri,
+                       experiment=mlflow_experiment, parent_run_id=parent, param_keys=plan.param_keys,
+                       variants=plan.variants)
+    resources = {"cpu": space.resources.cpu, **({"gpu": space.resources.gpu} if space.resources.gpu else {})}
+    trainable = tune.with_resources(tune.with_parameters(pfnas_trial, ctx=ctx), resources)
+    if state_path is not None:
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        state_path.write_text(json.dumps({"study": plan.name, "parent_run_id": parent, "tracking_uri": tracking_uri,
+                                          "mlflow_experiment": mlflow_experiment, "digest": digest,
+                                          "space": str(space_path), "optuna_storage": optuna_storage if optuna_study
+                                          else None, "optuna_study": optuna_study}, indent=1))
+    if restoring:  # the search state (OptunaSearch with its RDB study) comes back from Tune's experiment folder
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = _tuner(plan, space, trainable, storage, num_samples, verbose=verbose,
+                       optuna_storage=optuna_storage if optuna_study else None, optuna_study=optuna_study,
+                       progress=_Progress(f"study {plan.name}", space.metrics[0], ctx,
+                                          _n_trials(space, plan, num_samples), space.modes[0]))
+    results = _fit(tuner)
+
+    recs = _records(results, space.metrics, plan.param_keys)
+    primary, primary_mode = space.metrics[0], space.modes[0]
+    best = _best(recs, primary_mode)
+    front = _front(recs, space.modes) if len(space.metrics) > 1 else []
+    best_path, best_cfg, finals = None, None, None
+    if best is not None:
+        final_cfg, fctx = _final_context(ctx, plan, best, primary)
+        best_cfg = final_cfg.model_dump(mode="json")
+        if space.final.seeds:
+            finals = _run_finals(fctx, final_cfg, best, space, storage, trainable_resources=resources, verbose=verbose)
+    group_finals: list[FinalsRecord] = []  # a grid's variants, or a Pareto study's front: each point finalised
+    groups: list[tuple[str, str, TrialRecord]] = []
+    if space.final.per_variant:
+        for i, overrides in enumerate(plan.variants):
+            vbest = _best([r for r in recs if r.params.get("variant") == i], primary_mode)
+            if vbest is not None:
+                groups.append((f"-v{i}", " ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()), vbest))
+    for k, point in enumerate(front):
+        groups.append((f"-p{k}", "front " + " ".join(f"{m}={format_value(v)}" for m, v in
+                                                     zip(space.metrics, point.values)), point))
+    for suffix, label, chosen in groups if best is not None and space.final.seeds else []:
+        if chosen.trial_id == best.trial_id:
+            rec = replace(finals, label=label)
+        else:
+            ccfg, cctx = _final_context(ctx, plan, chosen, primary)
+            rec = _run_finals(cctx, ccfg, chosen, space, storage, trainable_resources=resources, suffix=suffix,
+                              verbose=verbose)
+            rec.label = label
+        group_finals.append(rec)
+    for r in recs:  # show a grid variant as its overrides, not its index
+        if plan.variants and isinstance(r.params.get("variant"), int):
+            r.params["variant"] = " ".join(f"{k.split('.')[-1]}={v}" for k, v in plan.variants[r.params["variant"]].items())
+    if best_cfg is not None and local:
+        best_path = Path(exp_path) / "best_config.yaml"
+        head = f"# selected: trial {best.trial_id} of study {plan.name}, {primary}={best.value:.6g} (validation)\n"
+        if finals is not None and finals.test_accs:
+            head += f"# final: {finals.describe()}\n"
+        best_path.write_text(head + "# rerun the final: pfnas run -c best_config.yaml --set seed=N\n"
+                             + yaml.safe_dump(best_cfg, sort_keys=False))
+    if any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none":
+        notes.append("some trials did not finish; rerun with --resume to continue them")
+    if not any(r.value is not None for r in recs) and any(r.status == "TERMINATED" for r in recs):
+        keys = sorted({k for r in recs for k in r.metrics if "/" not in k})
+        notes.append(f"warning: no trial reported metric {primary!r} (final keys: {', '.join(keys)})")
+    try:
+        from mlflow.entities import Metric
+
+        table = [{"index": r.index, "trial_id": r.trial_id, "status": r.status, "params": r.params,
+                  **dict(zip(space.metrics, r.values or [r.value])), "error": r.error,
+                  "pareto": any(r is p for p in front)} for r in recs]
+        client.log_dict(parent, {"trials": table}, "trials.json")
+        if front:  # the front as a table and a plot (first objective against the second)
+            from ..tracking import pareto_figure
+
+            pts = [r for r in recs if r.values is not None]
+            client.log_dict(parent, {"objectives": space.metrics, "modes": space.modes,
+                                     "front": [{"trial_id": r.trial_id, "params": r.params,
+                                                **dict(zip(space.metrics, r.values))} for r in front]},
+                            "pareto_front.json")
+            fig = pareto_figure([(r.values[1], r.values[0]) for r in pts], [pts.index(r) for r in front],
+                                [r.trial_id for r in pts], space.metrics[1], space.metrics[0],
+                                f"study {plan.name}: Pareto front")
+            client.log_figure(parent, fig, "pareto_front.png")
+        metrics = [Metric("n_trials", len(recs), 0, 0),
+                   Metric("n_errored", sum(r.status == "ERROR" for r in recs), 0, 0)]
+        if best is not None:
+            metrics.append(Metric(f"best_{primary}", best.value, 0, 0))
+            client.set_tag(parent, "pfnas.best_trial", best.trial_id)
+            client.log_dict(parent, best_cfg, "best_config.yaml")
+        if finals is not None and finals.test_accs:
+            mean, std = finals.mean_std()
+            metrics += [Metric("final_test_acc_mean", mean, 0, 0), Metric("final_test_acc_std", std, 0, 0),
+                        Metric("final_n", len(finals.test_accs), 0, 0)]
+        client.log_batch(parent, metrics=metrics)
+        unfinished = any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none"
+        orphans = _close_orphans(client, exp_id, parent)
+        if orphans:
+            notes.append(f"closed {orphans} MLflow trial run(s) left RUNNING by an interrupted, unresumed trial")
+        client.set_terminated(parent, "KILLED" if unfinished else "FINISHED")
+    except Exception as e:  # noqa: BLE001 - the study itself is done; say so instead of failing
+        notes.append(f"warning: could not finish the MLflow parent run: {_error_line(e)}")
+    for rec in {f.trial_id: f for f in [finals, *group_finals] if f is not None}.values():
+        notes += [f"final seed {seed} of trial {rec.trial_id} failed: {err}" for seed, err in rec.errors]
+    return StudySummary(plan.name, primary, primary_mode, plan.param_keys, recs, best, best_path, exp_path,
+                        tracking_uri, mlflow_experiment, parent, notes, finals, group_finals,
+                        objectives=space.metrics, front=front, optuna_storage=optuna_storage if optuna_study else None,
+                        optuna_study=optuna_study)
+
+
+def _final_context(ctx: TrialContext, plan: StudyPlan, best: TrialRecord,
+                   metric: str) -> tuple[ExperimentConfig, TrialContext]:
+    """The final config (selected trial's values, its policy as a fixed method, stage final) and its context."""
+    from ..tracking import config_hash
+
+    trial_cfg = ctx.config(best.params, f"{plan.name}-{best.trial_id}")
+    policy = [op for op in str(best.metrics.get("policy", "")).split(",") if op]
+    final = merge_dotted(trial_cfg, {"name": f"{plan.name}-final", "train.stage": "final",
+                                     **({"method.kind": "fixed", "method.policy": policy} if policy else {})})
+    tags = {"pfnas.label": ctx.label(trial_cfg, best.params), "pfnas.selected": config_hash(trial_cfg),
+            "pfnas.selected_trial": best.trial_id, f"pfnas.selected_{metric}": f"{best.value:.6g}"}
+    fctx = TrialContext(study=ctx.study, base=final.model_dump(mode="json"), tracking_uri=ctx.tracking_uri,
+                        experiment=ctx.experiment, parent_run_id=ctx.parent_run_id, param_keys=["seed"],
+                        kind="final", tags=tags)
+    return final, fctx
+
+
+def _run_finals(fctx: TrialContext, final_cfg: ExperimentConfig, best: TrialRecord, space: SpaceConfig,
+                storage: str, trainable_resources: dict[str, float], suffix: str = "",
+                verbose: bool = False) -> FinalsRecord:
+    """Retrain the selected config on train+val and test it once per seed, as a Tune grid over seeds.
+
+    The finals live in ``<storage>/<study>-final``; a resumed study continues them when the selected trial
+    is unchanged and starts them afresh otherwise.
+    """
+    from ray import tune
+
+    name = f"{fctx.study}-final{suffix}"
+    path = f"{storage.rstrip('/')}/{name}"
+    seeds = [final_cfg.seed + i for i in range(space.final.seeds)]
+    marker = Path(path) / "selected_trial.txt" if "://" not in storage else None
+    trainable = tune.with_resources(tune.with_parameters(pfnas_trial, ctx=fctx), trainable_resources)
+    same = marker is not None and marker.is_file() and marker.read_text().strip() == best.trial_id
+    if same and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        if marker is not None:
+            shutil.rmtree(path, ignore_errors=True)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(best.trial_id)
+        tuner = tune.Tuner(
+            trainable, param_space={"seed": tune.grid_search(seeds)},
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=space.max_concurrent_trials,
+                                        reuse_actors=True, trial_name_creator=trial_name,
+                                        trial_dirname_creator=trial_dirname),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1 if verbose else 0,
+                                      callbacks=[] if verbose else [_Progress(
+                                          f"finals of trial {best.trial_id}{suffix}", "test_acc", fctx, len(seeds))],
+                                      failure_config=tune.FailureConfig(max_failures=space.max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints)))
+    rec = FinalsRecord(best.trial_id, [], [])
+    for r in sorted(_fit(tuner), key=lambda r: (r.config or {}).get("seed", 0)):
+        seed = int((r.config or {}).get("seed", -1))
+        acc = (r.metrics or {}).get("test_acc")
+        if r.error is None and finite_scalar(acc):
+            rec.seeds.append(seed)
+            rec.test_accs.append(float(acc))
+        else:
+            why = r.error if r.error is not None else (r.metrics or {}).get("error")
+            rec.errors.append((seed, _error_line(why) if why else "no test_acc reported"))
+    return rec
+
+
+class _Quiet:
+    """Quiet Ray/Tune/Optuna loggers for the run (``on``), restored afterwards; ``init_kwargs`` for ``ray.init``."""
+
+    LOGGERS = ("ray", "ray.tune", "ray.train", "ray.air", "ray.data", "optuna")
+
+    def __init__(self, on: bool):
+        self.on = on
+        self.levels = {n: logging.getLogger(n).level for n in self.LOGGERS}
+        self.optuna = None
+        self.new_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
+        if on:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the new engine prints its header and paths even at verbose=0
+            import optuna
+
+            self.optuna = optuna.logging.get_verbosity()
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            for n in self.LOGGERS:
+                logging.getLogger(n).setLevel(logging.WARNING)
+
+    def init_kwargs(self) -> dict[str, Any]:
+        # ERROR: no "Started a local Ray instance" / token-authentication notes on the quiet terminal; worker output
+        # (actor shutdown noise included) stays in Ray's session logs, trial errors reach the summary anyway
+        return {"logging_level": logging.ERROR, "log_to_driver": False} if self.on else {}
+
+    def restore(self) -> None:
+        if not self.on:
+            return
+        import optuna
+
+        optuna.logging.set_verbosity(self.optuna)
+        if self.new_output is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = self.new_output
+        for n, level in self.levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _storage_root(storage: str | None) -> str:
+    if storage and "://" in storage:
+        return storage
+    return str(Path(storage or "ray_results").expanduser().resolve())
+
+
+def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri: str | None = None,
+             experiment: str | None = None, storage: str | None = None, resume: bool = False,
+             overrides: list[str] | None = None, num_samples: int | None = None, optuna_storage: str | None = None,
+             verbose: bool = False, console=None) -> TuneSummary:
+    """Run (or with ``resume`` continue) the studies of a space YAML; returns a printable summary.
+
+    ``address``: Ray cluster (``auto``, ``ray://host:10001``); None starts a local Ray unless one is
+    already initialised. ``tracking_uri``: explicit > env ``MLFLOW_TRACKING_URI`` > the space's
+    ``mlflow.tracking_uri`` > ``sqlite:///mlflow.db``, made absolute and handed to every trial.
+    ``experiment`` names both the study and the MLflow experiment. ``storage``: Tune storage path
+    (default ``./ray_results``); ``<storage>/<study>/best_config.yaml`` receives the best config.
+    ``optuna_storage``: the RDB URL of the Optuna study (explicit > the space's ``optuna_storage`` > ``optuna.db``
+    next to a sqlite MLflow db, else in the Tune storage folder; ``none``: in memory). ``verbose`` keeps Ray Tune's
+    own output (per-trial tables and results); otherwise Ray, Tune and Optuna stay quiet and a live pfnas table
+    (:class:`LiveTable`) is drawn on ``console``.
+    """
+    space_path = Path(space_path)
+    space, plans = load_space(space_path, overrides, experiment)
+    if num_samples is not None and num_samples < 1:
+        raise ConfigError("--num-samples must be >= 1")
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = resolve_tracking_uri(tracking_uri)
+    else:
+        uri = resolve_tracking_uri(space.mlflow.tracking_uri, base_dir=space_path.resolve().parent
+                                   if space.mlflow.tracking_uri else None)
+    mlflow_experiment = experiment or space.mlflow.experiment or space.name
+    root = _storage_root(storage)
+    if optuna_storage:
+        ostore = _sqlite_url(optuna_storage)
+    elif space.optuna_storage:
+        ostore = _sqlite_url(space.optuna_storage, space_path.resolve().parent)
+    else:
+        ostore = default_optuna_storage(uri, root)
+    if ostore and ostore.strip().lower() in ("none", "memory"):
+        ostore = None
+
+    from ray import tune
+
+    paths = {p.name: f"{root.rstrip('/')}/{p.name}" for p in plans}
+    existing = [n for n, path in paths.items() if tune.Tuner.can_restore(path)]
+    if resume and not existing:
+        raise ConfigError(f"nothing to resume: no Tune study at {' or '.join(paths.values())}")
+    if not resume and existing:
+        raise ConfigError(f"study {paths[existing[0]]} already exists; pass --resume to continue it, or pick "
+                          "another --experiment name or --storage")
+
+    import ray
+
+    quiet = _Quiet(not verbose)
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True, **quiet.init_kwargs())
+        started = True
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    # a checkpoint per epoch with num_to_keep forces frequent state snapshots (wanted, for resume): no warning
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    strict = os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # the study metric only appears once it is real
+    if not verbose:
+        _DISPLAY.append(LiveTable(console))
+    try:
+        studies = [_run_study(p, space, space_path, storage=root, tracking_uri=uri,
+                              mlflow_experiment=mlflow_experiment, resume=resume and p.name in existing,
+                              num_samples=num_samples or space.num_samples
+                              or (1 if space.algorithm == "grid" else 8), verbose=verbose,
+                              optuna_storage=ostore) for p in plans]
+    finally:
+        if not verbose:
+            _DISPLAY.pop().close()
+        quiet.restore()
+        if strict is None:
+            os.environ.pop("TUNE_DISABLE_STRICT_METRIC_CHECKING", None)
+        else:
+            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = strict
+        if started:
+            ray.shutdown()
+    return TuneSummary(studies)

@@ -1,0 +1,415 @@
+"""What a study shows: trial records, the best trial and the Pareto front, the live progress table and the
+final :class:`StudySummary` (rich, fits 80 columns)."""
+from __future__ import annotations
+
+import io
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from ..tracking import (
+    finite_scalar,
+    format_value,
+)
+from .trial import TrialContext, _error_line, _trial_index
+
+
+
+def _short_names(keys: list[str]) -> list[str]:
+    """Shortest dotted suffix of each key that is still unique (``search.arch_lr`` -> ``arch_lr``)."""
+    out = []
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            cand = ".".join(parts[-n:])
+            if sum(k == cand or k.endswith("." + cand) for k in keys) == 1:
+                break
+        out.append(cand)
+    return out
+
+
+_OP_ABBREV = {"prepend": "pre", "add": "add", "affine": "aff", "cross_attn": "xat", "none": "-"}
+
+
+_STATUS = {"TERMINATED": "done", "STOPPED": "stopped", "ERROR": "error"}
+
+
+@dataclass
+class TrialRecord:
+    index: int
+    trial_id: str
+    status: str  # TERMINATED (completed), STOPPED (by the scheduler / interrupted), ERROR
+    params: dict[str, Any]
+    value: float | None  # the first objective
+    metrics: dict[str, Any]
+    error: str | None = None
+    values: list[float] | None = None  # every objective, when all are finite
+
+
+class _FitTable:
+    """A table that takes the wide layout when it fits the console and the compact one otherwise (80 columns: the
+    tuned params wrap in one column, the policy keeps its own)."""
+
+    def __init__(self, build):
+        self.build = build
+        self.title = build(False).title
+
+    def __rich_console__(self, console, options):
+        from rich.measure import Measurement
+
+        wide = self.build(False)
+        natural = Measurement.get(console, options.update_width(100_000), wide).maximum
+        yield wide if natural <= options.max_width else self.build(True)
+
+
+@dataclass
+class StudySummary:
+    """Outcome of one study; renders as a rich table (``console.print(summary)``)."""
+
+    name: str
+    metric: str
+    mode: str
+    param_keys: list[str]
+    trials: list[TrialRecord]
+    best: TrialRecord | None
+    best_config_path: Path | None
+    experiment_path: str
+    tracking_uri: str
+    mlflow_experiment: str
+    parent_run_id: str | None
+    notes: list[str] = field(default_factory=list)
+    finals: FinalsRecord | None = None
+    group_finals: list[FinalsRecord] = field(default_factory=list)  # per grid variant / per Pareto-front point
+    objectives: list[str] = field(default_factory=list)
+    front: list[TrialRecord] = field(default_factory=list)  # Pareto studies: the non-dominated trials
+    optuna_storage: str | None = None  # RDB URL of the Optuna study (optuna.load_study, optuna-dashboard)
+    optuna_study: str | None = None
+
+    def _table(self, compact: bool):
+        """The trials table: one column per tuned param, or (``compact``) the params as one wrapped ``k=v`` column."""
+        from rich import box
+        from rich.table import Table
+        from rich.text import Text
+
+        counts = {s: sum(t.status == s for t in self.trials) for s in ("TERMINATED", "STOPPED", "ERROR")}
+        title = (f"study {self.name}: {len(self.trials)} trials ({counts['TERMINATED']} finished, "
+                 f"{counts['STOPPED']} stopped, {counts['ERROR']} errored)")
+        t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for col in ["#", "trial", "state"]:
+            t.add_column(col, no_wrap=True)
+        short = _short_names(self.param_keys)
+        if compact:
+            t.add_column("config", ratio=1, min_width=12)
+        else:
+            for key in short:
+                t.add_column(key.replace(".", ".\n"), no_wrap=True)
+        t.add_column(self.metric.replace("_", "\n"), no_wrap=True)
+        entropy = any(finite_scalar(r.metrics.get("search/alpha_entropy")) for r in self.trials)
+        if entropy:  # mean normalised entropy of softmax(alpha) after the search: 1 = uniform, 0 = decided
+            t.add_column("H(α)", no_wrap=True)
+        t.add_column("tuned\nparams", no_wrap=True)
+        t.add_column("policy", ratio=1, min_width=15)  # wraps between ops: one or more lines per trial
+        for r in self.trials:
+            star = "*" if self.best is not None and r.trial_id == self.best.trial_id else ""
+            star += "+" if any(r is p for p in self.front) else ""
+            policy = " ".join(_OP_ABBREV.get(op, op) for op in str(r.metrics.get("policy", "")).split(",") if op)
+            tp = r.metrics.get("tuned_params")
+            h = r.metrics.get("search/alpha_entropy")
+            values = [format_value(r.params.get(k, "")) for k in self.param_keys]
+            t.add_row(str(r.index), r.trial_id + star, _STATUS.get(r.status, r.status),
+                      *([Text(" ".join(f"{k}={v}" for k, v in zip(short, values)))] if compact
+                        else [Text(v) for v in values]),
+                      f"{r.value:.4f}" if r.value is not None else "-",
+                      *([f"{h:.2f}" if finite_scalar(h) else "-"] if entropy else []),
+                      f"{int(tp)}" if finite_scalar(tp) else "-", "-" if r.error else policy)
+        return t
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.text import Text
+
+        t = _FitTable(self._table)
+        lines = ["policy per layer: pre=prepend add=add aff=affine xat=cross_attn; * best trial"]
+        lines += [f"trial {r.trial_id} failed: {r.error}" for r in self.trials if r.error]
+        if self.best is not None:
+            lines.append(f"selected on validation: trial {self.best.trial_id} {self.metric}={self.best.value:.4f}, "
+                         f"policy {self.best.metrics.get('policy', '?')}; config -> {self.best_config_path}")
+            if self.finals is not None and self.finals.test_accs:
+                lines.append(f"final: {self.finals.describe()}")
+        else:
+            lines.append(f"no trial reported {self.metric}")
+        if self.front:
+            lines.append(f"Pareto front of ({', '.join(self.objectives)}), + in the table: "
+                         + "; ".join(f"{r.trial_id} (" + ", ".join(format_value(v) for v in r.values) + ")"
+                                     for r in self.front))
+        for f in self.group_finals:
+            if f.test_accs:
+                mean, std = f.mean_std()
+                lines.append(f"final [{f.label}]: test_acc {mean:.4f} ± {std:.4f} (n={len(f.test_accs)}, "
+                             f"trial {f.trial_id})")
+        lines.append(f"MLflow: {self.tracking_uri} experiment {self.mlflow_experiment!r} parent run {self.parent_run_id}")
+        lines.append(f"Tune: {self.experiment_path}")
+        if self.optuna_study:
+            lines.append(f"Optuna: study {self.optuna_study!r} in {self.optuna_storage} "
+                         f"(optuna-dashboard {self.optuna_storage})")
+        lines += self.notes
+        return Group(t, Text("\n".join(lines)))
+
+
+@dataclass
+class TuneSummary:
+    """All studies of one ``run_tune`` call."""
+
+    studies: list[StudySummary]
+
+    def __rich__(self):
+        from rich.console import Group
+
+        return Group(*self.studies)
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        buf = io.StringIO()
+        Console(file=buf, width=160, color_system=None).print(self)
+        return buf.getvalue()
+
+
+def _records(results, objectives: list[str], param_keys: list[str]) -> list[TrialRecord]:
+    recs = []
+    for r in results:
+        name = Path(str(r.path)).name
+        m = re.match(r"(\d+)_(\w+)$", name)
+        idx, tid = (int(m.group(1)), m.group(2)) if m else (0, r.metrics.get("trial_id", name))
+        metrics = dict(r.metrics or {})
+        if r.error is not None:
+            status, err = "ERROR", _error_line(r.error)
+        elif metrics.get("error"):  # failed deterministically (NaN): ended by the trial itself, not retried
+            status, err = "ERROR", _error_line(metrics["error"])
+        else:
+            status, err = ("TERMINATED" if metrics.get("complete") else "STOPPED"), None
+        vals = [metrics.get(m) for m in objectives]
+        ok = status != "ERROR" and all(finite_scalar(v) for v in vals)
+        val = float(vals[0]) if status != "ERROR" and finite_scalar(vals[0]) else None
+        params = {k: (r.config or {}).get(k) for k in param_keys}
+        recs.append(TrialRecord(idx, tid, status, params, val, metrics, err, [float(v) for v in vals] if ok else None))
+    return sorted(recs, key=lambda x: (x.index, x.trial_id))
+
+
+def _front(recs: list[TrialRecord], modes: list[str]) -> list[TrialRecord]:
+    """Finished trials on the Pareto front of the objectives (by index order)."""
+    from ..tracking import pareto_front
+
+    done = [r for r in recs if r.status == "TERMINATED" and r.values is not None]
+    return [done[i] for i in pareto_front([r.values for r in done], modes)]
+
+
+def _best(recs: list[TrialRecord], mode: str) -> TrialRecord | None:
+    done = [r for r in recs if r.status == "TERMINATED" and r.value is not None]
+    if not done:
+        return None
+    sign = 1 if mode == "max" else -1
+    return max(done, key=lambda r: (sign * r.value, -r.index))  # ties: the earliest trial
+
+
+_DISPLAY: list[Any] = []  # the live table of this driver process (set by run_tune); _Progress callbacks feed it
+
+
+class _Progress(Callback):
+    """Driver-side Tune callback that feeds pfnas's live table. It holds plain data only: Tune pickles it with the
+    run config, and a restored study's copy finds the display of the process that resumes it."""
+
+    def __init__(self, title: str, metric: str, ctx: TrialContext, total: int, mode: str = "max"):
+        self.title, self.metric, self.ctx, self.total, self.mode = title, metric, ctx, int(total), mode
+
+    def _display(self):
+        return _DISPLAY[-1] if _DISPLAY else None
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        d = self._display()
+        if d is not None:
+            d.update(self, trials)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        d = self._display()
+        if d is not None:
+            d.update(self, trials, done=trial)
+
+    on_trial_error = on_trial_complete
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        d = self._display()
+        if d is not None:
+            d.update(self, trials, end=True)
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "-"
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+class LiveTable:
+    """One live rich table per Tune run: trial, state, key params, phase (epoch of planned), the latest value of the
+    study metric and an ETA from epochs done vs planned (search.epochs + train.epochs). On a terminal it redraws in
+    place (at most twice a second); elsewhere (a log file, a pipe) it prints one line per finished trial."""
+
+    def __init__(self, console=None, refresh_s: float = 0.5):
+        from rich.console import Console
+
+        self.console = console or Console()
+        self.refresh_s = refresh_s
+        self.live = None
+        self.t0 = None
+        self._last = 0.0
+        self._planned: dict[str, int] = {}
+        self._said: set[str] = set()
+        self._owner = None
+
+    def _plan(self, cb: _Progress, trial) -> int:
+        if trial.trial_id not in self._planned:
+            try:
+                cfg = cb.ctx.config(trial.config or {}, "x")
+                n = (cfg.search.epochs if cfg.method.kind == "search" else 0) + cfg.train.epochs
+            except Exception:  # noqa: BLE001
+                n = 0
+            self._planned[trial.trial_id] = n
+        return self._planned[trial.trial_id]
+
+    def _progress(self, cb: _Progress, trial) -> tuple[int, int, str]:
+        """(epochs done, planned, phase text) of a trial from its last result."""
+        r = trial.last_result or {}
+        planned, phase, epoch = self._plan(cb, trial), str(r.get("phase", "")), int(r.get("epoch", 0) or 0)
+        search_epochs = planned - self._train_epochs(cb, trial)
+        if phase in ("done", "failed") or trial.status in ("TERMINATED", "ERROR"):
+            return planned, planned, phase or trial.status.lower()
+        if phase == "search":
+            return epoch, planned, f"search {epoch}/{search_epochs}"
+        if phase == "retrain":
+            return search_epochs + epoch, planned, f"retrain {epoch}/{planned - search_epochs}"
+        return 0, planned, "" if trial.status == "PENDING" else (phase or "starting")
+
+    def _train_epochs(self, cb: _Progress, trial) -> int:
+        try:
+            return cb.ctx.config(trial.config or {}, "x").train.epochs
+        except Exception:  # noqa: BLE001
+            return 0
+
+    def _table(self, cb: _Progress, trials: list, done=None):
+        from rich import box
+        from rich.table import Table
+
+        now = time.monotonic()
+        rows, done_all, planned_all, best = [], 0, 0, None
+        finished = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        if done is not None:  # the trial being completed: Tune sets its status after the callbacks
+            finished.add(done.trial_id)
+        for t in sorted(trials, key=lambda t: (_trial_index(t), t.trial_id)):
+            n, planned, phase = self._progress(cb, t)
+            if t.trial_id in finished:
+                n = planned
+            done_all, planned_all = done_all + n, planned_all + planned
+            r = t.last_result or {}
+            v = r.get(cb.metric)
+            if finite_scalar(v) and t.trial_id in finished and not r.get("error"):
+                best = v if best is None else (max(best, v) if cb.mode == "max" else min(best, v))
+            rows.append((t, phase, v, n, planned, r))
+        missing = max(cb.total - len(trials), 0)  # trials not created yet: planned like the last one
+        if missing and rows:
+            planned_all += missing * rows[-1][4]
+        elapsed = now - self.t0
+        eta = elapsed * (planned_all - done_all) / done_all if done_all else None
+        n_done = len(finished)
+        self._counts, self._eta = (n_done, best), eta
+        title = (f"{cb.title}: {n_done}/{cb.total} trials"
+                 + (f", best {cb.metric} {best:.4f}" if best is not None else "") + f", elapsed {_eta(elapsed)}"
+                 + (f", ETA {_eta(eta)}" if n_done < cb.total else ""))
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for col in ("#", "trial", "state"):
+            table.add_column(col, no_wrap=True)
+        keys = [k for k in cb.ctx.param_keys]
+        for k in _short_names(keys):
+            table.add_column(k, overflow="fold")
+        table.add_column("phase", overflow="fold")
+        table.add_column(cb.metric, no_wrap=True)
+        table.add_column("ETA", no_wrap=True)
+        for t, phase, v, done, planned, r in rows:
+            t_eta = None
+            if t.status == "RUNNING" and done and finite_scalar(r.get("time_total_s")):
+                t_eta = float(r["time_total_s"]) * (planned - done) / done
+            state = {"TERMINATED": "done", "ERROR": "error"}.get(t.status, t.status.lower())
+            table.add_row(str(_trial_index(t)), t.trial_id, state,
+                          *[format_value((t.config or {}).get(k, "")) for k in keys], phase,
+                          f"{v:.4f}" if finite_scalar(v) else "-", _eta(t_eta) if t.status == "RUNNING" else "")
+        return table, title
+
+    def update(self, cb: _Progress, trials: list, done=None, end: bool = False) -> None:
+        from rich.live import Live
+
+        if self._owner is not cb:  # a new Tune run (the finals after the study): a fresh table
+            self.close()
+            self._owner, self.t0, self._said = cb, time.monotonic(), set()
+        terminal = self.console.is_terminal and not self.console.is_dumb_terminal
+        if not terminal:  # one line per finished trial
+            if done is not None and done.trial_id not in self._said:
+                self._said.add(done.trial_id)
+                table, title = self._table(cb, trials, done)
+                r = done.last_result or {}
+                v = r.get(cb.metric)
+                state = "error" if done.status == "ERROR" or r.get("error") else "done"
+                n_done, best = self._counts
+                label = (f"seed {(done.config or {}).get('seed')}" if cb.ctx.kind == "final"
+                         else f"t{_trial_index(done):02d}")
+                self.console.print(f"{cb.title}: {label} {state}"
+                                   + (f" {cb.metric}={v:.4f}" if finite_scalar(v) else "")
+                                   + f" | {n_done}/{cb.total} done" + (f", best {best:.4f}" if best is not None else "")
+                                   + f", {_eta(time.monotonic() - self.t0)}"
+                                   + (f", ETA {_eta(self._eta)}" if n_done < cb.total else ""), highlight=False)
+            return
+        now = time.monotonic()
+        if not (end or done is not None) and now - self._last < self.refresh_s:
+            return
+        self._last = now
+        from rich.console import Group
+        from rich.text import Text
+
+        table, title = self._table(cb, trials, done)
+        table = Group(Text(title, style="bold"), table)
+        if self.live is None:
+            self.live = Live(table, console=self.console, auto_refresh=False, transient=True)
+            self.live.start()
+        self.live.update(table, refresh=True)
+        if end:
+            self.close()
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+        self._owner = None
+
+
+@dataclass
+class FinalsRecord:
+    """Test scores of a study's finals: the selected trial's config and policy, retrained on train+val."""
+
+    trial_id: str
+    seeds: list[int]
+    test_accs: list[float]
+    errors: list[tuple[int, str]] = field(default_factory=list)
+    label: str = ""  # per-variant finals: the variant's overrides
+
+    def mean_std(self) -> tuple[float, float]:
+        from ..tracking import _mean_std
+
+        return _mean_std(self.test_accs)
+
+    def describe(self) -> str:
+        mean, std = self.mean_std()
+        return (f"test_acc {mean:.4f} ± {std:.4f} (n={len(self.test_accs)}, trial {self.trial_id}'s config and "
+                f"policy retrained on train+val, tested once per seed)")
