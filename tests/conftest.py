@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -48,3 +54,60 @@ def ray_session(tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def one_error_line(stderr: str, *fragments: str) -> str:
+    """The single ``pfnas: error:`` line of ``stderr`` (asserted), containing every fragment."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pfnas: error: "), stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on a fixed port and sqlite file; stop() and start() again to restart it."""
+
+    def __init__(self, folder: Path, port: int):
+        self.folder, self.port, self.proc = folder, port, None
+        self.uri = f"http://127.0.0.1:{port}"
+
+    def start(self) -> None:
+        log = open(self.folder / "server.log", "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/srv.db",
+             "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port",
+             str(self.port), "--workers", "1"], cwd=self.folder, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True)
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            assert self.proc.poll() is None and time.time() < deadline, (self.folder / "server.log").read_text()[-2000:]
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the server and its uvicorn worker
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=20)
+        deadline = time.time() + 20
+        while time.time() < deadline:  # the port is free again (a worker may outlive its parent briefly)
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) != 0:
+                    return
+            time.sleep(0.2)

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY_BACKBONE
+from conftest import REPO, TINY_BACKBONE, one_error_line
 from pfnas import cli
 from pfnas import data as D
-from pfnas.config import BackboneConfig, DataConfig, DataError, ModelError, PfnasError
-from test_data import _folder, _png
+from pfnas.config import BackboneConfig, DataConfig, ModelError, PfnasError
+from test_data import _expect_error, _folder, _png
 
 MEAN = STD = (0.5, 0.5, 0.5)
 
@@ -26,14 +26,6 @@ def _pfnas(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "pfnas", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def _one_error_line(stderr: str, *fragments: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("pfnas: error: "), stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
 
 
 def _main(capsys, *args: str) -> tuple[int, str]:
@@ -49,7 +41,7 @@ def test_usage_errors_exit_2_with_one_line() -> None:
                            (["baseline", "fixed", "--op", "prepend", "--seeds", "abc"], "--seeds")):
         r = _pfnas(*args)
         assert r.returncode == 2, (args, r.stderr[-2000:])
-        _one_error_line(r.stderr, fragment)
+        one_error_line(r.stderr, fragment)
     r = _pfnas("--help")
     assert r.returncode == 0 and "Usage" in r.stdout and not r.stderr.strip()
 
@@ -76,7 +68,7 @@ def test_data_check_on_broken_data_exits_2(tmp_path: Path) -> None:
     (bad / "images" / "train_1.png").write_bytes(b"not a png")
     r = _pfnas("data", "check", str(bad))
     assert r.returncode == 2 and "FAILED" in r.stdout
-    _one_error_line(r.stderr, str(bad))
+    one_error_line(r.stderr, str(bad))
 
 
 # ----------------------------------------------------------------------------- B: SIGTERM
@@ -117,7 +109,7 @@ def test_unknown_device_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     rc, err = _main(capsys, "run", "--set", "device=tpu", "-o", str(tmp_path / "out"))
     assert rc == 2
-    _one_error_line(err, "tpu")
+    one_error_line(err, "tpu")
 
 
 def test_output_folder_under_a_file_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
@@ -126,10 +118,10 @@ def test_output_folder_under_a_file_is_one_line_exit_2(tmp_path: Path, capsys) -
     target = blocker / "sub"
     rc, err = _main(capsys, "run", "-o", str(target))
     assert rc == 2
-    _one_error_line(err, str(target))
+    one_error_line(err, str(target))
     r = _pfnas("baseline", "fixed", "--op", "add", "-o", str(target))
     assert r.returncode == 2
-    _one_error_line(r.stderr, str(target))
+    one_error_line(r.stderr, str(target))
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes through chmod")
@@ -141,7 +133,7 @@ def test_read_only_output_folder_is_one_line_exit_2(tmp_path: Path, capsys) -> N
         for target in (ro, ro / "sub"):
             rc, err = _main(capsys, "run", "-o", str(target))
             assert rc == 2
-            _one_error_line(err, str(target))
+            one_error_line(err, str(target))
     finally:
         ro.chmod(0o755)
 
@@ -150,12 +142,7 @@ def test_read_only_output_folder_is_one_line_exit_2(tmp_path: Path, capsys) -> N
 
 
 def _refused(cfg: DataConfig, *fragments: str) -> None:
-    with pytest.raises(DataError) as ei:
-        D.load_task(cfg, img_size=8, mean=MEAN, std=STD)
-    msg = str(ei.value)
-    assert "\n" not in msg
-    for f in fragments:
-        assert f in msg, msg
+    _expect_error(cfg, *fragments)
 
 
 def _check_fails(path: Path, fragment: str) -> None:
@@ -163,7 +150,7 @@ def _check_fails(path: Path, fragment: str) -> None:
     assert not rep.ok and any(fragment in p for p in rep.problems), rep.problems
     r = _pfnas("data", "check", str(path))
     assert r.returncode == 2, r.stderr
-    _one_error_line(r.stderr)
+    one_error_line(r.stderr)
 
 
 def test_vtab_label_gap_refused_for_any_task(tmp_path: Path) -> None:

@@ -7,29 +7,19 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import REPO, tiny_config
+from conftest import REPO, MlflowServer, free_port, one_error_line, tiny_config
 
 from pfnas import cli
 from pfnas.config import PfnasError
 from pfnas.tracking import RunLogger, make_client
-
-
-def _one_error_line(stderr: str, *fragments: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("pfnas: error: "), stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture
@@ -57,7 +47,7 @@ def test_rerun_into_a_folder_with_another_config_is_refused(tmp_path, tiny_yaml,
                           (["--set", "prompts.length=8"], "prompts.length: 4 -> 8")):
         rc, err = _run(capsys, "run", "-c", str(tiny_yaml), *change, "-o", str(out))
         assert rc == 2, (change, err)
-        _one_error_line(err, str(out), field, "another --out")
+        one_error_line(err, str(out), field, "another --out")
         assert (out / "result.json").read_bytes() == result and (out / "config.yaml").read_bytes() == stored
     # the same config resumes (nothing retrained); fields that cannot change the result may differ
     epochs = len((out / "log.jsonl").read_text().splitlines())
@@ -71,7 +61,7 @@ def test_rerun_into_a_folder_with_another_config_is_refused(tmp_path, tiny_yaml,
     rc, err = _run(capsys, "baseline", "fixed", "--op", "add", "-c", str(tiny_yaml), "--set", "train.optim.lr=0.3",
                    "-o", str(base))
     assert rc == 2
-    _one_error_line(err, str(base / "seed0"), "train.optim.lr")
+    one_error_line(err, str(base / "seed0"), "train.optim.lr")
     # a first try that stopped before training (a wrong data path) leaves only config.yaml: nothing to protect
     fresh = tmp_path / "fresh"
     rc, err = _run(capsys, "run", "-c", str(tiny_yaml), "--set", "data.kind=imagefolder",
@@ -105,7 +95,7 @@ def test_second_run_on_a_locked_folder_refused_and_kill_9_frees_it(tmp_path, tin
         rc, err = _run(capsys, *args)
         assert holder.poll() is None  # still running: the refusal is the lock's
         assert rc == 2
-        _one_error_line(err, str(out), "in use by another pfnas run", f"pid {holder.pid}")
+        one_error_line(err, str(out), "in use by another pfnas run", f"pid {holder.pid}")
         rc, err = _run(capsys, "baseline", "probe", "-c", str(tiny_yaml), "-o", str(tmp_path / "p"))
         assert rc == 0, err  # other folders are free
     finally:
@@ -141,63 +131,15 @@ def test_a_failed_checkpoint_write_leaves_no_partial_file(tmp_path, tiny_yaml, c
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     rc, err = _run(capsys, "run", "-c", str(tiny_yaml), "-o", str(tmp_path / "out"))
     assert rc == 2
-    _one_error_line(err, "No space left on device")
+    one_error_line(err, "No space left on device")
     assert not list((tmp_path / "out").rglob("*.tmp")) and not list((tmp_path / "out").rglob("*.pt"))
 
 
 # ----------------------------------------------------------------------------- MLflow server down or restarting
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """A real ``mlflow server`` on a fixed port and sqlite file; stop() and start() again to restart it."""
-
-    def __init__(self, folder: Path, port: int):
-        self.folder, self.port, self.proc = folder, port, None
-        self.uri = f"http://127.0.0.1:{port}"
-
-    def start(self) -> None:
-        log = open(self.folder / "server.log", "a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/srv.db",
-             "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port",
-             str(self.port), "--workers", "1"], cwd=self.folder, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True)
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            assert self.proc.poll() is None and time.time() < deadline, (self.folder / "server.log").read_text()[-2000:]
-            time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the server and its uvicorn worker
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=20)
-        deadline = time.time() + 20
-        while time.time() < deadline:  # the port is free again (a worker may outlive its parent briefly)
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) != 0:
-                    return
-            time.sleep(0.2)
-
-
 @pytest.fixture
 def server(tmp_path):
     (tmp_path / "srv").mkdir()
-    srv = MlflowServer(tmp_path / "srv", _free_port())
+    srv = MlflowServer(tmp_path / "srv", free_port())
     yield srv
     srv.stop()
 
@@ -300,9 +242,9 @@ def test_cli_run_with_the_server_down_is_replayed_by_the_rerun(tmp_path, tiny_ya
 
 def test_compare_against_a_down_server_fails_in_seconds(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)  # MLflow's own default: 7 retries
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
     rc, err = _run(capsys, "compare", "--tracking-uri", uri, "--experiment", "x", "-o", str(tmp_path / "cmp"))
     took = time.monotonic() - t0
     assert rc == 2 and took < 30, (rc, took)
-    _one_error_line(err, uri)
+    one_error_line(err, uri)

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 import pfnas.baselines as bl
 from conftest import tiny_config

@@ -4,17 +4,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import REPO, tiny_config
+from conftest import REPO, MlflowServer, free_port, tiny_config
 
 from pfnas.config import ConfigError, ExperimentConfig, PfnasError
 from pfnas.tracking import compare_runs, get_experiment_id, make_client
@@ -307,33 +305,11 @@ def test_kill_and_resume(ray_session, tmp_path, tracking):
 
 
 # ----------------------------------------------------------------------------- MLflow server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_study_against_mlflow_server(ray_session, tmp_path):
-    port = _free_port()
-    srv_log = tmp_path / "server.log"
-    with open(srv_log, "w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/srv.db",
-             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job-runner processes
-    uri = f"http://127.0.0.1:{port}"
+    server = MlflowServer(tmp_path, free_port())
+    server.start()
+    uri = server.uri
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.time() < deadline, srv_log.read_text()[-2000:]
-            time.sleep(0.5)
         space = write_space(tmp_path, "remote", num_samples=2, max_concurrent_trials=1)
         s = run_tune(space, storage=str(tmp_path / "ray"), tracking_uri=uri).studies[0]
         assert [t.status for t in s.trials] == ["TERMINATED"] * 2
@@ -346,11 +322,7 @@ def test_study_against_mlflow_server(ray_session, tmp_path):
             assert "alpha_heatmap.png" in {a.path for a in client.list_artifacts(r.info.run_id)}
         assert list((tmp_path / "artifacts").rglob("alpha_heatmap.png"))  # stored by the server
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            _kill_tree(server.pid)
+        server.stop()
 
 
 # ----------------------------------------------------------------------------- space schema and CLI
