@@ -796,11 +796,11 @@ def compare_runs(tracking_uri: str | None = None, experiment: str | None = None,
         from rich.text import Text
 
         t = Table(title=f"pfnas runs in {where} by {metric}")
-        for col in ("#", "label", "n", metric, "final test", "tuned params", "tuned %", "search cost"):
+        for col in ("#", "label", "n", metric, "final test (n)", "tuned params", "tuned %", "search cost"):
             t.add_column(col, justify="left" if col == "label" else "right", overflow="fold")
         for i, r in enumerate(rows, 1):
             val = f"{r['mean']:.4f}" + (f" ± {r['std']:.4f}" if r["n"] > 1 else "")
-            fin = "-" if not r["final_n"] else f"{r['final_mean']:.4f} ± {r['final_std']:.4f} (n={r['final_n']})"
+            fin = "-" if not r["final_n"] else f"{r['final_mean']:.4f} ± {r['final_std']:.4f} ({r['final_n']})"
             pct = f"{r['tuned_percent']:.3f}" if r["tuned_percent"] is not None else "-"
             t.add_row(str(i), Text(r["label"]), str(r["n"]), val, fin, _human(r["tuned_params"]), pct,
                       _human(r["cost_images"]) + (" img" if r["cost_images"] else ""))
