@@ -39,7 +39,7 @@ import torch
 
 from .config import ExperimentConfig, PfnasError, config_hash, merge_dotted
 from .engine import (EpochCallback, Experiment, Phase, backbone_param_count, claim_run_dir, evaluate, fit, lr_at,
-                     run_experiment, run_retrain)
+                     rng_state, run_experiment, run_retrain, set_rng_state)
 from .model import PromptedViT
 
 PATH_LOGIT = 1e4  # alpha value that pins a gumbel supernet to one path (softmax of the rest is exactly 0)
@@ -66,27 +66,16 @@ def budget_images(cfg: ExperimentConfig, data) -> int:
 def measure_step_seconds(exp: Experiment, steps: int = 3) -> float:
     """Seconds per training image of a candidate step: a policy cycling the candidate ops, median of ``steps``
     timed steps after one warm-up step. The global RNG is restored, so the run itself is unchanged."""
-    from .engine import rng_state, set_rng_state
+    from .bench import time_steps  # the bench's own timer (device syncs, median)
 
     state = rng_state()
     try:
         ops = list(exp.cfg.prompts.ops)
         model = exp.fixed({l: ops[l % len(ops)] for l in range(len(exp.backbone.blocks))})
         phase = BudgetPhase(exp.cfg, model, exp.data, exp.device, steps + 1, score_split=None)
-        times = []
-        while len(times) <= steps:
-            for x, y in phase._train_batches():
-                x, y = x.to(exp.device), y.to(exp.device)
-                if exp.device.type == "cuda":
-                    torch.cuda.synchronize(exp.device)
-                t0 = time.perf_counter()
-                phase._weight_step(x, y)
-                if exp.device.type == "cuda":
-                    torch.cuda.synchronize(exp.device)
-                times.append((time.perf_counter() - t0) / y.numel())
-                if len(times) > steps:
-                    break
-        return statistics.median(times[1:])
+        x, y = (t.to(exp.device) for t in next(iter(phase._train_batches())))
+        ms = time_steps(lambda lap: phase._weight_step(x, y), exp.device, steps, warmup=1)["ms"]
+        return ms / 1e3 / y.numel()
     finally:
         set_rng_state(state)
 

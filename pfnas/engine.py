@@ -690,23 +690,11 @@ def inference_throughput(model: nn.Module, data: TaskData, device: torch.device,
                          steps: int = 5, warmup: int = 2) -> dict[str, Any]:
     """Measured eval-mode forward throughput of ``model``: median of ``steps`` batches of ``batch_size``
     images (from the first split, repeated to fill the batch), bracketed by device syncs."""
-    was = model.training
-    model.eval()
+    from .bench import _forward_fn, time_steps  # the bench's own timer (device syncs, median)
+
     x = next(iter(data.batches(next(iter(data.splits)), batch_size)))[0]
     x = x.repeat(-(-batch_size // x.shape[0]), 1, 1, 1)[:batch_size].to(device)  # a full batch on small splits
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        with autocast(device, precision):
-            model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    model.train(was)
-    sec = sorted(times)[len(times) // 2]
+    sec = time_steps(_forward_fn(model, x, device, precision), device, steps, warmup)["ms"] / 1e3
     return {"infer_images_per_s": batch_size / sec, "infer_ms_per_image": 1e3 * sec / batch_size,
             "infer_batch": batch_size, "infer_device": str(device)}
 
