@@ -54,13 +54,18 @@ def resolve_tracking_uri(uri: str | None = None, base_dir: str | Path | None = N
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     if uri.startswith("sqlite:///"):
-        rest = uri[len("sqlite:///"):]
-        if rest and rest != ":memory:" and not rest.startswith("/"):
-            return "sqlite:///" + os.path.normpath(str(base / Path(rest).expanduser()))
-        return uri
+        return absolute_sqlite_url(uri, base)
     if "://" not in uri and not uri.startswith(("file:", "databricks")):
         return Path(os.path.normpath(base / Path(uri).expanduser())).as_uri()
     return uri
+
+
+def absolute_sqlite_url(url: str, base: str | Path | None = None) -> str:
+    """A relative ``sqlite:///file.db`` made absolute against ``base`` (default: the cwd); other URLs unchanged."""
+    rest = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+    if rest and rest != ":memory:" and not rest.startswith("/"):
+        return "sqlite:///" + os.path.normpath(str(Path(base or Path.cwd()) / Path(rest).expanduser()))
+    return url
 
 
 def _sqlite_path(uri: str) -> Path | None:

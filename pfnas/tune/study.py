@@ -17,6 +17,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ..config import ConfigError, ExperimentConfig, PfnasError, merge_dotted
 from ..provenance import provenance_tags
 from ..tracking import (
+    absolute_sqlite_url,
     finite_scalar,
     format_value,
     get_experiment_id,
@@ -96,15 +97,6 @@ def _close_orphans(client, exp_id: str, parent: str) -> int:
         client.set_tag(r.info.run_id, "pfnas.error", "interrupted; its trial was not resumed")
         client.set_terminated(r.info.run_id, "KILLED")
     return len(found)
-
-
-def _sqlite_url(url: str, base: Path | None = None) -> str:
-    """A relative ``sqlite:///file.db`` made absolute against ``base`` (default: the cwd); other URLs unchanged."""
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        rest = url[len("sqlite:///"):]
-        if rest and rest != ":memory:":
-            return "sqlite:///" + os.path.normpath(str((base or Path.cwd()) / Path(rest).expanduser()))
-    return url
 
 
 def default_optuna_storage(tracking_uri: str, storage_root: str) -> str | None:
@@ -493,9 +485,9 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
     mlflow_experiment = experiment or space.mlflow.experiment or space.name
     root = _storage_root(storage)
     if optuna_storage:
-        ostore = _sqlite_url(optuna_storage)
+        ostore = absolute_sqlite_url(optuna_storage)
     elif space.optuna_storage:
-        ostore = _sqlite_url(space.optuna_storage, space_path.resolve().parent)
+        ostore = absolute_sqlite_url(space.optuna_storage, space_path.resolve().parent)
     else:
         ostore = default_optuna_storage(uri, root)
     if ostore and ostore.strip().lower() in ("none", "memory"):
