@@ -152,7 +152,7 @@ def method_label(cfg: ExperimentConfig) -> str:
     if m.kind == "search":
         return "search" + ("-gdas" if cfg.search.mode == "gumbel" else "")
     if m.kind == "fixed":
-        return f"fixed:{m.op}"
+        return "fixed:policy" if m.policy else f"fixed:{m.op}"
     if m.kind == "random":
         return "random" + ("+ws" if m.weight_sharing else "")
     return m.kind

@@ -81,7 +81,7 @@ def _short_method(cfg: ExperimentConfig) -> str:
     if m.kind == "search":
         return cfg.search.mode  # softmax | gumbel
     if m.kind == "fixed":
-        return m.op or "policy"
+        return "policy" if m.policy else m.op
     if m.kind == "random":
         return "random" + ("+ws" if m.weight_sharing else "")
     return {"evolution": "evo"}.get(m.kind, m.kind)
