@@ -665,7 +665,7 @@ def op_latency_table(cfg: ExperimentConfig, model: nn.Module, device: torch.devi
         def step_fn(i: int) -> Callable[[Lap], Any]:
             def step(lap: Lap) -> None:
                 with autocast(device, cfg.precision):
-                    out = layer.run_op(i, block, x, layer.prompts, model.n_prefix)
+                    out = layer.run_op(i, block, x, layer.op_prompts(i), model.n_prefix)
                 out.float().sum().backward()
                 layer.zero_grad(set_to_none=True)
             return step

@@ -140,6 +140,8 @@ class SearchConfig(_Strict):
     # so one epoch uses the val split once (VTAB-1k: every 4th step, search cost ~1.25x VPT-deep)
     unrolled_lr: float | None = None  # xi of the second-order step; None: current prompt lr
     entropy_weight: float = 0.0  # >0 pushes alpha to be decisive, <0 keeps it spread
+    centered: bool = False  # gumbel: alpha's gradient from the op's change to the block, not the whole stream
+    per_op_prompts: bool = False  # supernet: each candidate op trains its own prompts (False: one set shared)
     select: Literal["argmax", "perturb"] = "argmax"  # perturb: per-layer val accuracy of each pinned op
     cost_weight: float = Field(0.0, ge=0)  # lambda of the resource-aware arch loss: + lambda * E_alpha[cost]
     cost: Literal["params", "latency"] = "params"  # per-op cost: deployed numbers, or measured step latency
@@ -226,6 +228,12 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     pae: PAEConfig = Field(default_factory=PAEConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
+
+    @model_validator(mode="after")
+    def _pae_needs_shared_prompts(self) -> "ExperimentConfig":
+        if self.pae.enabled and self.search.per_op_prompts:
+            raise ValueError("pae.enabled needs one prompt set per layer: set search.per_op_prompts false")
+        return self
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:

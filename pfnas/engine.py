@@ -339,7 +339,7 @@ class SearchPhase(Phase):
                  extra_loss: Any = None):
         if model.alpha is None:
             raise PfnasError("search needs a supernet (PromptedViT with policy=None)")
-        model.mode = cfg.search.mode
+        model.mode, model.centered = cfg.search.mode, cfg.search.centered
         super().__init__(cfg, model, data, device, cfg.search.epochs, cfg.search.optim, "train", extra_loss)
         s = cfg.search
         self.arch_opt = torch.optim.Adam(model.arch_parameters(), lr=s.arch_lr, betas=tuple(s.arch_betas),
@@ -592,7 +592,8 @@ class Experiment:
 
     def supernet(self) -> PromptedViT:
         seed_everything(self.cfg.seed)
-        return PromptedViT(self.backbone, self.data.num_classes, self.cfg.prompts, None, self.cfg.search.mode)
+        return PromptedViT(self.backbone, self.data.num_classes, self.cfg.prompts, None, self.cfg.search.mode,
+                           self.cfg.search.per_op_prompts)
 
     def fixed(self, policy: dict | list) -> PromptedViT:
         seed_everything(self.cfg.seed + 1)

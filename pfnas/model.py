@@ -271,28 +271,40 @@ def load_policy(path: str | Path) -> dict[int, str]:
 class PromptLayer(nn.Module):
     """Prompts of one block plus its candidate operators (one for a fixed policy, several for search)."""
 
-    def __init__(self, ops: Iterable[str], length: int, dim: int, rank: int, init_bound: float):
+    def __init__(self, ops: Iterable[str], length: int, dim: int, rank: int, init_bound: float,
+                 per_op_prompts: bool = False):
         super().__init__()
         self.op_names = list(ops)
         self.ops = nn.ModuleList(make_op(o, dim, rank) for o in self.op_names)
         self.uses_prompts = any(o != "none" for o in self.op_names)
-        self.prompts = nn.Parameter(torch.empty(length if self.uses_prompts else 0, dim))
+        self.per_op = per_op_prompts and len(self.op_names) > 1  # supernet: each op its own prompts [n_ops, M, D]
+        shape = (len(self.op_names),) if self.per_op else ()
+        self.prompts = nn.Parameter(torch.empty(*shape, length if self.uses_prompts else 0, dim))
         nn.init.uniform_(self.prompts, -init_bound, init_bound)
+
+    @property
+    def length(self) -> int:
+        return self.prompts.shape[-2]
+
+    def op_prompts(self, i: int) -> torch.Tensor:
+        """[M, D] prompts op ``i`` reads (the layer's shared prompts unless the supernet keeps them per op)."""
+        return self.prompts[i] if self.per_op else self.prompts
 
     def run_op(self, i: int, block: nn.Module, x: torch.Tensor, p: torch.Tensor, n_prefix: int) -> torch.Tensor:
         op = self.ops[i]
         return op.split(block(op.fuse(x, p, n_prefix)), n_prefix, p.shape[-2])
 
-    def run_mixed(self, block, x, p, n_prefix, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of every op's block output; same-length inputs share one batched block call."""
+    def run_mixed(self, block, x, ps: list[torch.Tensor], n_prefix, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of every op's block output (op ``i`` reads prompts ``ps[i]``); same-length inputs
+        share one batched block call."""
         out = 0.0
         same = [i for i, op in enumerate(self.ops) if not op.changes_length]
         for i, op in enumerate(self.ops):
             if op.changes_length:
-                out = out + weights[i] * self.run_op(i, block, x, p, n_prefix)
+                out = out + weights[i] * self.run_op(i, block, x, ps[i], n_prefix)
         if same:
             B = x.shape[0]
-            ys = block(torch.cat([self.ops[i].fuse(x, p, n_prefix) for i in same], dim=0))
+            ys = block(torch.cat([self.ops[i].fuse(x, ps[i], n_prefix) for i in same], dim=0))
             for j, i in enumerate(same):
                 out = out + weights[i] * ys[j * B : (j + 1) * B]
         return out
@@ -306,7 +318,7 @@ class PromptedViT(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, prompt_cfg: PromptConfig,
-                 policy: dict | list | None = None, mode: str = "softmax"):
+                 policy: dict | list | None = None, mode: str = "softmax", per_op_prompts: bool = False):
         super().__init__()
         self.backbone = backbone.requires_grad_(False).eval()
         self.depth = len(backbone.blocks)
@@ -314,6 +326,7 @@ class PromptedViT(nn.Module):
         self.n_prefix = int(getattr(backbone, "num_prefix_tokens", 1))
         self.mode = mode
         self.tau = 1.0
+        self.centered = False  # gumbel: straight-through gradient of the op's change to the block (see forward)
         patch = backbone.patch_embed.patch_size
         patch_area = patch[0] * patch[1] if isinstance(patch, (tuple, list)) else patch * patch
         bound = math.sqrt(6.0 / float(3 * patch_area + self.dim))  # VPT's uniform init
@@ -322,7 +335,8 @@ class PromptedViT(nn.Module):
         layer_ops = ([[self.policy[l]] for l in range(self.depth)] if self.policy is not None
                      else [self.candidates] * self.depth)
         self.layers = nn.ModuleList(
-            PromptLayer(ops, prompt_cfg.length, self.dim, prompt_cfg.fusion_dim, bound) for ops in layer_ops)
+            PromptLayer(ops, prompt_cfg.length, self.dim, prompt_cfg.fusion_dim, bound,
+                        per_op_prompts and self.policy is None) for ops in layer_ops)
         self.prompt_dropout = nn.Dropout(prompt_cfg.dropout)
         self.alpha = (nn.Parameter(1e-3 * torch.randn(self.depth, len(self.candidates)))
                       if self.policy is None else None)
@@ -360,11 +374,11 @@ class PromptedViT(nn.Module):
         if self.policy is None:
             return self.trained_parameter_count()
         head = sum(p.numel() for p in self.head.parameters())
-        return head + sum(layer.ops[0].deployed_size(layer.prompts.shape[0], self.dim) for layer in self.layers)
+        return head + sum(layer.ops[0].deployed_size(layer.length, self.dim) for layer in self.layers)
 
     def param_costs(self) -> torch.Tensor:
         """[depth, n_ops] deployed numbers of each candidate op in each layer (the supernet's cost table)."""
-        return torch.tensor([[float(op.deployed_size(layer.prompts.shape[0], self.dim)) for op in layer.ops]
+        return torch.tensor([[float(op.deployed_size(layer.length, self.dim)) for op in layer.ops]
                              for layer in self.layers])
 
     def train(self, mode: bool = True):
@@ -408,17 +422,31 @@ class PromptedViT(nn.Module):
         # single path: the host must know which op each layer runs; one sync for the whole net per step
         path = weights.detach().argmax(-1).tolist() if weights is not None and self.mode == "gumbel" else None
         per_sample = self.training and self.prompt_dropout.p > 0
+        B = x.shape[0]
+
+        def prompts(layer: PromptLayer, i: int) -> torch.Tensor:
+            p = layer.op_prompts(i)  # eval: [M, D] shared by the batch; train: a dropout mask per sample
+            return self.prompt_dropout(p.expand(B, -1, -1)) if per_sample and p.numel() else p
+
         for l, (block, layer) in enumerate(zip(self.backbone.blocks, self.layers)):
-            p = layer.prompts  # eval: [M, D] shared by the batch; train: a dropout mask per sample
-            if per_sample and p.numel():
-                p = self.prompt_dropout(p.expand(x.shape[0], -1, -1))
             if weights is None:
-                x = layer.run_op(0, block, x, p, self.n_prefix)
+                x = layer.run_op(0, block, x, prompts(layer, 0), self.n_prefix)
             elif self.mode == "gumbel":
-                i = path[l]  # only the sampled op runs
-                x = weights[l, i] * layer.run_op(i, block, x, p, self.n_prefix)
+                i, w = path[l], weights[l, path[l]]  # only the sampled op runs; w is 1 with a gradient
+                y = layer.run_op(i, block, x, prompts(layer, i), self.n_prefix)
+                if self.centered and w.requires_grad:
+                    # w * y hands alpha <dL/dy, y>: the value of scaling the whole residual stream, which every
+                    # op carries. Centered, alpha gets <dL/dy, y - block(x)>: what this op changes vs the
+                    # prompt-free block (the soft mixture cancels the stream the same way, against its mean)
+                    with torch.no_grad():
+                        ref = block(x)
+                    x = y + (w - w.detach()) * (y - ref)
+                else:
+                    x = w * y
             else:
-                x = layer.run_mixed(block, x, p, self.n_prefix, weights[l])
+                ps = ([prompts(layer, i) for i in range(len(layer.ops))] if layer.per_op
+                      else [prompts(layer, 0)] * len(layer.ops))
+                x = layer.run_mixed(block, x, ps, self.n_prefix, weights[l])
         return self.backbone.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -178,6 +178,17 @@ def pareto_front(points: list[list[float]], modes: list[str]) -> list[int]:
     return [i for i, p in enumerate(keyed) if not any(dominates(q, p) for j, q in enumerate(keyed) if j != i)]
 
 
+def policy_agreement(policies: list[list[str]]) -> float | None:
+    """How reproducible a search is: over every pair of ``policies`` (one per seed), the fraction of layers that
+    chose the same op, averaged (1 = identical policies; chance is 1 / number of ops). None for fewer than two."""
+    pairs = [(a, b) for i, a in enumerate(policies) for b in policies[i + 1:]]
+    if not pairs:
+        return None
+    if any(len(a) != len(b) or not a for a, b in pairs):
+        raise ValueError("policies to compare need the same, non-zero number of layers")
+    return sum(sum(x == y for x, y in zip(a, b)) / len(a) for a, b in pairs) / len(pairs)
+
+
 def format_value(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"

@@ -72,8 +72,51 @@ def test_mixed_layer_is_weighted_sum_of_ops(backbone):
     block, layer = backbone.blocks[0], sup.layers[0]
     w = torch.softmax(sup.alpha[0] / 0.7, -1)
     expect = sum(w[i] * layer.run_op(i, block, x, layer.prompts, 1) for i in range(len(layer.ops)))
-    got = layer.run_mixed(block, x, layer.prompts, 1, sup.op_weights()[0])
+    got = layer.run_mixed(block, x, [layer.prompts] * len(layer.ops), 1, sup.op_weights()[0])
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_per_op_prompts_supernet(backbone):
+    """Per-op prompts: copies of the shared prompts give the shared supernet's output exactly; each op then
+    reads its own set (only the sampled op's set learns on a Gumbel path); a fixed policy keeps one set."""
+    torch.manual_seed(2)
+    cfg = PromptConfig(length=3, dropout=0.0)
+    shared = PromptedViT(backbone, 5, cfg).eval()
+    per_op = PromptedViT(backbone, 5, cfg, per_op_prompts=True).eval()
+    for a, b in zip(shared.layers, per_op.layers):  # non-trivial ops, same weights in both nets
+        for p in a.ops.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        b.ops.load_state_dict(a.ops.state_dict())
+    with torch.no_grad():
+        per_op.alpha.copy_(shared.alpha)
+        per_op.head.load_state_dict(shared.head.state_dict())
+        for a, b in zip(shared.layers, per_op.layers):
+            assert b.prompts.shape == (4, 3, 32)
+            b.prompts.copy_(a.prompts.expand_as(b.prompts))
+    img = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(per_op(img), shared(img), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        per_op.layers[0].prompts[2].add_(1.0)  # affine's own prompts: the output moves
+    assert not torch.allclose(per_op(img), shared(img), atol=1e-4)
+
+    gdas = PromptedViT(backbone, 5, cfg, mode="gumbel", per_op_prompts=True).train()
+    for layer in gdas.layers:
+        for p in layer.ops.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+    gdas(img).sum().backward()
+    for layer in gdas.layers:
+        live = layer.prompts.grad.abs().sum((-1, -2)) > 0
+        assert int(live.sum()) == 1  # one op ran: only its prompts got a gradient
+    fixed = PromptedViT(backbone, 5, cfg, policy=["add", "prepend"], per_op_prompts=True)
+    assert all(layer.prompts.shape == (3, 32) for layer in fixed.layers)
+
+
+def test_per_op_prompts_refuse_pae():
+    from pfnas.config import ExperimentConfig
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="per_op_prompts"):
+        ExperimentConfig(search={"per_op_prompts": True}, pae={"enabled": True})
 
 
 def test_gradient_reaches_prompts_ops_head_and_alpha_only(backbone):
@@ -98,6 +141,26 @@ def test_gumbel_single_path_runs_one_op_per_layer(backbone):
     assert len(calls) == 2 and all(s[0] == 4 for s in calls)  # one block call per layer, batch not tripled
     out.sum().backward()
     assert sup.alpha.grad is not None and sup.alpha.grad.abs().sum() > 0  # straight-through gradient
+
+
+def test_centered_gumbel_gradient_ignores_the_shared_stream(backbone):
+    """Centered GDAS: same forward value; alpha's gradient is <dL/dy, y - block(x)>, so ops that do not change
+    the block (affine and cross_attn at their identity init) give alpha no gradient, while the plain
+    straight-through estimator still moves it (by the value of rescaling the whole residual stream)."""
+    cfg = PromptConfig(length=3, dropout=0.0, ops=["affine", "cross_attn"])
+    img = torch.randn(4, 3, 16, 16)
+    grads, outs = {}, {}
+    for centered in (False, True):
+        torch.manual_seed(5)
+        sup = PromptedViT(backbone, 5, cfg, mode="gumbel").train()
+        sup.centered = centered
+        torch.manual_seed(6)  # the same Gumbel path in both runs
+        out = sup(img)
+        out.pow(2).sum().backward()
+        grads[centered], outs[centered] = sup.alpha.grad.clone(), out.detach()
+    torch.testing.assert_close(outs[True], outs[False])
+    assert grads[False].abs().sum() > 0
+    assert grads[True].abs().max() == 0
 
 
 def test_tuned_params_and_discretize(backbone):

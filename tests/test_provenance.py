@@ -237,3 +237,35 @@ def test_docs_agree_on_the_quick_start_time():
     launchers = (REPO / "launchers/README.md").read_text()
     assert "RAY_AUTH_MODE=token ray start --address 127.0.0.1:6379" in launchers
     assert "ray start --head --port 6379" in launchers
+
+
+# ----------------------------------------------------------------------------- reproducibility over seeds
+def test_policy_agreement_and_seed_groups():
+    from pfnas.tracking import policy_agreement
+
+    a, b, c = ["add"] * 4, ["add", "add", "affine", "affine"], ["prepend"] * 4
+    assert policy_agreement([a]) is None
+    assert policy_agreement([a, a, a]) == 1.0
+    assert policy_agreement([a, b, c]) == pytest.approx((0.5 + 0.0 + 0.0) / 3)
+    with pytest.raises(ValueError):
+        policy_agreement([a, a[:2]])
+    keys = ["variant", "seed"]
+    recs = [TrialRecord(i, f"t{i}", "TERMINATED", {"variant": v, "seed": s}, acc,
+                        {"policy": ",".join(p), "search/alpha_entropy": h})
+            for i, (v, s, acc, p, h) in enumerate([
+                ("kind=search", 0, 0.80, a, 0.2), ("kind=search", 1, 0.84, b, 0.4), ("kind=search", 2, 0.82, a, 0.3),
+                ("kind=fixed", 0, 0.70, a, None), ("kind=fixed", 1, 0.72, a, None)])]
+    recs.append(TrialRecord(9, "t9", "ERROR", {"variant": "kind=fixed", "seed": 2}, None, {}, "boom"))
+    s = StudySummary("abl", "val_acc", "max", keys, recs, recs[1], None, "/x", "sqlite:////x/mlflow.db", "abl", "p")
+    groups = {g.label: g.stats() for g in s.seed_groups()}
+    assert groups["variant=kind=search"]["n"] == 3 and groups["variant=kind=fixed"]["n"] == 2  # errored left out
+    st = groups["variant=kind=search"]
+    assert st["mean"] == pytest.approx(0.82) and st["std"] == pytest.approx(0.02)
+    assert st["alpha_entropy"] == pytest.approx(0.3) and st["agreement"] == pytest.approx((0.5 + 1.0 + 0.5) / 3)
+    assert groups["variant=kind=fixed"]["agreement"] is None  # no search: no policy agreement to report
+    console = Console(width=200, record=True, color_system=None)
+    console.print(s)
+    assert "over seeds [variant=kind=search]: val_acc 0.8200 ± 0.0200 (n=3), H(α) 0.30, policy agreement 0.67" \
+        in console.export_text()
+    no_seed = StudySummary("abl", "val_acc", "max", ["variant"], recs, None, None, "/x", "u", "abl", "p")
+    assert no_seed.seed_groups() == []

@@ -50,6 +50,39 @@ class TrialRecord:
     values: list[float] | None = None  # every objective, when all are finite
 
 
+@dataclass
+class SeedGroup:
+    """Trials of one configuration over several seeds: score mean ± std, mean alpha entropy, policy agreement."""
+
+    label: str
+    metric: str
+    trials: list[TrialRecord]
+
+    def policies(self) -> list[list[str]]:
+        return [[op for op in str(r.metrics.get("policy", "")).split(",") if op] for r in self.trials]
+
+    def stats(self) -> dict[str, Any]:
+        from ..tracking import policy_agreement
+
+        vals = [r.value for r in self.trials]
+        mean = sum(vals) / len(vals)
+        std = (sum((v - mean) ** 2 for v in vals) / max(len(vals) - 1, 1)) ** 0.5
+        ents = [float(r.metrics["search/alpha_entropy"]) for r in self.trials
+                if finite_scalar(r.metrics.get("search/alpha_entropy"))]
+        pols = self.policies()
+        searched = len(ents) == len(self.trials) and all(pols) and len({len(p) for p in pols}) == 1
+        return {"n": len(vals), "mean": mean, "std": std,
+                "alpha_entropy": sum(ents) / len(ents) if searched else None,
+                "agreement": policy_agreement(pols) if searched else None}
+
+    def describe(self) -> str:
+        st = self.stats()
+        out = f"over seeds [{self.label}]: {self.metric} {st['mean']:.4f} ± {st['std']:.4f} (n={st['n']})"
+        if st["agreement"] is not None:
+            out += f", H(α) {st['alpha_entropy']:.2f}, policy agreement {st['agreement']:.2f}"
+        return out
+
+
 class _FitTable:
     """A table that takes the wide layout when it fits the console and the compact one otherwise (80 columns: the
     tuned params wrap in one column, the policy keeps its own)."""
@@ -88,6 +121,19 @@ class StudySummary:
     front: list[TrialRecord] = field(default_factory=list)  # Pareto studies: the non-dominated trials
     optuna_storage: str | None = None  # RDB URL of the Optuna study (optuna.load_study, optuna-dashboard)
     optuna_study: str | None = None
+
+    def seed_groups(self) -> list[SeedGroup]:
+        """Finished trials that differ only in ``seed`` (``seed`` among a grid's params), one group per config:
+        how a method varies over seeds, and (search) how reproducible its policy is."""
+        if "seed" not in self.param_keys:
+            return []
+        groups: dict[tuple, list[TrialRecord]] = {}
+        for r in self.trials:
+            if r.status == "TERMINATED" and r.value is not None:
+                key = tuple((k, format_value(r.params.get(k))) for k in self.param_keys if k != "seed")
+                groups.setdefault(key, []).append(r)
+        return [SeedGroup(" ".join(f"{k.split('.')[-1]}={v}" for k, v in key) or "all", self.metric, rs)
+                for key, rs in groups.items() if len(rs) >= 2]
 
     def _table(self, compact: bool):
         """The trials table: one column per tuned param, or (``compact``) the params as one wrapped ``k=v`` column."""
@@ -151,6 +197,7 @@ class StudySummary:
                 mean, std = f.mean_std()
                 lines.append(f"final [{f.label}]: test_acc {mean:.4f} ± {std:.4f} (n={len(f.test_accs)}, "
                              f"trial {f.trial_id})")
+        lines += [g.describe() for g in self.seed_groups()]
         lines.append(f"MLflow: {self.tracking_uri} experiment {self.mlflow_experiment!r} parent run {self.parent_run_id}")
         lines.append(f"Tune: {self.experiment_path}")
         if self.optuna_study:
