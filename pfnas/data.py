@@ -700,6 +700,18 @@ def _existing_root(root: str | Path | None) -> Path:
     return p
 
 
+def check_data_paths(cfg: DataConfig) -> None:
+    """Cheap pre-flight: the data root (and the task folder where the kind needs one) exists; raises DataError.
+
+    Reads no images; :func:`load_task` still checks everything. Used by drivers before they start workers.
+    """
+    if cfg.kind == "synthetic":
+        return
+    root = _existing_root(cfg.root)
+    if cfg.kind in ("vtab", "fgvc", "hta") or (cfg.kind == "imagefolder" and cfg.task):
+        _task_dir(root, cfg.task, cfg.kind)
+
+
 def load_task(
     cfg: DataConfig,
     *,

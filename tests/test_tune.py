@@ -404,6 +404,17 @@ def test_cli_bad_space_exits_2_with_one_line(tmp_path):
     assert r.stderr.strip() == "pfnas: error: max_concurent_trials: unknown field"
 
 
+def test_cli_missing_data_root_exits_2_before_ray(tmp_path):
+    """A local study with a missing data root is refused in one line before any trial starts (no Tune folder)."""
+    r = subprocess.run([sys.executable, "-m", "pfnas", "tune", "--space", str(REPO / "search_spaces" / "ablation-proxy.yaml"),
+                        "--storage", str(tmp_path / "rr"), "--set", f"data.root={tmp_path / 'nope'}"],
+                       capture_output=True, text=True, check=False, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip() == f"pfnas: error: data root not found: {tmp_path / 'nope'}"
+    assert not (tmp_path / "rr").exists()
+
+
 @pytest.fixture
 def one_thread():
     """Tiny CPU runs in this process: one intra-op thread, as Ray gives a 1-CPU trial (far faster on 2 busy cores)."""

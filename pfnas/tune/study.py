@@ -15,6 +15,7 @@ import yaml
 from ray.tune.search.optuna import OptunaSearch
 
 from ..config import ConfigError, ExperimentConfig, PfnasError, merge_dotted
+from ..data import check_data_paths
 from ..provenance import provenance_tags
 from ..tracking import (
     absolute_sqlite_url,
@@ -492,6 +493,11 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
         ostore = default_optuna_storage(uri, root)
     if ostore and ostore.strip().lower() in ("none", "memory"):
         ostore = None
+
+    if address is None:  # a local study reads data on this machine: a missing path fails here, before Ray starts
+        for p in plans:
+            for v in p.variants or [{}]:
+                check_data_paths(merge_dotted(p.base, {k: x for k, x in v.items() if k.startswith("data.")}).data)
 
     from ray import tune
 
