@@ -388,7 +388,7 @@ def test_space_paths_overrides_and_tasks(tmp_path):
 
 @pytest.mark.parametrize("name,tasks", [("demo", None), ("vtab", 19), ("fgvc", 5), ("hta", 10), ("proxy", 4), ("pareto-proxy", None),
                                         ("baselines-proxy", None),
-                                        ("ablation-proxy", 4)])
+                                        ("ablation-proxy", 4), ("equal-effort-proxy", 4)])
 def test_shipped_spaces_load(name, tasks):
     space, plans = load_space(REPO / "search_spaces" / f"{name}.yaml")
     assert len(plans) == (tasks or 1)
