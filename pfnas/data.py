@@ -700,16 +700,23 @@ def _existing_root(root: str | Path | None) -> Path:
     return p
 
 
+def _data_dir(cfg: DataConfig) -> Path:
+    """The folder a file-backed task is read from: ``root/task`` (``root`` for a task-less ImageFolder)."""
+    root = _existing_root(cfg.root)
+    if cfg.kind == "imagefolder" and not cfg.task:
+        return root
+    if cfg.kind not in ("vtab", "fgvc", "hta", "imagefolder"):  # DataConfig validates kind; kept for callers that bypass it
+        raise DataError(f"unknown data.kind {cfg.kind!r}; choose from {list(KINDS)}")
+    return _task_dir(root, cfg.task, cfg.kind)
+
+
 def check_data_paths(cfg: DataConfig) -> None:
     """Cheap pre-flight: the data root (and the task folder where the kind needs one) exists; raises DataError.
 
     Reads no images; :func:`load_task` still checks everything. Used by drivers before they start workers.
     """
-    if cfg.kind == "synthetic":
-        return
-    root = _existing_root(cfg.root)
-    if cfg.kind in ("vtab", "fgvc", "hta") or (cfg.kind == "imagefolder" and cfg.task):
-        _task_dir(root, cfg.task, cfg.kind)
+    if cfg.kind != "synthetic":
+        _data_dir(cfg)
 
 
 def load_task(
@@ -731,22 +738,16 @@ def load_task(
         data = synthetic_task(cfg.synthetic_classes, cfg.synthetic_per_class, img_size, seed, mean, std)
         data.augment = augment
     else:
-        root = _existing_root(cfg.root)
+        d = _data_dir(cfg)
         issues = _Issues(strict=True)
         if kind == "vtab":
-            d = _task_dir(root, cfg.task, kind)
             listing, views = _list_vtab(d, issues), vtab_views(img_size)
         elif kind == "fgvc":
-            d = _task_dir(root, cfg.task, kind)
             listing, views = _list_fgvc(d, issues), fgvc_views(img_size)
         elif kind == "hta":
-            d = _task_dir(root, cfg.task, kind)
             listing, views = _list_imagefolder(d, issues, seed, require_splits=True), fgvc_views(img_size)
-        elif kind == "imagefolder":
-            d = _task_dir(root, cfg.task, kind) if cfg.task else root
+        else:  # imagefolder (_data_dir refused any other kind)
             listing, views = _list_imagefolder(d, issues, seed), fgvc_views(img_size)
-        else:  # DataConfig validates kind; kept for callers that bypass it
-            raise DataError(f"unknown data.kind {kind!r}; choose from {list(KINDS)}")
         data = _build_task(d.name, listing, views, img_size, mean, std, augment)
     return data.to(device) if cfg.resident else data
 
