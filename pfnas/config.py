@@ -130,7 +130,7 @@ class SearchConfig(_Strict):
     """Bilevel DARTS/GDAS search over the per-layer fusion operators."""
 
     epochs: int = Field(10, ge=1)
-    mode: Literal["softmax", "gumbel"] = "softmax"
+    mode: Literal["softmax", "gumbel", "sigmoid"] = "softmax"  # sigmoid: independent gates on each op's change
     order: Literal[1, 2] = 1
     arch_lr: float = Field(3e-4, gt=0)
     arch_betas: tuple[float, float] = (0.5, 0.999)

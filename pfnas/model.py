@@ -9,8 +9,11 @@ Every operator splits into ``fuse`` (build the block input from tokens and promp
 * ``cross_attn`` block(X + W_o attn(LN(X) W_q, P W_k, P W_v)), reduced dim, W_o zero at init
 
 A :class:`PromptedViT` built with ``policy=None`` is the search supernet: every layer mixes all
-candidate ops with weights ``softmax(alpha_l / tau)`` (DARTS) or a hard Gumbel sample (GDAS, only
-the sampled op runs). Built with a policy ``{layer: op}`` it is the fixed, retrainable model.
+candidate ops with weights ``softmax(alpha_l / tau)`` (DARTS), a hard Gumbel sample (GDAS, only
+the sampled op runs), or independent gates ``sigmoid(alpha_lk / tau)`` on each op's change to the
+prompt-free block (``sigmoid``, after Fair DARTS: ops do not compete for one unit of weight, and an op
+that starts as the identity is neither rewarded nor punished until it changes something). Built with a
+policy ``{layer: op}`` it is the fixed, retrainable model.
 """
 from __future__ import annotations
 
@@ -309,6 +312,21 @@ class PromptLayer(nn.Module):
                 out = out + weights[i] * ys[j * B : (j + 1) * B]
         return out
 
+    def run_gated(self, block, x, ps: list[torch.Tensor], n_prefix, gates: torch.Tensor) -> torch.Tensor:
+        """``ref + sum_k g_k (y_k - ref)`` with ``ref = block(x)`` (no prompts): op k is weighed, and its gate
+        gets a gradient, only by what it changes; same-length inputs and ``ref`` share one batched block call."""
+        B = x.shape[0]
+        same = [i for i, op in enumerate(self.ops) if not op.changes_length]
+        ys = block(torch.cat([x] + [self.ops[i].fuse(x, ps[i], n_prefix) for i in same], dim=0))
+        ref = ys[:B]
+        out = ref
+        for j, i in enumerate(same):
+            out = out + gates[i] * (ys[(j + 1) * B : (j + 2) * B] - ref)
+        for i, op in enumerate(self.ops):
+            if op.changes_length:
+                out = out + gates[i] * (self.run_op(i, block, x, ps[i], n_prefix) - ref)
+        return out
+
 
 class PromptedViT(nn.Module):
     """Frozen ViT + per-layer prompts/operators + a linear head on the pooled feature.
@@ -393,6 +411,8 @@ class PromptedViT(nn.Module):
             return F.gumbel_softmax(self.alpha, tau=self.tau, hard=True, dim=-1)
         if self.mode == "gumbel":  # evaluate the supernet at its current argmax
             return F.one_hot(self.alpha.argmax(-1), self.alpha.shape[-1]).to(self.alpha.dtype)
+        if self.mode == "sigmoid":
+            return torch.sigmoid(self.alpha / self.tau)
         return F.softmax(self.alpha / self.tau, dim=-1)
 
     def alpha_probs(self) -> torch.Tensor:
@@ -446,7 +466,8 @@ class PromptedViT(nn.Module):
             else:
                 ps = ([prompts(layer, i) for i in range(len(layer.ops))] if layer.per_op
                       else [prompts(layer, 0)] * len(layer.ops))
-                x = layer.run_mixed(block, x, ps, self.n_prefix, weights[l])
+                run = layer.run_gated if self.mode == "sigmoid" else layer.run_mixed
+                x = run(block, x, ps, self.n_prefix, weights[l])
         return self.backbone.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

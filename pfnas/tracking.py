@@ -150,7 +150,7 @@ def method_label(cfg: ExperimentConfig) -> str:
     """Short name of what ``cfg`` runs: ``search``, ``fixed:prepend``, ``probe``, ``random+ws``..."""
     m = cfg.method
     if m.kind == "search":
-        return "search" + ("-gdas" if cfg.search.mode == "gumbel" else "")
+        return "search" + {"gumbel": "-gdas", "sigmoid": "-sigmoid"}.get(cfg.search.mode, "")
     if m.kind == "fixed":
         return "fixed:policy" if m.policy else f"fixed:{m.op}"
     if m.kind == "random":

@@ -52,6 +52,19 @@ def test_search_writes_policy_log_and_tracks_entropy(exp, tmp_path):
     assert not torch.allclose(phase.model.alpha.detach(), torch.zeros_like(phase.model.alpha), atol=1e-3)
 
 
+def test_gated_search_moves_gates_and_selects_by_perturbation(tmp_path):
+    """search.mode=sigmoid runs the bilevel loop end to end: alpha moves, perturbation selection on val gives
+    a valid policy, and the label the trackers use names the mode."""
+    from pfnas.tracking import method_label
+
+    cfg = tiny_config(search={"mode": "sigmoid", "select": "perturb", "arch_lr": 0.1})
+    phase = run_search(Experiment.build(cfg), tmp_path)
+    assert not torch.allclose(phase.model.alpha.detach(), torch.zeros_like(phase.model.alpha), atol=1e-3)
+    assert set(phase.policy.values()) <= set(cfg.prompts.ops) and len(phase.policy) == 2
+    assert json.loads((tmp_path / "policy.json").read_text()) == {str(k): v for k, v in phase.policy.items()}
+    assert method_label(cfg) == "search-sigmoid"
+
+
 def _one_arch_step(exp, order: int) -> torch.Tensor:
     cfg = tiny_config(search={"order": order, "epochs": 2, "optim": {"lr": 1.0, "warmup_epochs": 0}})
     model = exp.supernet()

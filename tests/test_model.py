@@ -163,6 +163,46 @@ def test_centered_gumbel_gradient_ignores_the_shared_stream(backbone):
     assert grads[True].abs().max() == 0
 
 
+def test_sigmoid_gates_weigh_each_op_by_its_change(backbone):
+    """Gated supernet: ref + sum_k sigmoid(alpha_k / tau) (y_k - ref), ref the prompt-free block; ops at their
+    identity init (affine, cross_attn) get no gate gradient while prepend and add do; pinning one gate open
+    and the rest shut gives exactly that op's block (what perturbation selection relies on)."""
+    torch.manual_seed(2)
+    cfg = PromptConfig(length=3, dropout=0.0)
+    sup = PromptedViT(backbone, 5, cfg, mode="sigmoid").train()
+    sup.tau = 0.7
+    img = torch.randn(3, 3, 16, 16)
+    sup(img).pow(2).sum().backward()
+    g = sup.alpha.grad
+    names = sup.candidates
+    assert all(g[:, names.index(o)].abs().max() == 0 for o in ("affine", "cross_attn"))
+    assert all(g[:, names.index(o)].abs().min() > 0 for o in ("prepend", "add"))
+    for layer in sup.layers:  # make every op non-trivial
+        for op in layer.ops:
+            for p in op.parameters():
+                torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():
+        sup.alpha.copy_(torch.randn_like(sup.alpha))
+    sup.eval()
+    x = sup.embed(img)
+    block, layer = backbone.blocks[0], sup.layers[0]
+    gates = torch.sigmoid(sup.alpha[0] / 0.7)
+    ref = block(x)
+    expect = ref + sum(gates[i] * (layer.run_op(i, block, x, layer.prompts, 1) - ref) for i in range(len(layer.ops)))
+    got = layer.run_gated(block, x, [layer.prompts] * len(layer.ops), 1, sup.op_weights()[0])
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        sup.alpha.fill_(-1e4)
+        sup.alpha[:, names.index("cross_attn")] = 1e4
+    fixed = PromptedViT(backbone, 5, cfg, policy=["cross_attn"] * 2).eval()
+    fixed.load_trainable_state_dict({k: v for k, v in sup.trainable_state_dict().items()
+                                     if k == "head.weight" or k == "head.bias" or k.endswith(".prompts")}
+                                    | {k.replace(f"ops.{names.index('cross_attn')}.", "ops.0."): v
+                                       for k, v in sup.trainable_state_dict().items()
+                                       if f"ops.{names.index('cross_attn')}." in k})
+    torch.testing.assert_close(sup(img), fixed(img), rtol=1e-5, atol=1e-5)
+
+
 def test_tuned_params_and_discretize(backbone):
     cfg = PromptConfig(length=3, fusion_dim=4)
     assert PromptedViT(backbone, 5, cfg, policy=["add"] * 2).tuned_parameter_count() == 2 * 32 + 32 * 5 + 5  # add stores mean(P)
