@@ -297,34 +297,33 @@ class PromptLayer(nn.Module):
         op = self.ops[i]
         return op.split(block(op.fuse(x, p, n_prefix)), n_prefix, p.shape[-2])
 
-    def run_mixed(self, block, x, ps: list[torch.Tensor], n_prefix, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of every op's block output (op ``i`` reads prompts ``ps[i]``); same-length inputs
+    def op_outputs(self, block, x, ps: list[torch.Tensor], n_prefix, with_ref: bool = False):
+        """Every op's block output ``[(i, y_i)]`` (op ``i`` reads prompts ``ps[i]``; length-changing ops first),
+        and ``block(x)`` without prompts when ``with_ref`` (else None). Same-length inputs, ``x`` included,
         share one batched block call."""
-        out = 0.0
+        outs = [(i, self.run_op(i, block, x, ps[i], n_prefix)) for i, op in enumerate(self.ops) if op.changes_length]
         same = [i for i, op in enumerate(self.ops) if not op.changes_length]
-        for i, op in enumerate(self.ops):
-            if op.changes_length:
-                out = out + weights[i] * self.run_op(i, block, x, ps[i], n_prefix)
-        if same:
-            B = x.shape[0]
-            ys = block(torch.cat([self.ops[i].fuse(x, ps[i], n_prefix) for i in same], dim=0))
-            for j, i in enumerate(same):
-                out = out + weights[i] * ys[j * B : (j + 1) * B]
+        if not same and not with_ref:
+            return None, outs
+        B = x.shape[0]
+        ys = block(torch.cat([x] * with_ref + [self.ops[i].fuse(x, ps[i], n_prefix) for i in same], dim=0)).split(B)
+        outs += list(zip(same, ys[int(with_ref):]))
+        return (ys[0] if with_ref else None), outs
+
+    def run_mixed(self, block, x, ps: list[torch.Tensor], n_prefix, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of every op's block output."""
+        out = 0.0
+        for i, y in self.op_outputs(block, x, ps, n_prefix)[1]:
+            out = out + weights[i] * y
         return out
 
     def run_gated(self, block, x, ps: list[torch.Tensor], n_prefix, gates: torch.Tensor) -> torch.Tensor:
         """``ref + sum_k g_k (y_k - ref)`` with ``ref = block(x)`` (no prompts): op k is weighed, and its gate
-        gets a gradient, only by what it changes; same-length inputs and ``ref`` share one batched block call."""
-        B = x.shape[0]
-        same = [i for i, op in enumerate(self.ops) if not op.changes_length]
-        ys = block(torch.cat([x] + [self.ops[i].fuse(x, ps[i], n_prefix) for i in same], dim=0))
-        ref = ys[:B]
+        gets a gradient, only by what it changes."""
+        ref, outs = self.op_outputs(block, x, ps, n_prefix, with_ref=True)
         out = ref
-        for j, i in enumerate(same):
-            out = out + gates[i] * (ys[(j + 1) * B : (j + 2) * B] - ref)
-        for i, op in enumerate(self.ops):
-            if op.changes_length:
-                out = out + gates[i] * (self.run_op(i, block, x, ps[i], n_prefix) - ref)
+        for i, y in outs:
+            out = out + gates[i] * (y - ref)
         return out
 
 

@@ -57,16 +57,21 @@ def test_zero_init_ops_start_as_identity(backbone, op):
     torch.testing.assert_close(fused(img), plain(img))
 
 
-def test_mixed_layer_is_weighted_sum_of_ops(backbone):
-    torch.manual_seed(1)
-    cfg = PromptConfig(length=3, dropout=0.0)
-    sup = PromptedViT(backbone, 5, cfg).eval()
-    for layer in sup.layers:  # make every op non-trivial
+def _nontrivial_ops_and_alpha(sup: PromptedViT) -> None:
+    """Move every op off its identity init and alpha off uniform, so mixtures and gates are tested for real."""
+    for layer in sup.layers:
         for op in layer.ops:
             for p in op.parameters():
                 torch.nn.init.normal_(p, std=0.2)
     with torch.no_grad():
         sup.alpha.copy_(torch.randn_like(sup.alpha))
+
+
+def test_mixed_layer_is_weighted_sum_of_ops(backbone):
+    torch.manual_seed(1)
+    cfg = PromptConfig(length=3, dropout=0.0)
+    sup = PromptedViT(backbone, 5, cfg).eval()
+    _nontrivial_ops_and_alpha(sup)
     sup.tau = 0.7
     x = sup.embed(torch.randn(2, 3, 16, 16))
     block, layer = backbone.blocks[0], sup.layers[0]
@@ -177,12 +182,7 @@ def test_sigmoid_gates_weigh_each_op_by_its_change(backbone):
     names = sup.candidates
     assert all(g[:, names.index(o)].abs().max() == 0 for o in ("affine", "cross_attn"))
     assert all(g[:, names.index(o)].abs().min() > 0 for o in ("prepend", "add"))
-    for layer in sup.layers:  # make every op non-trivial
-        for op in layer.ops:
-            for p in op.parameters():
-                torch.nn.init.normal_(p, std=0.2)
-    with torch.no_grad():
-        sup.alpha.copy_(torch.randn_like(sup.alpha))
+    _nontrivial_ops_and_alpha(sup)
     sup.eval()
     x = sup.embed(img)
     block, layer = backbone.blocks[0], sup.layers[0]
@@ -191,15 +191,14 @@ def test_sigmoid_gates_weigh_each_op_by_its_change(backbone):
     expect = ref + sum(gates[i] * (layer.run_op(i, block, x, layer.prompts, 1) - ref) for i in range(len(layer.ops)))
     got = layer.run_gated(block, x, [layer.prompts] * len(layer.ops), 1, sup.op_weights()[0])
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    k = names.index("cross_attn")
     with torch.no_grad():
         sup.alpha.fill_(-1e4)
-        sup.alpha[:, names.index("cross_attn")] = 1e4
+        sup.alpha[:, k] = 1e4
     fixed = PromptedViT(backbone, 5, cfg, policy=["cross_attn"] * 2).eval()
-    fixed.load_trainable_state_dict({k: v for k, v in sup.trainable_state_dict().items()
-                                     if k == "head.weight" or k == "head.bias" or k.endswith(".prompts")}
-                                    | {k.replace(f"ops.{names.index('cross_attn')}.", "ops.0."): v
-                                       for k, v in sup.trainable_state_dict().items()
-                                       if f"ops.{names.index('cross_attn')}." in k})
+    # the fixed model's state: head and prompts as they are, op k's weights renamed to its single op 0, no alpha
+    fixed.load_trainable_state_dict({n.replace(f".ops.{k}.", ".ops.0."): v for n, v in sup.trainable_state_dict().items()
+                                     if n != "alpha" and (".ops." not in n or f".ops.{k}." in n)})
     torch.testing.assert_close(sup(img), fixed(img), rtol=1e-5, atol=1e-5)
 
 
