@@ -96,7 +96,8 @@ def search_cost(cfg: ExperimentConfig, data) -> dict[str, int]:
     s, bs = cfg.search, cfg.data.batch_size
     n_train, n_val = data.num_images("train"), data.num_images("val")
     spe, per = _steps_per_epoch(n_train, bs), _images_per_step(n_train, bs)
-    val_sizes = [min(bs, n_val - i) for i in range(0, n_val, bs)]  # the val list an epoch cycles through
+    vb = s.arch_batch_size or bs
+    val_sizes = [min(vb, n_val - i) for i in range(0, n_val, vb)]  # the val list an epoch cycles through
     arch_every = s.arch_every or max(n_train // max(n_val, 1), 1)  # as SearchPhase: one alpha step per k
     arch_steps = math.ceil(spe / arch_every)  # alpha steps per epoch (weight steps 0, k, 2k, ...)
     arch_epochs = max(s.epochs - s.arch_warmup_epochs, 0)

@@ -448,7 +448,8 @@ class SearchPhase(Phase):
         n = correct = 0
         loss_sum = arch_loss_sum = 0.0
         arch_steps = 0
-        val_iter = cycle(list(self.data.batches("val", self.batch_size, shuffle=True, generator=self.gen)))
+        val_iter = cycle(list(self.data.batches("val", s.arch_batch_size or self.batch_size, shuffle=True,
+                                                generator=self.gen)))
         update_arch = self.epoch >= s.arch_warmup_epochs
         for i, (x, y) in enumerate(self._train_batches()):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -67,6 +67,23 @@ def test_search_cost_counts_what_the_search_draws(exp, tmp_path, monkeypatch):
     assert bl.budget_images(cfg, e.data) == cost["total"] == 3 * 32 + 2 * 9  # baselines get the search's cost
 
 
+def test_arch_batch_size_sets_the_val_images_of_each_alpha_step(exp, tmp_path, monkeypatch):
+    sizes = []
+    arch_step = SearchPhase._arch_step
+
+    def record(self, xt, yt, xv, yv):
+        sizes.append(len(yv))
+        return arch_step(self, xt, yt, xv, yv)
+
+    monkeypatch.setattr(SearchPhase, "_arch_step", record)
+    for vb, want in ((4, [4, 4]), (9, [9, 9]), (None, [9, 9])):  # 9 val images; None: data.batch_size (16)
+        sizes.clear()
+        cfg = tiny_config(search={"epochs": 2, "arch_every": 1, "arch_batch_size": vb})
+        run_search(Experiment(cfg, exp.backbone, exp.data, exp.device), tmp_path / str(vb))
+        assert sizes == want * 2  # 2 alpha steps per epoch (one per weight step), the val list cycled
+        assert bl.search_cost(cfg, exp.data)["val_images"] == sum(sizes)
+
+
 def test_random_search_respects_budget(tmp_path):
     cfg = _cfg(kind="random", samples=3, budget_multiplier=2.0)
     r = bl.run_method(cfg, tmp_path)
