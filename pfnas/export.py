@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .config import BackboneConfig, ExperimentConfig, ModelError, PfnasError, PromptConfig
-from .data import IMAGE_EXTS, TaskData, _View, decode_images, eval_view, render_image
+from .data import IMAGE_EXTS, TaskData, View, decode_images, eval_view, render_image
 from .model import PromptedViT, load_backbone
 
 FORMAT = "pfnas-model"
@@ -139,7 +139,7 @@ class PfnasModel(PromptedViT):
         self.classes = list(meta["classes"]) if meta.get("classes") else [str(i) for i in range(n)]
         pre = meta["preprocessing"]
         self.preprocessing = dict(pre)
-        self.view = _View(int(pre["resize_size"]), int(pre["crop_size"]), pre["resize"] == "square")
+        self.view = View(int(pre["resize_size"]), int(pre["crop_size"]), pre["resize"] == "square")
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, 3, S, S]`` -> float32 normalised, the arithmetic of ``TaskData.batches``."""

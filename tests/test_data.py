@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from pfnas import data as D
+from pfnas.data import decode
 from pfnas.config import DataConfig, DataError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -94,13 +95,13 @@ def test_vtab_resize_matches_torchvision_bicubic(tmp_path: Path) -> None:
 
 def test_each_file_is_decoded_once(vtab_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Path] = []
-    real = D._decode_one
+    real = decode._decode_one
 
     def counting(path, targets):
         calls.append(path)
         return real(path, targets)
 
-    monkeypatch.setattr(D, "_decode_one", counting)
+    monkeypatch.setattr(decode, "_decode_one", counting)
     _vtab(vtab_root)
     assert len(calls) == len(set(calls)) == 13  # trainval reuses the train and val decodes
 
