@@ -203,23 +203,7 @@ class BudgetPhase(Phase):
         self.images = int(st["images"])
 
     def run_epoch(self) -> dict[str, Any]:
-        self.model.train()
-        t0 = time.perf_counter()
-        n = correct = 0
-        loss_sum = 0.0
-        for x, y in self._train_batches():
-            if self.step >= self.max_steps:
-                break
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            l, c = self._weight_step(x, y)
-            loss_sum, correct, n = loss_sum + l, correct + c, n + y.numel()
-        self.check_finite()  # syncs the device, so the epoch time below is real
-        dt = time.perf_counter() - t0
-        loss_sum, correct = float(loss_sum), int(correct)
-        self.epoch += 1
-        m: dict[str, Any] = {"phase": self.name, "epoch": self.epoch, "train_loss": loss_sum / max(n, 1),
-                             "train_acc": correct / max(n, 1), "lr": self.lr, "epoch_time_s": dt,
-                             "images_per_s": n / max(dt, 1e-9), "images": self.images}
+        m = {**self._weight_epoch(self.max_steps), "images": self.images}
         if self.score_split and self.epoch == self.epochs:
             ev = evaluate(self.model, self.data, self.score_split, self.cfg.data.eval_batch_size, self.device,
                           self.cfg.precision)

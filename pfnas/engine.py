@@ -328,6 +328,27 @@ class Phase:
     def run_epoch(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _weight_epoch(self, max_steps: int | None = None) -> dict[str, Any]:
+        """One pass of weight steps over the train split (stopping at global step ``max_steps``); advances
+        ``epoch`` and returns the epoch's train metrics, read from the device once, at the end."""
+        self.model.train()
+        t0 = time.perf_counter()
+        n = correct = 0
+        loss_sum = 0.0
+        for x, y in self._train_batches():
+            if max_steps is not None and self.step >= max_steps:
+                break
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            l, c = self._weight_step(x, y)
+            loss_sum, correct, n = loss_sum + l, correct + c, n + y.numel()
+        self.check_finite()  # syncs the device, so the epoch time below is real
+        dt = time.perf_counter() - t0
+        loss_sum, correct = float(loss_sum), int(correct)
+        self.epoch += 1
+        return {"phase": self.name, "epoch": self.epoch, "train_loss": loss_sum / max(n, 1),
+                "train_acc": correct / max(n, 1), "lr": self.lr, "epoch_time_s": dt,
+                "images_per_s": n / max(dt, 1e-9)}
+
 
 class SearchPhase(Phase):
     """Bilevel search: prompts + head on ``train``, alpha on ``val`` (first or second order)."""
@@ -503,21 +524,7 @@ class RetrainPhase(Phase):
         self.eval_split, self.eval_every = eval_split, eval_every or default_every
 
     def run_epoch(self) -> dict[str, Any]:
-        self.model.train()
-        t0 = time.perf_counter()
-        n = correct = 0
-        loss_sum = 0.0
-        for x, y in self._train_batches():
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            l, c = self._weight_step(x, y)
-            loss_sum, correct, n = loss_sum + l, correct + c, n + y.numel()
-        self.check_finite()  # syncs the device, so the epoch time below is real
-        dt = time.perf_counter() - t0
-        loss_sum, correct = float(loss_sum), int(correct)
-        self.epoch += 1
-        m: dict[str, Any] = {"phase": self.name, "epoch": self.epoch, "train_loss": loss_sum / max(n, 1),
-                             "train_acc": correct / max(n, 1), "lr": self.lr, "epoch_time_s": dt,
-                             "images_per_s": n / max(dt, 1e-9)}
+        m = self._weight_epoch()
         if self.epoch == self.epochs or (self.eval_every and self.epoch % self.eval_every == 0):
             ev = evaluate(self.model, self.data, self.eval_split, self.cfg.data.eval_batch_size, self.device,
                           self.cfg.precision)
