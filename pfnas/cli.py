@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from .config import PfnasError, load_config
+from .config import PfnasError, StudyError, load_config
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Per-layer prompt fusion search for frozen Vision Transformers.")
@@ -150,6 +150,9 @@ def tune(space: Path = typer.Option(..., "--space", help="Search-space YAML (sea
                        storage=str(storage) if storage else None, resume=resume, overrides=overrides,
                        num_samples=num_samples, optuna_storage=optuna_storage, verbose=verbose, console=console)
     console.print(summary)
+    failures = summary.failures()
+    if failures:  # the table above shows each failed trial; a study without any result is not a success
+        raise StudyError(" | ".join(failures))
 
 
 @app.command()

@@ -44,6 +44,10 @@ class TrainingError(PfnasError):
         return type(self), (str(self), self.deterministic)
 
 
+class StudyError(PfnasError):
+    """A study that ended without a result: every trial failed, so nothing was selected."""
+
+
 class RunDirError(PfnasError):
     """An output folder that holds another configuration's run, or is in use by another process."""
 

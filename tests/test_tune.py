@@ -415,6 +415,42 @@ def test_cli_missing_data_root_exits_2_before_ray(tmp_path):
     assert not (tmp_path / "rr").exists()
 
 
+def test_cluster_study_checks_data_paths_on_the_nodes(ray_session, tmp_path, tracking):
+    """With --address the data pre-flight runs on every Ray node (as a task there), before any trial."""
+    from pfnas.config import DataError
+    from pfnas.tune.study import check_data_on_nodes
+
+    base = tiny_config().model_dump(mode="json")
+    base["data"].update(kind="vtab", root=str(tmp_path / "nope"), task="toy")
+    space = write_space(tmp_path, "cluster", base=base, num_samples=1)
+    with pytest.raises(DataError, match=r"^on Ray node .+: data root not found: .+nope$"):
+        run_tune(space, address="auto", storage=str(tmp_path / "ray"), tracking_uri=tracking)
+    assert not (tmp_path / "ray" / "cluster").exists()  # refused before the study started
+    (tmp_path / "root" / "toy").mkdir(parents=True)
+    ok = ExperimentConfig.model_validate({**base, "data": {**base["data"], "root": str(tmp_path / "root")}}).data
+    check_data_on_nodes([ok])  # present on the node: no error
+    gone = ExperimentConfig.model_validate({**base, "data": {**base["data"], "root": str(tmp_path / "root"),
+                                                             "task": "other"}}).data
+    with pytest.raises(DataError, match="task directory not found"):
+        check_data_on_nodes([ok, gone])
+
+
+def test_cli_study_without_a_finished_trial_exits_2(ray_session, tmp_path, tracking, capsys):
+    """Every trial failed: the table still shows why, and `pfnas tune` exits 2 with one error line."""
+    from pfnas.cli import main
+
+    base = tiny_config().model_dump(mode="json")
+    base["search"]["optim"].update(lr=1.0e30, grad_clip=None)
+    space = write_space(tmp_path, "allfail", base=base, num_samples=1, params={
+        "search.arch_lr": {"type": "choice", "values": [0.01]}})
+    rc = main(["tune", "--space", str(space), "--storage", str(tmp_path / "ray"), "--tracking-uri", tracking])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith("pfnas: error: study allfail: none of its 1 trials finished with val_acc (1 errored), "
+                              "nothing was selected; first error: ")
+    assert "non-finite loss" in err[-1]
+
+
 @pytest.fixture
 def one_thread():
     """Tiny CPU runs in this process: one intra-op thread, as Ray gives a 1-CPU trial (far faster on 2 busy cores)."""

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from ray.tune.search.optuna import OptunaSearch
 
-from ..config import ConfigError, ExperimentConfig, PfnasError, merge_dotted
+from ..config import ConfigError, DataError, ExperimentConfig, PfnasError, merge_dotted
 from ..data import check_data_paths
 from ..provenance import provenance_tags
 from ..tracking import (
@@ -458,6 +458,54 @@ def _storage_root(storage: str | None) -> str:
     return str(Path(storage or "ray_results").expanduser().resolve())
 
 
+def _data_configs(plans: list[StudyPlan]) -> list:
+    """The distinct data sections the studies' trials will read (one per plan and variant)."""
+    out: dict[str, Any] = {}
+    for p in plans:
+        for v in p.variants or [{}]:
+            d = merge_dotted(p.base, {k: x for k, x in v.items() if k.startswith("data.")}).data
+            out.setdefault(d.model_dump_json(), d)
+    return list(out.values())
+
+
+def check_data_on_nodes(data_cfgs: list, timeout_s: float = 120.0) -> None:
+    """Cluster pre-flight: :func:`check_data_paths` on every alive Ray node with CPUs, where trials may run.
+
+    A path missing on any node raises :class:`DataError` naming the node, before a trial starts. Nodes that
+    do not answer within ``timeout_s`` (busy or starting) are not waited for: their trials still check.
+    """
+    import ray
+    from ray.exceptions import GetTimeoutError, RayError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    files = [d for d in data_cfgs if d.kind != "synthetic"]
+    if not files:
+        return
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def probe(cfgs: list) -> str | None:
+        for d in cfgs:
+            try:
+                check_data_paths(d)
+            except DataError as e:
+                return str(e)
+        return None
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    refs = {n.get("NodeManagerAddress", n["NodeID"]): probe.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(files) for n in nodes}
+    for where, ref in refs.items():
+        try:
+            err = ray.get(ref, timeout=timeout_s)
+        except GetTimeoutError:
+            ray.cancel(ref, force=True)
+            continue
+        except RayError as e:  # e.g. pfnas not importable there: its trials could not run either
+            raise PfnasError(f"on Ray node {where}: the data pre-flight failed: {str(e).strip().splitlines()[-1]}") from None
+        if err:
+            raise DataError(f"on Ray node {where}: {err}")
+
+
 def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri: str | None = None,
              experiment: str | None = None, storage: str | None = None, resume: bool = False,
              overrides: list[str] | None = None, num_samples: int | None = None, optuna_storage: str | None = None,
@@ -494,10 +542,10 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
     if ostore and ostore.strip().lower() in ("none", "memory"):
         ostore = None
 
+    data_cfgs = _data_configs(plans)
     if address is None:  # a local study reads data on this machine: a missing path fails here, before Ray starts
-        for p in plans:
-            for v in p.variants or [{}]:
-                check_data_paths(merge_dotted(p.base, {k: x for k, x in v.items() if k.startswith("data.")}).data)
+        for d in data_cfgs:
+            check_data_paths(d)
 
     from ray import tune
 
@@ -516,6 +564,13 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, **quiet.init_kwargs())
         started = True
+    if address is not None:
+        try:
+            check_data_on_nodes(data_cfgs)
+        except BaseException:
+            if started:
+                ray.shutdown()
+            raise
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     # a checkpoint per epoch with num_to_keep forces frequent state snapshots (wanted, for resume): no warning

@@ -122,6 +122,15 @@ class StudySummary:
     optuna_storage: str | None = None  # RDB URL of the Optuna study (optuna.load_study, optuna-dashboard)
     optuna_study: str | None = None
 
+    def failure(self) -> str | None:
+        """Why the study has no result (no trial finished with a score), or None when one did."""
+        if any(r.status == "TERMINATED" and r.value is not None for r in self.trials):
+            return None
+        errored = [r for r in self.trials if r.error]
+        first = f"; first error: {errored[0].error}" if errored else ""
+        return (f"study {self.name}: none of its {len(self.trials)} trials finished with {self.metric} "
+                f"({len(errored)} errored), nothing was selected{first}")
+
     def seed_groups(self) -> list[SeedGroup]:
         """Finished trials that differ only in ``seed`` (``seed`` among a grid's params), one group per config:
         how a method varies over seeds, and (search) how reproducible its policy is."""
@@ -212,6 +221,10 @@ class TuneSummary:
     """All studies of one ``run_tune`` call."""
 
     studies: list[StudySummary]
+
+    def failures(self) -> list[str]:
+        """One line per study that ended without a result (``pfnas tune`` then exits 2)."""
+        return [f for s in self.studies if (f := s.failure()) is not None]
 
     def __rich__(self):
         from rich.console import Group
