@@ -465,9 +465,9 @@ class FinalsRecord:
     label: str = ""  # per-variant finals: the variant's overrides
 
     def mean_std(self) -> tuple[float, float]:
-        from ..tracking import _mean_std
+        from ..tracking import mean_std
 
-        return _mean_std(self.test_accs)
+        return mean_std(self.test_accs)
 
     def describe(self) -> str:
         mean, std = self.mean_std()
