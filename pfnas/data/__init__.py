@@ -16,10 +16,31 @@ import torch
 
 from pfnas.config import DataConfig, DataError
 from pfnas.data.check import DataReport, check_dataset
-from pfnas.data.decode import View, _build_task, decode_images, eval_view, fgvc_views, render_image, vtab_views
-from pfnas.data.formats import (FGVC_CLASSES, FGVC_SPLIT_FILES, HTA_TASKS, IMAGE_EXTS, KINDS, VTAB_SPLIT_FILES,
-                                VTAB_TASKS, _data_dir, _Issues, _list_fgvc, _list_imagefolder, _list_vtab,
-                                check_data_paths, fgvc_num_classes)
+from pfnas.data.decode import (
+    View,
+    _build_task,
+    decode_images,
+    eval_view,
+    fgvc_views,
+    render_image,
+    vtab_views,
+)
+from pfnas.data.formats import (
+    FGVC_CLASSES,
+    FGVC_SPLIT_FILES,
+    HTA_TASKS,
+    IMAGE_EXTS,
+    KINDS,
+    VTAB_SPLIT_FILES,
+    VTAB_TASKS,
+    _data_dir,
+    _Issues,
+    _list_fgvc,
+    _list_imagefolder,
+    _list_vtab,
+    check_data_paths,
+    fgvc_num_classes,
+)
 from pfnas.data.task import SPLITS, TRAIN_SPLITS, Split, TaskData, synthetic_task
 
 __all__ = [

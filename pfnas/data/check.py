@@ -10,8 +10,18 @@ from PIL import Image
 
 from pfnas.config import DataError
 from pfnas.data.decode import _workers
-from pfnas.data.formats import (FGVC_SPLIT_FILES, KINDS, VTAB_SPLIT_FILES, _is_image, _Issues, _list_fgvc,
-                                _list_imagefolder, _list_vtab, _Listing, _subdirs)
+from pfnas.data.formats import (
+    FGVC_SPLIT_FILES,
+    KINDS,
+    VTAB_SPLIT_FILES,
+    _is_image,
+    _Issues,
+    _list_fgvc,
+    _list_imagefolder,
+    _list_vtab,
+    _Listing,
+    _subdirs,
+)
 from pfnas.data.task import SPLITS
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from pfnas.config import PfnasError
 
-
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
