@@ -564,13 +564,6 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, **quiet.init_kwargs())
         started = True
-    if address is not None:
-        try:
-            check_data_on_nodes(data_cfgs)
-        except BaseException:
-            if started:
-                ray.shutdown()
-            raise
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     # a checkpoint per epoch with num_to_keep forces frequent state snapshots (wanted, for resume): no warning
@@ -580,6 +573,8 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
     if not verbose:
         _DISPLAY.append(LiveTable(console))
     try:
+        if address is not None:  # a cluster study: the data must be there on every node a trial may land on
+            check_data_on_nodes(data_cfgs)
         studies = [_run_study(p, space, space_path, storage=root, tracking_uri=uri,
                               mlflow_experiment=mlflow_experiment, resume=resume and p.name in existing,
                               num_samples=num_samples or space.num_samples

@@ -124,7 +124,7 @@ class StudySummary:
 
     def failure(self) -> str | None:
         """Why the study has no result (no trial finished with a score), or None when one did."""
-        if any(r.status == "TERMINATED" and r.value is not None for r in self.trials):
+        if _finished(self.trials):
             return None
         errored = [r for r in self.trials if r.error]
         first = f"; first error: {errored[0].error}" if errored else ""
@@ -268,8 +268,13 @@ def _front(recs: list[TrialRecord], modes: list[str]) -> list[TrialRecord]:
     return [done[i] for i in pareto_front([r.values for r in done], modes)]
 
 
+def _finished(recs: list[TrialRecord]) -> list[TrialRecord]:
+    """Trials that ran to the end and reported the study metric (the candidates for selection)."""
+    return [r for r in recs if r.status == "TERMINATED" and r.value is not None]
+
+
 def _best(recs: list[TrialRecord], mode: str) -> TrialRecord | None:
-    done = [r for r in recs if r.status == "TERMINATED" and r.value is not None]
+    done = _finished(recs)
     if not done:
         return None
     sign = 1 if mode == "max" else -1
