@@ -35,11 +35,9 @@ from pfnas.data.formats import (
     VTAB_TASKS,
     _data_dir,
     _Issues,
-    _list_fgvc,
-    _list_imagefolder,
-    _list_vtab,
     check_data_paths,
     fgvc_num_classes,
+    list_task,
 )
 from pfnas.data.task import SPLITS, TRAIN_SPLITS, Split, TaskData, synthetic_task
 
@@ -71,14 +69,7 @@ def load_task(
         data.augment = augment
     else:
         d = _data_dir(cfg)
-        issues = _Issues(strict=True)
-        if kind == "vtab":
-            listing, views = _list_vtab(d, issues), vtab_views(img_size)
-        elif kind == "fgvc":
-            listing, views = _list_fgvc(d, issues), fgvc_views(img_size)
-        elif kind == "hta":
-            listing, views = _list_imagefolder(d, issues, seed, require_splits=True), fgvc_views(img_size)
-        else:  # imagefolder (_data_dir refused any other kind)
-            listing, views = _list_imagefolder(d, issues, seed), fgvc_views(img_size)
+        listing = list_task(kind, d, _Issues(strict=True), seed)  # _data_dir refused any kind without a reader
+        views = (vtab_views if kind == "vtab" else fgvc_views)(img_size)
         data = _build_task(d.name, listing, views, img_size, mean, std, augment)
     return data.to(device) if cfg.resident else data

@@ -16,11 +16,9 @@ from pfnas.data.formats import (
     VTAB_SPLIT_FILES,
     _is_image,
     _Issues,
-    _list_fgvc,
-    _list_imagefolder,
-    _list_vtab,
     _Listing,
     _subdirs,
+    list_task,
 )
 from pfnas.data.task import SPLITS
 
@@ -107,12 +105,7 @@ def _verify(paths: Iterable[Path]) -> dict[Path, str]:
 
 
 def _check_one(kind: str, d: Path, issues: _Issues, seed: int = 0) -> _Listing:
-    if kind == "vtab":
-        listing = _list_vtab(d, issues)
-    elif kind == "fgvc":
-        listing = _list_fgvc(d, issues)
-    else:
-        listing = _list_imagefolder(d, issues, seed, require_splits=kind == "hta")
+    listing = list_task(kind, d, issues, seed)
     existing = {p for entries in listing.splits.values() for p, _ in entries if p.is_file()}
     for p, err in sorted(_verify(existing).items()):
         issues.broken_file(f"{p}: unreadable ({err})")
