@@ -148,7 +148,9 @@ class SearchConfig(_Strict):
     entropy_weight: float = 0.0  # >0 pushes alpha to be decisive, <0 keeps it spread
     centered: bool = False  # gumbel: alpha's gradient from the op's change to the block, not the whole stream
     per_op_prompts: bool = False  # supernet: each candidate op trains its own prompts (False: one set shared)
-    select: Literal["argmax", "perturb"] = "argmax"  # perturb: per-layer val accuracy of each pinned op
+    select: Literal["argmax", "perturb", "parsimony"] = "argmax"  # perturb: per-layer val accuracy of each pinned
+    # op; parsimony: per-layer val loss of each pinned op, the cheapest op within select_z paired SEs of the best
+    select_z: float = Field(2.0, ge=0)
     cost_weight: float = Field(0.0, ge=0)  # lambda of the resource-aware arch loss: + lambda * E_alpha[cost]
     cost: Literal["params", "latency"] = "params"  # per-op cost: deployed numbers, or measured step latency
     tau: TemperatureConfig = Field(default_factory=TemperatureConfig)

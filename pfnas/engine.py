@@ -658,15 +658,55 @@ def run_search(exp: Experiment, out_dir: str | Path, on_epoch: EpochCallback | N
         if done.is_file() and (out / "alpha.pt").is_file():  # selected before (a finished, resumed run)
             phase.policy = load_policy(done)
         else:
-            phase.policy = (model.discretize() if exp.cfg.search.select == "argmax" else
-                            perturbation_policy(model, exp.data, exp.device, exp.cfg.precision,
-                                                exp.cfg.data.eval_batch_size))
+            phase.policy = select_policy(model, exp, out)
             save_policy(phase.policy, done)
             torch.save(model.alpha.detach().cpu(), out / "alpha.pt")
     return phase
 
 
 PIN_LOGIT = 1e4  # an alpha row pinned to one op: its softmax is exactly one-hot
+
+
+def select_policy(model: PromptedViT, exp: Experiment, out: Path | None = None) -> dict[int, str]:
+    """The discrete policy of a searched supernet by ``search.select``; the measured rules write their per-layer
+    evidence to ``out/selection.json``."""
+    s = exp.cfg.search
+    if s.select == "argmax":
+        return model.discretize()
+    args = (model, exp.data, exp.device, exp.cfg.precision, exp.cfg.data.eval_batch_size)
+    if s.select == "perturb":
+        return perturbation_policy(*args)
+    policy, layers = parsimony_policy(*args, z=s.select_z)
+    if out is not None:
+        (Path(out) / "selection.json").write_text(json.dumps({"rule": "parsimony", "z": s.select_z,
+                                                              "layers": layers}, indent=1))
+    return policy
+
+
+@torch.no_grad()
+def _pinned_scores(model: PromptedViT, data: TaskData, device: torch.device, precision: str, batch_size: int,
+                   layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image val cross-entropy and correctness [n_ops, n_val] with ``layer`` pinned to each op in turn
+    (the other layers keep their current alpha). Val is read in its fixed order, so columns pair up."""
+    losses, correct = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(len(model.candidates)):
+            model.alpha[layer].fill_(-PIN_LOGIT)
+            model.alpha[layer, i] = PIN_LOGIT
+            l_i, c_i = [], []
+            for x, y in data.batches("val", batch_size):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device, precision):
+                    logits = model(x)
+                l_i.append(F.cross_entropy(logits.float(), y, reduction="none"))
+                c_i.append(logits.argmax(-1) == y)
+            losses.append(torch.cat(l_i))
+            correct.append(torch.cat(c_i))
+    finally:
+        model.train(was_training)
+    return torch.stack(losses).cpu(), torch.stack(correct).cpu()
 
 
 @torch.no_grad()
@@ -681,15 +721,54 @@ def perturbation_policy(model: PromptedViT, data: TaskData, device: torch.device
     alpha0 = model.alpha.detach().clone()
     try:
         for l in range(model.depth):
-            scores = []
-            for i in range(len(model.candidates)):
-                model.alpha[l].fill_(-PIN_LOGIT)
-                model.alpha[l, i] = PIN_LOGIT
-                scores.append((evaluate(model, data, "val", batch_size, device, precision)["acc"], float(alpha0[l, i])))
-            best = max(range(len(scores)), key=lambda i: scores[i])
+            acc = _pinned_scores(model, data, device, precision, batch_size, l)[1].float().mean(-1)
+            best = max(range(len(acc)), key=lambda i: (float(acc[i]), float(alpha0[l, i])))
             model.alpha[l].fill_(-PIN_LOGIT)
             model.alpha[l, best] = PIN_LOGIT
         return model.discretize()
+    finally:
+        model.alpha.copy_(alpha0)
+
+
+def parsimonious_choice(losses: torch.Tensor, costs: torch.Tensor, alpha: torch.Tensor,
+                        z: float) -> tuple[int, list[int]]:
+    """One layer's pick from per-image val losses [n_ops, n]: the op with the lowest mean loss, unless cheaper
+    ops are not significantly worse -- paired difference to the best within ``z`` standard errors -- in
+    which case the cheapest of those (then the larger alpha). Returns (pick, the tied ops)."""
+    mean = losses.double().mean(-1)
+    best = int(mean.argmin())
+    diff = losses.double() - losses[best].double()
+    se = diff.std(-1, correction=1) / max(losses.shape[-1], 1) ** 0.5 if losses.shape[-1] > 1 else torch.zeros_like(mean)
+    tied = [i for i in range(len(mean)) if i == best or float(diff[i].mean()) <= z * float(se[i])]
+    pick = min(tied, key=lambda i: (float(costs[i]), -float(alpha[i]), i))
+    return pick, tied
+
+
+@torch.no_grad()
+def parsimony_policy(model: PromptedViT, data: TaskData, device: torch.device, precision: str, batch_size: int,
+                     z: float = 2.0) -> tuple[dict[int, str], list[dict[str, Any]]]:
+    """Selection that leaves undetectable differences to the parameter count (``search.select: parsimony``).
+
+    Layer by layer (as :func:`perturbation_policy`: decided layers stay pinned), each candidate op is pinned
+    and scored by per-image val loss; the op kept is the cheapest (fewest deployed numbers) of those whose
+    loss is within ``z`` paired standard errors of the best op's. Where val separates the ops this is the
+    measured best; where it cannot (the issue-12 diagnosis: on 4-5 of 12 proxy layers no op changes the val
+    loss measurably) the choice is the cheap one instead of alpha's noise, so it repeats across seeds.
+    Returns the policy and, per layer, the mean val loss of each pinned op and the tied set. Reads val only.
+    """
+    alpha0 = model.alpha.detach().clone()
+    costs = model.param_costs()
+    layers = []
+    try:
+        for l in range(model.depth):
+            losses, correct = _pinned_scores(model, data, device, precision, batch_size, l)
+            pick, tied = parsimonious_choice(losses, costs[l], alpha0[l].cpu(), z)
+            layers.append({"layer": l, "pick": model.candidates[pick], "tied": [model.candidates[i] for i in tied],
+                           "val_loss": {op: float(v) for op, v in zip(model.candidates, losses.double().mean(-1))},
+                           "val_acc": {op: float(v) for op, v in zip(model.candidates, correct.float().mean(-1))}})
+            model.alpha[l].fill_(-PIN_LOGIT)
+            model.alpha[l, pick] = PIN_LOGIT
+        return model.discretize(), layers
     finally:
         model.alpha.copy_(alpha0)
 

@@ -141,3 +141,56 @@ def test_perturbation_selection_reads_val_only(exp, reads, tmp_path):
             scores.append(evaluate(model, exp.data, "val", 256, exp.device)["acc"])
         model.alpha.copy_(alpha)
     assert scores[model.candidates.index(policy[last])] == max(scores)
+
+
+def test_parsimonious_choice_leaves_only_undetectable_differences_to_the_cost():
+    """A cheaper op within z paired standard errors of the best is kept; one clearly worse is not."""
+    from pfnas.engine import parsimonious_choice
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(200, generator=g) + 0.5
+
+    def noise():  # zero mean exactly, so the offsets below are the mean differences
+        n = 0.2 * torch.randn(200, generator=g)
+        return n - n.mean()
+
+    costs, alpha = torch.tensor([10.0, 1.0, 5.0]), torch.zeros(3)
+    tied = torch.stack([base, base + 0.01 + noise(), base + 1.0])  # op 1 is 0.01 worse: under 1 SE (0.014)
+    assert parsimonious_choice(tied, costs, alpha, z=2.0) == (1, [0, 1])
+    assert parsimonious_choice(tied, costs, alpha, z=0.0)[0] == 0  # z = 0: the lowest mean loss
+    clear = torch.stack([base, base + 0.3 + noise(), base + 1.0])  # op 1 is 0.3 worse, ~20 SEs
+    assert parsimonious_choice(clear, costs, alpha, z=2.0) == (0, [0])
+    # equal costs among the tied: the larger alpha decides
+    assert parsimonious_choice(tied, torch.tensor([1.0, 1.0, 5.0]), torch.tensor([0.0, 0.5, 0.0]), 2.0)[0] == 1
+
+
+def test_parsimony_selection_reads_val_only_and_follows_the_cost_when_nothing_is_significant(exp, reads, tmp_path):
+    """search.select=parsimony: with an unreachable z every layer takes its cheapest op; with z = 0 each layer
+    takes the op with the lowest pinned val loss (replayed for the last layer); the evidence is saved."""
+    import json
+
+    from pfnas.engine import PIN_LOGIT, _pinned_scores, run_search
+
+    def search(z, out):
+        cfg = tiny_config(search={"select": "parsimony", "select_z": z, "epochs": 2,
+                                  "optim": {"lr": 1.0, "warmup_epochs": 0}})
+        return run_search(Experiment(cfg, exp.backbone, exp.data, exp.device), out)
+
+    lax = search(1e9, tmp_path / "lax")
+    cheapest = {l: lax.model.candidates[int(i)] for l, i in enumerate(lax.model.param_costs().argmin(-1).tolist())}
+    assert lax.policy == cheapest
+    sel = json.loads((tmp_path / "lax" / "selection.json").read_text())
+    assert [d["pick"] for d in sel["layers"]] == [cheapest[l] for l in range(lax.model.depth)]
+    assert all(len(d["tied"]) == len(lax.model.candidates) for d in sel["layers"])
+
+    strict = search(0.0, tmp_path / "strict")
+    assert "test" not in reads and "trainval" not in reads
+    model, policy = strict.model, strict.policy
+    with torch.no_grad():
+        alpha = model.alpha.detach().clone()
+        for l in range(model.depth - 1):
+            model.alpha[l].fill_(-PIN_LOGIT)
+            model.alpha[l, model.candidates.index(policy[l])] = PIN_LOGIT
+        losses = _pinned_scores(model, exp.data, exp.device, "fp32", 64, model.depth - 1)[0].double().mean(-1)
+        model.alpha.copy_(alpha)
+    assert model.candidates[int(losses.argmin())] == policy[model.depth - 1]
