@@ -442,6 +442,11 @@ class PromptedViT(nn.Module):
         path = weights.detach().argmax(-1).tolist() if weights is not None and self.mode == "gumbel" else None
         per_sample = self.training and self.prompt_dropout.p > 0
         B = x.shape[0]
+        # no-grad soft forward with rows pinned one-hot (perturbation / parsimony selection): only the pinned
+        # op runs there, the others would add 0 * y. One host sync per forward, never in a training step.
+        pinned = None
+        if weights is not None and self.mode == "softmax" and not torch.is_grad_enabled():
+            pinned = [i if hot else None for i, hot in zip(weights.argmax(-1).tolist(), (weights == 1).any(-1).tolist())]
 
         def prompts(layer: PromptLayer, i: int) -> torch.Tensor:
             p = layer.op_prompts(i)  # eval: [M, D] shared by the batch; train: a dropout mask per sample
@@ -450,6 +455,9 @@ class PromptedViT(nn.Module):
         for l, (block, layer) in enumerate(zip(self.backbone.blocks, self.layers)):
             if weights is None:
                 x = layer.run_op(0, block, x, prompts(layer, 0), self.n_prefix)
+            elif pinned is not None and pinned[l] is not None:
+                i = pinned[l]
+                x = layer.run_op(i, block, x, prompts(layer, i), self.n_prefix)
             elif self.mode == "gumbel":
                 i, w = path[l], weights[l, path[l]]  # only the sampled op runs; w is 1 with a gradient
                 y = layer.run_op(i, block, x, prompts(layer, i), self.n_prefix)

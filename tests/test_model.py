@@ -202,6 +202,27 @@ def test_sigmoid_gates_weigh_each_op_by_its_change(backbone):
     torch.testing.assert_close(sup(img), fixed(img), rtol=1e-5, atol=1e-5)
 
 
+def test_pinned_soft_rows_run_only_their_op_without_changing_the_output(backbone, monkeypatch):
+    """A soft supernet evaluated without gradients with a row pinned one-hot (what perturbation and parsimony
+    selection do) runs only that op in that layer, and gives the full mixture's output."""
+    torch.manual_seed(3)
+    sup = PromptedViT(backbone, 5, PromptConfig(length=3, dropout=0.0)).eval()
+    _nontrivial_ops_and_alpha(sup)
+    with torch.no_grad():
+        sup.alpha[1].fill_(-1e4)
+        sup.alpha[1, sup.candidates.index("cross_attn")] = 1e4
+    img = torch.randn(2, 3, 16, 16)
+    full = sup(img).detach()  # gradients on: every op runs in every layer
+    calls = []
+    real = type(sup.layers[1]).run_op
+    monkeypatch.setattr(type(sup.layers[1]), "run_op", lambda self, i, *a: calls.append((self, i)) or real(self, i, *a))
+    with torch.no_grad():
+        fast = sup(img)
+    assert [i for layer, i in calls if layer is sup.layers[1]] == [sup.candidates.index("cross_attn")]
+    assert any(layer is sup.layers[0] for layer, _ in calls)  # layer 0 is not pinned: still mixed (length ops)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+
+
 def test_tuned_params_and_discretize(backbone):
     cfg = PromptConfig(length=3, fusion_dim=4)
     assert PromptedViT(backbone, 5, cfg, policy=["add"] * 2).tuned_parameter_count() == 2 * 32 + 32 * 5 + 5  # add stores mean(P)
