@@ -755,8 +755,8 @@ def parsimony_policy(model: PromptedViT, data: TaskData, device: torch.device, p
     loss is within ``z`` paired standard errors of the best op's. Where val separates the ops this is the
     measured best; where it cannot, the cheap op instead of alpha's noise. Per-layer tests compound: each
     pinned layer may cost up to ``z`` SEs, and near-identical ops can differ "significantly" by a hair, so
-    the rule leans to the cheapest op (on the proxy: more reproducible and ~2.7x cheaper than argmax on
-    digits at -0.5 val points, but -7 on dsprites_loc, where ``add`` is weak; README). Returns the policy
+    the rule leans to the cheapest op (on the proxy: more reproducible and 2.8x cheaper than argmax on
+    digits at -0.5 val points, but -4.3 on dsprites_loc, where ``add`` is weak; README). Returns the policy
     and, per layer, each pinned op's mean val loss and accuracy and the tied set. Reads val only.
     """
     alpha0 = model.alpha.detach().clone()
