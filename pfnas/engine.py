@@ -756,7 +756,7 @@ def parsimony_policy(model: PromptedViT, data: TaskData, device: torch.device, p
     measured best; where it cannot, the cheap op instead of alpha's noise. Per-layer tests compound: each
     pinned layer may cost up to ``z`` SEs, and near-identical ops can differ "significantly" by a hair, so
     the rule leans to the cheapest op (on the proxy: more reproducible and 2.8x cheaper than argmax on
-    digits at -0.5 val points, but -4.3 on dsprites_loc, where ``add`` is weak; README). Returns the policy
+    digits at -0.5 val points, but -3.7 on dsprites_loc, where ``add`` is weak; README). Returns the policy
     and, per layer, each pinned op's mean val loss and accuracy and the tied set. Reads val only.
     """
     alpha0 = model.alpha.detach().clone()
