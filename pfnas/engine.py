@@ -16,7 +16,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from itertools import cycle
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -100,21 +100,31 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
+def eval_logits(model: nn.Module, data: TaskData, split: str, batch_size: int, device: torch.device,
+                precision: str = "auto") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(logits, labels)`` per batch of ``split`` in its fixed order, ``model`` in eval mode meanwhile (call
+    under ``torch.no_grad``)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in data.batches(split, batch_size):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, precision):
+                logits = model(x)
+            yield logits, y
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TaskData, split: str, batch_size: int, device: torch.device,
              precision: str = "auto") -> dict[str, float]:
     """Top-1 accuracy and mean loss of ``model`` on ``split``."""
-    was_training = model.training
-    model.eval()
     n, correct, loss_sum = 0, torch.zeros((), device=device), torch.zeros((), device=device)
-    for x, y in data.batches(split, batch_size):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, precision):
-            logits = model(x)
+    for logits, y in eval_logits(model, data, split, batch_size, device, precision):
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")  # summed on the device: one sync below
         correct += (logits.argmax(-1) == y).sum()
         n += y.numel()
-    model.train(was_training)
     return {"acc": correct.item() / max(n, 1), "loss": loss_sum.item() / max(n, 1)}
 
 
@@ -668,8 +678,8 @@ PIN_LOGIT = 1e4  # an alpha row pinned to one op: its softmax is exactly one-hot
 
 
 def select_policy(model: PromptedViT, exp: Experiment, out: Path | None = None) -> dict[int, str]:
-    """The discrete policy of a searched supernet by ``search.select``; the measured rules write their per-layer
-    evidence to ``out/selection.json``."""
+    """The discrete policy of a searched supernet by ``search.select``; parsimony writes its per-layer evidence
+    to ``out/selection.json``."""
     s = exp.cfg.search
     if s.select == "argmax":
         return model.discretize()
@@ -678,8 +688,8 @@ def select_policy(model: PromptedViT, exp: Experiment, out: Path | None = None) 
         return perturbation_policy(*args)
     policy, layers = parsimony_policy(*args, z=s.select_z)
     if out is not None:
-        (Path(out) / "selection.json").write_text(json.dumps({"rule": "parsimony", "z": s.select_z,
-                                                              "layers": layers}, indent=1))
+        (out / "selection.json").write_text(json.dumps({"rule": "parsimony", "z": s.select_z, "layers": layers},
+                                                       indent=1))
     return policy
 
 
@@ -689,27 +699,33 @@ def _pinned_scores(model: PromptedViT, data: TaskData, device: torch.device, pre
     """Per-image val cross-entropy and correctness [n_ops, n_val] with ``layer`` pinned to each op in turn
     (the other layers keep their current alpha). Val is read in its fixed order, so columns pair up."""
     losses, correct = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(len(model.candidates)):
-            model.alpha[layer].fill_(-PIN_LOGIT)
-            model.alpha[layer, i] = PIN_LOGIT
-            l_i, c_i = [], []
-            for x, y in data.batches("val", batch_size):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast(device, precision):
-                    logits = model(x)
-                l_i.append(F.cross_entropy(logits.float(), y, reduction="none"))
-                c_i.append(logits.argmax(-1) == y)
-            losses.append(torch.cat(l_i))
-            correct.append(torch.cat(c_i))
-    finally:
-        model.train(was_training)
+    for i in range(len(model.candidates)):
+        model.alpha[layer].fill_(-PIN_LOGIT)
+        model.alpha[layer, i] = PIN_LOGIT
+        batches = list(eval_logits(model, data, "val", batch_size, device, precision))
+        losses.append(torch.cat([F.cross_entropy(logits.float(), y, reduction="none") for logits, y in batches]))
+        correct.append(torch.cat([logits.argmax(-1) == y for logits, y in batches]))
     return torch.stack(losses).cpu(), torch.stack(correct).cpu()
 
 
 @torch.no_grad()
+def _pin_layer_by_layer(model: PromptedViT, data: TaskData, device: torch.device, precision: str, batch_size: int,
+                        choose: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], int]) -> dict[int, str]:
+    """Measured selection: layer by layer, ``choose(layer, losses, correct, alpha_row)`` picks an op from its
+    pinned val scores (:func:`_pinned_scores`; the layers not decided yet keep their search weights) and the
+    layer stays pinned to it. Returns the pinned policy; alpha is restored afterwards. Reads val only."""
+    alpha0 = model.alpha.detach().clone()
+    try:
+        for l in range(model.depth):
+            losses, correct = _pinned_scores(model, data, device, precision, batch_size, l)
+            pick = choose(l, losses, correct, alpha0[l].cpu())
+            model.alpha[l].fill_(-PIN_LOGIT)
+            model.alpha[l, pick] = PIN_LOGIT
+        return model.discretize()
+    finally:
+        model.alpha.copy_(alpha0)
+
+
 def perturbation_policy(model: PromptedViT, data: TaskData, device: torch.device, precision: str,
                         batch_size: int) -> dict[int, str]:
     """Selection by measured val accuracy instead of argmax(alpha) (after Wang et al., ICLR 2021).
@@ -718,16 +734,11 @@ def perturbation_policy(model: PromptedViT, data: TaskData, device: torch.device
     weights, the decided ones stay pinned) and the op with the best supernet val accuracy is kept; ties go
     to the larger alpha. Costs depth x ops val evaluations; reads val only, never test.
     """
-    alpha0 = model.alpha.detach().clone()
-    try:
-        for l in range(model.depth):
-            acc = _pinned_scores(model, data, device, precision, batch_size, l)[1].float().mean(-1)
-            best = max(range(len(acc)), key=lambda i: (float(acc[i]), float(alpha0[l, i])))
-            model.alpha[l].fill_(-PIN_LOGIT)
-            model.alpha[l, best] = PIN_LOGIT
-        return model.discretize()
-    finally:
-        model.alpha.copy_(alpha0)
+    def best_accuracy(l, losses, correct, alpha):
+        acc = correct.float().mean(-1)
+        return max(range(len(acc)), key=lambda i: (float(acc[i]), float(alpha[i])))
+
+    return _pin_layer_by_layer(model, data, device, precision, batch_size, best_accuracy)
 
 
 def parsimonious_choice(losses: torch.Tensor, costs: torch.Tensor, alpha: torch.Tensor,
@@ -745,7 +756,6 @@ def parsimonious_choice(losses: torch.Tensor, costs: torch.Tensor, alpha: torch.
     return pick, tied
 
 
-@torch.no_grad()
 def parsimony_policy(model: PromptedViT, data: TaskData, device: torch.device, precision: str, batch_size: int,
                      z: float = 2.0) -> tuple[dict[int, str], list[dict[str, Any]]]:
     """Selection that leaves undetectable differences to the parameter count (``search.select: parsimony``).
@@ -759,21 +769,16 @@ def parsimony_policy(model: PromptedViT, data: TaskData, device: torch.device, p
     digits at -0.5 val points, but -3.7 on dsprites_loc, where ``add`` is weak; README). Returns the policy
     and, per layer, each pinned op's mean val loss and accuracy and the tied set. Reads val only.
     """
-    alpha0 = model.alpha.detach().clone()
-    costs = model.param_costs()
-    layers = []
-    try:
-        for l in range(model.depth):
-            losses, correct = _pinned_scores(model, data, device, precision, batch_size, l)
-            pick, tied = parsimonious_choice(losses, costs[l], alpha0[l].cpu(), z)
-            layers.append({"layer": l, "pick": model.candidates[pick], "tied": [model.candidates[i] for i in tied],
-                           "val_loss": {op: float(v) for op, v in zip(model.candidates, losses.double().mean(-1))},
-                           "val_acc": {op: float(v) for op, v in zip(model.candidates, correct.float().mean(-1))}})
-            model.alpha[l].fill_(-PIN_LOGIT)
-            model.alpha[l, pick] = PIN_LOGIT
-        return model.discretize(), layers
-    finally:
-        model.alpha.copy_(alpha0)
+    costs, ops, layers = model.param_costs(), model.candidates, []
+
+    def cheapest_tied(l, losses, correct, alpha):
+        pick, tied = parsimonious_choice(losses, costs[l], alpha, z)
+        layers.append({"layer": l, "pick": ops[pick], "tied": [ops[i] for i in tied],
+                       "val_loss": dict(zip(ops, losses.double().mean(-1).tolist())),
+                       "val_acc": dict(zip(ops, correct.float().mean(-1).tolist()))})
+        return pick
+
+    return _pin_layer_by_layer(model, data, device, precision, batch_size, cheapest_tied), layers
 
 
 @torch.no_grad()

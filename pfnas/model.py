@@ -443,10 +443,11 @@ class PromptedViT(nn.Module):
         per_sample = self.training and self.prompt_dropout.p > 0
         B = x.shape[0]
         # no-grad soft forward with rows pinned one-hot (perturbation / parsimony selection): only the pinned
-        # op runs there, the others would add 0 * y. One host sync per forward, never in a training step.
+        # op runs there (-1: a mixed row), the others would add 0 * y. One host sync, never in a training step.
         pinned = None
         if weights is not None and self.mode == "softmax" and not torch.is_grad_enabled():
-            pinned = [i if hot else None for i, hot in zip(weights.argmax(-1).tolist(), (weights == 1).any(-1).tolist())]
+            hot = weights == 1
+            pinned = torch.where(hot.any(-1), hot.int().argmax(-1), -1).tolist()
 
         def prompts(layer: PromptLayer, i: int) -> torch.Tensor:
             p = layer.op_prompts(i)  # eval: [M, D] shared by the batch; train: a dropout mask per sample
@@ -455,7 +456,7 @@ class PromptedViT(nn.Module):
         for l, (block, layer) in enumerate(zip(self.backbone.blocks, self.layers)):
             if weights is None:
                 x = layer.run_op(0, block, x, prompts(layer, 0), self.n_prefix)
-            elif pinned is not None and pinned[l] is not None:
+            elif pinned is not None and pinned[l] >= 0:
                 i = pinned[l]
                 x = layer.run_op(i, block, x, prompts(layer, i), self.n_prefix)
             elif self.mode == "gumbel":

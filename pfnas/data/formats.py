@@ -384,7 +384,6 @@ def _list_imagefolder(root: Path, issues: _Issues, seed: int, require_splits: bo
     return _Listing({s: splits[s] for s in SPLITS if s in splits}, len(classes), classes)
 
 
-
 def list_task(kind: str, task_dir: Path, issues: _Issues, seed: int = 0) -> _Listing:
     """The reader of ``kind`` (vtab, fgvc, hta or imagefolder) on one task folder; ``seed`` draws an
     ImageFolder's missing splits."""
@@ -393,6 +392,7 @@ def list_task(kind: str, task_dir: Path, issues: _Issues, seed: int = 0) -> _Lis
     if kind == "fgvc":
         return _list_fgvc(task_dir, issues)
     return _list_imagefolder(task_dir, issues, seed, require_splits=kind == "hta")
+
 
 # --------------------------------------------------------------------------------------------
 # Where a task's files are

@@ -24,24 +24,24 @@ from pfnas.config import config_hash
 from pfnas.tracking.compare import collect_rows, compare_runs, pareto_figure
 from pfnas.tracking.logger import FINAL_METRICS, RunLogger, alpha_heatmap, run_logged
 from pfnas.tracking.store import (
-                                  DEFAULT_TRACKING_URI,
-                                  absolute_sqlite_url,
-                                  check_reachable,
-                                  get_experiment_id,
-                                  make_client,
-                                  resolve_tracking_uri,
+    DEFAULT_TRACKING_URI,
+    absolute_sqlite_url,
+    check_reachable,
+    get_experiment_id,
+    make_client,
+    resolve_tracking_uri,
 )
 from pfnas.tracking.values import (
-                                  TEST_NAME,
-                                  config_params,
-                                  finite_scalar,
-                                  flatten,
-                                  format_value,
-                                  mean_std,
-                                  method_label,
-                                  pareto_front,
-                                  policy_agreement,
-                                  reads_test,
+    TEST_NAME,
+    config_params,
+    finite_scalar,
+    flatten,
+    format_value,
+    mean_std,
+    method_label,
+    pareto_front,
+    policy_agreement,
+    reads_test,
 )
 
 __all__ = [
