@@ -140,6 +140,8 @@ class SearchConfig(_Strict):
     arch_betas: tuple[float, float] = (0.5, 0.999)
     arch_weight_decay: float = Field(1e-3, ge=0)
     arch_warmup_epochs: int = Field(0, ge=0)  # epochs of weight-only training before alpha moves
+    warmup_paths: Literal["mixture", "fair"] = "mixture"  # warm-up trains the uniform mixture, or one op per layer
+    # per step, each op once in every n_ops steps (strict fairness, as FairNAS), as a standalone path
     arch_every: int | None = Field(None, ge=1)  # weight steps per arch step; None: |train| // |val|,
     # so one epoch uses the val split once (VTAB-1k: every 4th step, search cost ~1.25x VPT-deep)
     arch_batch_size: int | None = Field(None, ge=1)  # val images per alpha step; None: data.batch_size.
@@ -155,6 +157,12 @@ class SearchConfig(_Strict):
     cost: Literal["params", "latency"] = "params"  # per-op cost: deployed numbers, or measured step latency
     tau: TemperatureConfig = Field(default_factory=TemperatureConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+
+    @model_validator(mode="after")
+    def _fair_needs_warmup(self) -> "SearchConfig":
+        if self.warmup_paths == "fair" and self.arch_warmup_epochs == 0:
+            raise ValueError("warmup_paths fair acts only in the warm-up: set search.arch_warmup_epochs > 0")
+        return self
 
 
 class TrainConfig(_Strict):

@@ -380,6 +380,13 @@ class SearchPhase(Phase):
         self.arch_every = s.arch_every or max(data.num_images("train") // n_val, 1)
         self.costs = self._cost_table() if s.cost_weight > 0 else None
 
+    def fair_path(self, step: int) -> list[int]:
+        """Op per layer for weight step ``step`` of a fair warm-up: in every block of n_ops steps each layer
+        runs each op once, in an order drawn from (seed, block), so a resumed run draws the same paths."""
+        n_ops, depth = self.model.alpha.shape
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step // n_ops)
+        return [int(torch.randperm(n_ops, generator=g)[step % n_ops]) for _ in range(depth)]
+
     def _cost_table(self) -> torch.Tensor:
         """[depth, n_ops] cost of each candidate, scaled so the costliest policy costs 1 (lambda is unitless)."""
         s = self.cfg.search
@@ -489,10 +496,13 @@ class SearchPhase(Phase):
                 arch_loss_sum += self._arch_step(x, y, xv, yv)
                 arch_steps += 1
             self.model.alpha.requires_grad_(False)  # the weight step needs no alpha gradient
+            if not update_arch and s.warmup_paths == "fair":
+                self.model.path = self.fair_path(self.step)
             try:
                 l, c = self._weight_step(x, y)
             finally:
                 self.model.alpha.requires_grad_(True)
+                self.model.path = None
             loss_sum, correct, n = loss_sum + l, correct + c, n + y.numel()
         self.check_finite()  # syncs the device, so the epoch time below is real
         dt = time.perf_counter() - t0

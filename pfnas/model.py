@@ -359,6 +359,7 @@ class PromptedViT(nn.Module):
                       if self.policy is None else None)
         self.head = nn.Linear(self.dim, num_classes)
         self._sampled: torch.Tensor | None = None
+        self.path: list[int] | None = None  # set: every layer runs only op path[l], unweighted (fair warm-up)
 
     # --- parameter groups
     def arch_parameters(self) -> list[nn.Parameter]:
@@ -456,6 +457,8 @@ class PromptedViT(nn.Module):
         for l, (block, layer) in enumerate(zip(self.backbone.blocks, self.layers)):
             if weights is None:
                 x = layer.run_op(0, block, x, prompts(layer, 0), self.n_prefix)
+            elif self.path is not None:
+                x = layer.run_op(self.path[l], block, x, prompts(layer, self.path[l]), self.n_prefix)
             elif pinned is not None and pinned[l] >= 0:
                 i = pinned[l]
                 x = layer.run_op(i, block, x, prompts(layer, i), self.n_prefix)

@@ -106,6 +106,41 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert strip(full.history) == strip(resumed.history)
 
 
+def test_fair_warmup_trains_one_op_per_layer_each_op_once_per_block(tmp_path, monkeypatch):
+    cfg = tiny_config(search={"epochs": 3, "arch_warmup_epochs": 2, "warmup_paths": "fair"})
+    e = Experiment.build(cfg)
+    seen, weight_step = [], SearchPhase._weight_step
+
+    def record(self, x, y):
+        seen.append((self.epoch, self.step, self.model.path))
+        return weight_step(self, x, y)
+
+    monkeypatch.setattr(SearchPhase, "_weight_step", record)
+    phase = run_search(e, tmp_path / "fair")
+    n_ops, depth = phase.model.alpha.shape
+    warm = [(st, p) for ep, st, p in seen if ep < 2]
+    assert len(warm) == 4 and all(p is not None and len(p) == depth for _, p in warm)
+    assert all(p is None for ep, _, p in seen if ep >= 2) and phase.model.path is None  # the alpha epoch mixes
+    assert all(p == phase.fair_path(st) for st, p in warm)  # drawn from (seed, step): a resume draws the same
+    for start in (0, 4, 8):  # every block of n_ops steps runs each op once in every layer
+        block = [phase.fair_path(st) for st in range(start, start + n_ops)]
+        assert all(sorted(b[l] for b in block) == list(range(n_ops)) for l in range(depth))
+    assert len({tuple(phase.fair_path(st)) for st in range(8)}) > 1
+    # a path runs its ops alone: the other ops get no gradient, alpha none
+    model = phase.model
+    x = torch.randn(2, 3, 16, 16)
+    model.path = [model.candidates.index("add")] * depth
+    try:
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+        grads = {n for n, p in model.named_parameters() if p.grad is not None}
+        assert not any(".ops." in n for n in grads) and "alpha" not in grads and "layers.0.prompts" in grads
+    finally:
+        model.path = None
+    with pytest.raises(ValueError, match="arch_warmup_epochs"):
+        tiny_config(search={"warmup_paths": "fair"})
+
+
 def test_retrain_and_experiment_end_to_end(tmp_path):
     cfg = tiny_config()
     res = run_experiment(cfg, tmp_path)
