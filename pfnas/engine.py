@@ -383,7 +383,7 @@ class SearchPhase(Phase):
     def fair_path(self, step: int) -> list[int]:
         """Op per layer for weight step ``step`` of a fair warm-up: in every block of n_ops steps each layer
         runs each op once, in an order drawn from (seed, block), so a resumed run draws the same paths."""
-        n_ops, depth = self.model.alpha.shape
+        depth, n_ops = self.model.alpha.shape
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step // n_ops)
         return [int(torch.randperm(n_ops, generator=g)[step % n_ops]) for _ in range(depth)]
 

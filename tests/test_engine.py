@@ -117,7 +117,8 @@ def test_fair_warmup_trains_one_op_per_layer_each_op_once_per_block(tmp_path, mo
 
     monkeypatch.setattr(SearchPhase, "_weight_step", record)
     phase = run_search(e, tmp_path / "fair")
-    n_ops, depth = phase.model.alpha.shape
+    n_ops, depth = len(phase.model.candidates), phase.model.depth
+    assert (n_ops, depth) == (4, 2)
     warm = [(st, p) for ep, st, p in seen if ep < 2]
     assert len(warm) == 4 and all(p is not None and len(p) == depth for _, p in warm)
     assert all(p is None for ep, _, p in seen if ep >= 2) and phase.model.path is None  # the alpha epoch mixes
