@@ -438,7 +438,8 @@ class PromptedViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
-        weights = self.op_weights() if self.alpha is not None else None
+        # a set path (fair warm-up) runs its ops unweighted: no op weights, no Gumbel sample, no host sync
+        weights = self.op_weights() if self.alpha is not None and self.path is None else None
         # single path: the host must know which op each layer runs; one sync for the whole net per step
         path = weights.detach().argmax(-1).tolist() if weights is not None and self.mode == "gumbel" else None
         per_sample = self.training and self.prompt_dropout.p > 0
@@ -455,10 +456,10 @@ class PromptedViT(nn.Module):
             return self.prompt_dropout(p.expand(B, -1, -1)) if per_sample and p.numel() else p
 
         for l, (block, layer) in enumerate(zip(self.backbone.blocks, self.layers)):
-            if weights is None:
-                x = layer.run_op(0, block, x, prompts(layer, 0), self.n_prefix)
-            elif self.path is not None:
+            if self.path is not None:
                 x = layer.run_op(self.path[l], block, x, prompts(layer, self.path[l]), self.n_prefix)
+            elif weights is None:
+                x = layer.run_op(0, block, x, prompts(layer, 0), self.n_prefix)
             elif pinned is not None and pinned[l] >= 0:
                 i = pinned[l]
                 x = layer.run_op(i, block, x, prompts(layer, i), self.n_prefix)
