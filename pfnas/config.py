@@ -153,6 +153,8 @@ class SearchConfig(_Strict):
     select: Literal["argmax", "perturb", "parsimony"] = "argmax"  # perturb: per-layer val accuracy of each pinned
     # op; parsimony: per-layer val loss of each pinned op, the cheapest op within select_z paired SEs of the best
     select_z: float = Field(2.0, ge=0)
+    select_prefer: str | None = None  # parsimony: the op kept where it ties (e.g. the val-best single op), then
+    # the cheapest; None: the cheapest
     cost_weight: float = Field(0.0, ge=0)  # lambda of the resource-aware arch loss: + lambda * E_alpha[cost]
     cost: Literal["params", "latency"] = "params"  # per-op cost: deployed numbers, or measured step latency
     tau: TemperatureConfig = Field(default_factory=TemperatureConfig)
@@ -162,6 +164,8 @@ class SearchConfig(_Strict):
     def _fair_needs_warmup(self) -> "SearchConfig":
         if self.warmup_paths == "fair" and self.arch_warmup_epochs == 0:
             raise ValueError("warmup_paths fair acts only in the warm-up: set search.arch_warmup_epochs > 0")
+        if self.select_prefer is not None and self.select != "parsimony":
+            raise ValueError("select_prefer is the tie-break of search.select parsimony: set search.select parsimony")
         return self
 
 
@@ -249,6 +253,9 @@ class ExperimentConfig(_Strict):
     def _pae_needs_shared_prompts(self) -> "ExperimentConfig":
         if self.pae.enabled and self.search.per_op_prompts:
             raise ValueError("pae.enabled needs one prompt set per layer: set search.per_op_prompts false")
+        prefer = self.search.select_prefer
+        if prefer is not None and prefer not in self.prompts.ops:
+            raise ValueError(f"search.select_prefer {prefer!r} is not a candidate op; choose from {self.prompts.ops}")
         return self
 
 

@@ -696,10 +696,10 @@ def select_policy(model: PromptedViT, exp: Experiment, out: Path | None = None) 
     args = (model, exp.data, exp.device, exp.cfg.precision, exp.cfg.data.eval_batch_size)
     if s.select == "perturb":
         return perturbation_policy(*args)
-    policy, layers = parsimony_policy(*args, z=s.select_z)
+    policy, layers = parsimony_policy(*args, z=s.select_z, prefer=s.select_prefer)
     if out is not None:
-        (out / "selection.json").write_text(json.dumps({"rule": "parsimony", "z": s.select_z, "layers": layers},
-                                                       indent=1))
+        (out / "selection.json").write_text(json.dumps({"rule": "parsimony", "z": s.select_z,
+                                                        "prefer": s.select_prefer, "layers": layers}, indent=1))
     return policy
 
 
@@ -752,22 +752,23 @@ def perturbation_policy(model: PromptedViT, data: TaskData, device: torch.device
 
 
 def parsimonious_choice(losses: torch.Tensor, costs: torch.Tensor, alpha: torch.Tensor,
-                        z: float) -> tuple[int, list[int]]:
-    """One layer's pick from per-image val losses [n_ops, n]: the op with the lowest mean loss, unless cheaper
+                        z: float, prefer: int | None = None) -> tuple[int, list[int]]:
+    """One layer's pick from per-image val losses [n_ops, n]: the op with the lowest mean loss, unless other
     ops are not significantly worse -- paired difference to the best within ``z`` standard errors -- in
-    which case the cheapest of those (then the larger alpha). Returns (pick, the tied ops)."""
+    which case, among those tied, op ``prefer`` if it is one, else the cheapest (then the larger alpha).
+    Returns (pick, the tied ops)."""
     mean = losses.double().mean(-1)
     best = int(mean.argmin())
     diff = losses.double() - losses[best].double()
     n = losses.shape[-1]
     se = diff.std(-1) / n ** 0.5 if n > 1 else torch.zeros_like(mean)  # paired: per-image differences
     tied = [i for i in range(len(mean)) if i == best or float(diff[i].mean()) <= z * float(se[i])]
-    pick = min(tied, key=lambda i: (float(costs[i]), -float(alpha[i]), i))
+    pick = min(tied, key=lambda i: (i != prefer, float(costs[i]), -float(alpha[i]), i))
     return pick, tied
 
 
 def parsimony_policy(model: PromptedViT, data: TaskData, device: torch.device, precision: str, batch_size: int,
-                     z: float = 2.0) -> tuple[dict[int, str], list[dict[str, Any]]]:
+                     z: float = 2.0, prefer: str | None = None) -> tuple[dict[int, str], list[dict[str, Any]]]:
     """Selection that leaves undetectable differences to the parameter count (``search.select: parsimony``).
 
     Layer by layer (as :func:`perturbation_policy`: decided layers stay pinned), each candidate op is pinned
@@ -776,13 +777,15 @@ def parsimony_policy(model: PromptedViT, data: TaskData, device: torch.device, p
     measured best; where it cannot, the cheap op instead of alpha's noise. Per-layer tests compound: each
     pinned layer may cost up to ``z`` SEs, and near-identical ops can differ "significantly" by a hair, so
     the rule leans to the cheapest op (on the proxy: more reproducible and 2.8x cheaper than argmax on
-    digits at -0.5 val points, but -3.7 on dsprites_loc, where ``add`` is weak; README). Returns the policy
-    and, per layer, each pinned op's mean val loss and accuracy and the tied set. Reads val only.
+    digits at -0.5 val points, but -3.7 on dsprites_loc, where ``add`` is weak; README). ``prefer`` (an op
+    name, e.g. the val-best single op) takes the ties instead of the cheapest op. Returns the policy and,
+    per layer, each pinned op's mean val loss and accuracy and the tied set. Reads val only.
     """
     costs, ops, layers = model.param_costs(), model.candidates, []
+    preferred = None if prefer is None else ops.index(prefer)
 
     def cheapest_tied(l, losses, correct, alpha):
-        pick, tied = parsimonious_choice(losses, costs[l], alpha, z)
+        pick, tied = parsimonious_choice(losses, costs[l], alpha, z, preferred)
         layers.append({"layer": l, "pick": ops[pick], "tied": [ops[i] for i in tied],
                        "val_loss": dict(zip(ops, losses.double().mean(-1).tolist())),
                        "val_acc": dict(zip(ops, correct.float().mean(-1).tolist()))})

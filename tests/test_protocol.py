@@ -162,6 +162,10 @@ def test_parsimonious_choice_leaves_only_undetectable_differences_to_the_cost():
     assert parsimonious_choice(clear, costs, alpha, z=2.0) == (0, [0])
     # equal costs among the tied: the larger alpha decides
     assert parsimonious_choice(tied, torch.tensor([1.0, 1.0, 5.0]), torch.tensor([0.0, 0.5, 0.0]), 2.0)[0] == 1
+    # a preferred op takes the tie over the cheaper one, but not a clear loss, and not a tie it is not in
+    assert parsimonious_choice(tied, costs, alpha, z=2.0, prefer=0) == (0, [0, 1])
+    assert parsimonious_choice(clear, costs, alpha, z=2.0, prefer=1) == (0, [0])
+    assert parsimonious_choice(tied, costs, alpha, z=2.0, prefer=2) == (1, [0, 1])
 
 
 def test_parsimony_selection_reads_val_only_and_follows_the_cost_when_nothing_is_significant(exp, reads, tmp_path):
@@ -182,6 +186,17 @@ def test_parsimony_selection_reads_val_only_and_follows_the_cost_when_nothing_is
     sel = json.loads((tmp_path / "lax" / "selection.json").read_text())
     assert [d["pick"] for d in sel["layers"]] == [cheapest[l] for l in range(lax.model.depth)]
     assert all(len(d["tied"]) == len(lax.model.candidates) for d in sel["layers"])
+
+    prefer = next(op for op in lax.model.candidates if op not in cheapest.values())  # never the cheapest
+    cfg = tiny_config(search={"select": "parsimony", "select_z": 1e9, "select_prefer": prefer, "epochs": 2,
+                              "optim": {"lr": 1.0, "warmup_epochs": 0}})
+    preferred = run_search(Experiment(cfg, exp.backbone, exp.data, exp.device), tmp_path / "prefer")
+    assert set(preferred.policy.values()) == {prefer}
+    assert json.loads((tmp_path / "prefer" / "selection.json").read_text())["prefer"] == prefer
+    for bad, fragment in (({"select_prefer": "affine"}, "set search.select parsimony"),
+                          ({"select": "parsimony", "select_prefer": "bogus"}, "not a candidate op")):
+        with pytest.raises(ValueError, match=fragment):
+            tiny_config(search=bad)
 
     strict = search(0.0, tmp_path / "strict")
     assert "test" not in reads and "trainval" not in reads
