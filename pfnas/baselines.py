@@ -327,8 +327,8 @@ def _say(progress: bool, msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- methods
-def _run_search(exp: Experiment, out: Path, on_epoch, progress, t0) -> dict[str, Any]:
-    r = run_experiment(exp.cfg, out, on_epoch, progress, exp=exp)
+def _run_search(exp: Experiment, out: Path, on_epoch, progress, t0, search_cache=None) -> dict[str, Any]:
+    r = run_experiment(exp.cfg, out, on_epoch, progress, exp=exp, search_cache=search_cache)
     cost = search_cost(exp.cfg, exp.data)
     res = {"method": "search", "seed": exp.cfg.seed, **r.to_json(), "select_val_acc": r.search_val_acc,
            "cost_images": cost["total"], "cost_step_s": sum(h["epoch_time_s"] for h in r.search_history), "cost_breakdown": cost, "budget_images": budget_images(exp.cfg, exp.data),
@@ -456,27 +456,29 @@ def _run_evolution(exp: Experiment, out: Path, on_epoch, progress, t0, cycles: i
 
 
 def run_method(cfg: ExperimentConfig, out_dir: str | Path, on_epoch: EpochCallback | None = None,
-               progress: bool = False, *, exp: Experiment | None = None, cycles: int | None = None) -> dict[str, Any]:
+               progress: bool = False, *, exp: Experiment | None = None, cycles: int | None = None,
+               search_cache: str | Path | None = None) -> dict[str, Any]:
     """Run ``cfg.method.kind`` (search, fixed, probe, random, evolution) into ``out_dir``; resumable.
 
     Returns the dict also written to ``out_dir/result.json``: method, seed, policy, val_acc,
     test_acc, tuned_params, tuned_percent, cost_images, budget_images, eval_images, history, ...
-    ``cycles`` caps the evolution cycles on top of the budget (None: budget only).
+    ``cycles`` caps the evolution cycles on top of the budget (None: budget only). ``search_cache`` (kind search):
+    a folder where runs of one search config share their search (``engine.shared_search``).
 
     ``out_dir`` is locked for the call (a second process is refused with :class:`~pfnas.config.RunDirError`), and a
     folder holding a run of another configuration is refused rather than resumed (see ``engine.claim_run_dir``).
     """
     with claim_run_dir(cfg, out_dir) as claim:  # one process per folder; resume only the same configuration
-        return _run_method(cfg, claim.path, on_epoch, progress, exp, cycles)
+        return _run_method(cfg, claim.path, on_epoch, progress, exp, cycles, search_cache)
 
 
 def _run_method(cfg: ExperimentConfig, out: Path, on_epoch: EpochCallback | None, progress: bool,
-                exp: Experiment | None, cycles: int | None) -> dict[str, Any]:
+                exp: Experiment | None, cycles: int | None, search_cache: str | Path | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     exp = exp or Experiment.build(cfg)
     kind = cfg.method.kind
     if kind == "search":
-        return _run_search(exp, out, on_epoch, progress, t0)
+        return _run_search(exp, out, on_epoch, progress, t0, search_cache)
     if kind in ("fixed", "probe"):
         depth = len(exp.backbone.blocks)
         if kind == "fixed" and cfg.method.policy is not None:

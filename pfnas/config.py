@@ -375,6 +375,18 @@ def config_hash(cfg: ExperimentConfig, include_seed: bool = False) -> str:
     return hashlib.sha1(json.dumps(result_fields(cfg, include_seed), sort_keys=True).encode()).hexdigest()[:12]
 
 
+def search_hash(cfg: ExperimentConfig) -> str:
+    """Hash of what a search reads (:func:`result_fields` with the seed, without the retrain and the method): runs
+    that share it would run the same search (``pfnas.engine.shared_search`` runs it once)."""
+    import hashlib
+    import json
+
+    d = result_fields(cfg.model_copy(update={"method": MethodConfig()}), include_seed=True)
+    d.pop("train", None)
+    d.pop("method", None)
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def config_diff(a: ExperimentConfig, b: ExperimentConfig, limit: int = 3) -> str:
     """``key: a -> b`` for the first ``limit`` result fields that differ (for one-line errors)."""
     def flat(d: dict[str, Any], pre: str = "") -> dict[str, Any]:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import shutil
 import threading
 import time
 from contextlib import contextmanager, suppress
@@ -24,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import (ExperimentConfig, OptimConfig, PfnasError, RunDirError, TemperatureConfig, TrainingError,
-                     config_diff, config_hash, dump_config)
+                     config_diff, config_hash, dump_config, search_hash)
 from .data import TaskData, load_task
 from .model import PromptedViT, backbone_input, load_backbone, load_policy, save_policy
 
@@ -684,6 +685,65 @@ def run_search(exp: Experiment, out_dir: str | Path, on_epoch: EpochCallback | N
     return phase
 
 
+SEARCH_FILES = ("policy.json", "alpha.pt", "selection.json", "log.jsonl", "search.pt")  # checkpoint last: it marks a copy done
+
+
+@contextmanager
+def _waiting_lock(path: Path) -> Iterator[None]:
+    """Exclusive ``flock`` on ``path``, waiting for a holder to finish (the kernel drops it if the holder dies)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: runs may search twice, never wrongly
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def shared_search(exp: Experiment, out_dir: str | Path, cache: str | Path, on_epoch: EpochCallback | None = None,
+                  progress: bool = False) -> SearchPhase:
+    """:func:`run_search` shared by runs whose configs differ only after the search (retrain, method budget), as
+    the retrain-lr grid of a study has them: one run searches in ``cache/<search_hash>`` while the others wait on
+    its lock; a waiting run then loads the finished checkpoint (its RNG state too, so the retrain is bitwise the one
+    an unshared run makes) and every run copies the search files into ``out_dir``. A run that did not
+    watch the search gets its epochs replayed to ``on_epoch`` (curves and Tune iterations match the searching
+    run's); ``out_dir/search_reported`` counts what was reported, across retries. A run whose own folder
+    already holds a search checkpoint continues that one."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "search.pt").is_file():
+        return run_search(exp, out, on_epoch, progress)
+    mark = out / "search_reported"
+    reported = int(mark.read_text()) if mark.is_file() else 0
+
+    def report(m: dict[str, Any]) -> None:
+        nonlocal reported
+        reported = int(m["epoch"])
+        mark.write_text(str(reported))
+        if on_epoch is not None:
+            on_epoch(m)
+
+    slot = Path(cache) / search_hash(exp.cfg)
+    slot.mkdir(parents=True, exist_ok=True)
+    with _waiting_lock(slot / ".lock"):
+        searched = run_search(exp, slot, report, progress)
+        if searched.policy is None:  # never copy an unfinished search
+            raise PfnasError(f"shared search in {slot} did not finish")
+    for m in searched.history:
+        if int(m["epoch"]) > reported:
+            report(m)
+    for name in SEARCH_FILES:
+        if (slot / name).is_file():
+            tmp = out / f".{name}.tmp"
+            shutil.copyfile(slot / name, tmp)
+            os.replace(tmp, out / name)
+    return searched
+
+
 PIN_LOGIT = 1e4  # an alpha row pinned to one op: its softmax is exactly one-hot
 
 
@@ -831,17 +891,22 @@ def run_retrain(exp: Experiment, policy: dict | list, out_dir: str | Path, on_ep
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, on_epoch: EpochCallback | None = None,
-                   progress: bool = False, exp: Experiment | None = None) -> ExperimentResult:
-    """Search, discretize, retrain (on the splits of ``train.stage``) and score; resumes from ``out_dir``."""
+                   progress: bool = False, exp: Experiment | None = None,
+                   search_cache: str | Path | None = None) -> ExperimentResult:
+    """Search, discretize, retrain (on the splits of ``train.stage``) and score; resumes from ``out_dir``. With
+    ``search_cache`` the search is shared with other runs of the same search config (:func:`shared_search`)."""
     with claim_run_dir(cfg, out_dir) as claim:
-        return _run_experiment(cfg, claim.path, on_epoch, progress, exp)
+        return _run_experiment(cfg, claim.path, on_epoch, progress, exp, search_cache)
 
 
 def _run_experiment(cfg: ExperimentConfig, out: Path, on_epoch: EpochCallback | None, progress: bool,
-                    exp: Experiment | None) -> ExperimentResult:
+                    exp: Experiment | None, search_cache: str | Path | None = None) -> ExperimentResult:
     exp = exp or Experiment.build(cfg)
     t0 = time.perf_counter()
-    search = run_search(exp, out, on_epoch, progress)
+    if search_cache is not None:
+        search = shared_search(exp, out, search_cache, on_epoch, progress)
+    else:
+        search = run_search(exp, out, on_epoch, progress)
     t1 = time.perf_counter()
     policy = search.policy
     retrain = run_retrain(exp, policy, out, on_epoch, progress)

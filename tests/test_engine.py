@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_config
 from pfnas.cli import main
-from pfnas.config import ConfigError, OptimConfig, TemperatureConfig, TrainingError, load_config
+from pfnas.config import ConfigError, OptimConfig, TemperatureConfig, TrainingError, load_config, merge_dotted
 from pfnas.engine import (Experiment, SearchPhase, lr_at, run_experiment, run_retrain, run_search,
                           temperature)
 
@@ -140,6 +140,33 @@ def test_fair_warmup_trains_one_op_per_layer_each_op_once_per_block(tmp_path, mo
         model.path = None
     with pytest.raises(ValueError, match="arch_warmup_epochs"):
         tiny_config(search={"warmup_paths": "fair"})
+
+
+def test_runs_that_differ_after_the_search_share_one_search(tmp_path):
+    """A retrain-lr grid searches once: the second run replays the first one's search and retrains exactly as an
+    unshared run would; a run with another search config searches on its own."""
+    cache = tmp_path / "cache"
+    a = tiny_config(train={"stage": "select"})
+    b = merge_dotted(a, {"train.optim.lr": 0.3, "train.stage": "final"})  # what a final / another grid point changes
+    seen_a, seen_b = [], []
+    ra = run_experiment(a, tmp_path / "a", seen_a.append, search_cache=cache)
+    rb = run_experiment(b, tmp_path / "b", seen_b.append, search_cache=cache)
+    assert len(list(cache.iterdir())) == 1
+    search_of = lambda seen: [(m["epoch"], m["val_loss"]) for m in seen if m["phase"] == "search"]
+    assert search_of(seen_b) == search_of(seen_a) and len(search_of(seen_a)) == 2  # replayed, not rerun
+    alone = run_experiment(b, tmp_path / "alone")  # no cache: b's own search
+    assert rb.policy == ra.policy == alone.policy
+    assert torch.equal(torch.load(tmp_path / "b" / "alpha.pt"), torch.load(tmp_path / "alone" / "alpha.pt"))
+    assert rb.test_acc == alone.test_acc and rb.retrain_history[-1]["train_loss"] == alone.retrain_history[-1]["train_loss"]
+    assert rb.retrain_history[-1]["train_loss"] != ra.retrain_history[-1]["train_loss"]  # the lr did change the retrain
+    phases = [json.loads(l)["phase"] for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert phases == ["search", "search", "retrain", "retrain"]  # the run folder is complete
+    again = run_experiment(b, tmp_path / "b", seen_b.append, search_cache=cache)  # resumes: nothing reported twice
+    assert again.test_acc == rb.test_acc and len(search_of(seen_b)) == 2
+    c = merge_dotted(a, {"search.arch_lr": 0.01})
+    seen_c = []
+    run_experiment(c, tmp_path / "c", seen_c.append, search_cache=cache)
+    assert len(list(cache.iterdir())) == 2 and search_of(seen_c) != search_of(seen_a)
 
 
 def test_retrain_and_experiment_end_to_end(tmp_path):

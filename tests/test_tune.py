@@ -367,6 +367,8 @@ def test_grid_study_runs_every_variant_and_seed(ray_session, tmp_path, tracking)
     assert sorted((r["label"], r["n"]) for r in rows) == [("fixed:prepend", 2), ("search", 2)]
     fixed = next(t for t in s.trials if t.params["variant"].startswith("kind=fixed"))
     assert fixed.metrics["policy"] == "prepend,prepend" and fixed.metrics["cost_images"] == 0
+    # the study hands its trials a search cache: one search per search seed; the fixed trials never search
+    assert len([p for p in (tmp_path / "ray" / "grid" / "search-cache").iterdir() if p.is_dir()]) == 2
     with pytest.raises(ConfigError, match="algorithm grid takes choice params only"):
         load_space(write_space(tmp_path, "g2", algorithm="grid"))
     with pytest.raises(ConfigError, match=r"variants\[0\]: method.kind"):

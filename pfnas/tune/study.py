@@ -244,7 +244,7 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
         raise PfnasError(f"cannot use MLflow at {tracking_uri}: {_error_line(e)}") from None
     ctx = TrialContext(study=plan.name, base=plan.base.model_dump(mode="json"), tracking_uri=tracking_uri,
                        experiment=mlflow_experiment, parent_run_id=parent, param_keys=plan.param_keys,
-                       variants=plan.variants)
+                       variants=plan.variants, search_cache=f"{exp_path}/search-cache" if local else None)
     resources = {"cpu": space.resources.cpu, **({"gpu": space.resources.gpu} if space.resources.gpu else {})}
     trainable = tune.with_resources(tune.with_parameters(pfnas_trial, ctx=ctx), resources)
     if state_path is not None:

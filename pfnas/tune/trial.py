@@ -40,6 +40,7 @@ class TrialContext:
     variants: list[dict[str, Any]] = field(default_factory=list)
     kind: str = "trial"  # "final": a seed of the selected config retrained on train+val and tested
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (finals: the trial they finalise)
+    search_cache: str | None = None  # trials whose configs differ only after the search share it (local storage)
 
     def _values(self, params: dict[str, Any]) -> dict[str, Any]:
         """Dotted config values of a trial: its variant's overrides, then its sampled params."""
@@ -137,15 +138,16 @@ def _cached_experiment(cfg: ExperimentConfig):
     return exp
 
 
-def run_trial_method(cfg: ExperimentConfig, out_dir: str | Path, on_epoch=None, on_data=None) -> dict[str, Any]:
+def run_trial_method(cfg: ExperimentConfig, out_dir: str | Path, on_epoch=None, on_data=None,
+                     search_cache: str | None = None) -> dict[str, Any]:
     """``baselines.run_method`` (every ``method.kind``) on the experiment cached in this worker; ``on_data`` gets the
-    decoded task (``TaskData``) first."""
+    decoded task (``TaskData``) first; ``search_cache``: the study's shared searches (``engine.shared_search``)."""
     from ..baselines import run_method
 
     exp = _cached_experiment(cfg)
     if on_data is not None:
         on_data(exp.data)
-    return run_method(cfg, out_dir, on_epoch=on_epoch, exp=exp)
+    return run_method(cfg, out_dir, on_epoch=on_epoch, exp=exp, search_cache=search_cache)
 
 
 def _policy_str(policy: Any) -> str:
@@ -231,7 +233,8 @@ def pfnas_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     try:
         with logger.recording():  # a scheduler's stop (SystemExit) closes the run as KILLED, an error as FAILED
             res = run_trial_method(cfg, work, reporter.on_epoch,
-                                   on_data=lambda data: logger.log_dataset(dataset_info(cfg, data)))
+                                   on_data=lambda data: logger.log_dataset(dataset_info(cfg, data)),
+                                   search_cache=ctx.search_cache)
     except TrainingError as e:
         if not e.deterministic:  # e.g. out of memory: another try (FailureConfig) may fit
             raise
