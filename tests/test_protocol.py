@@ -173,7 +173,8 @@ def test_parsimony_selection_reads_val_only_and_follows_the_cost_when_nothing_is
     takes the op with the lowest pinned val loss (replayed for the last layer); the evidence is saved."""
     import json
 
-    from pfnas.engine import PIN_LOGIT, _pinned_scores, run_search
+    from pfnas.engine import PIN_LOGIT, run_search
+    from pfnas.engine.selection import _pinned_scores
 
     def search(z, out):
         cfg = tiny_config(search={"select": "parsimony", "select_z": z, "epochs": 2,
