@@ -1,6 +1,6 @@
 """Reading a discrete policy out of a searched supernet (``search.select``): argmax of alpha, perturbation
-(pin each op, keep the one whose removal hurts val most), or parsimony (among ops statistically tied on val, the
-preferred or cheapest one)."""
+(layer by layer, pin each op and keep the one with the best supernet val accuracy), or parsimony (among ops
+statistically tied on val loss, the preferred or the cheapest one)."""
 from __future__ import annotations
 
 import json
