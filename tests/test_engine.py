@@ -10,8 +10,9 @@ import torch
 
 from conftest import tiny_config
 from pfnas.cli import main
-from pfnas.config import ConfigError, OptimConfig, TemperatureConfig, TrainingError, load_config, merge_dotted
-from pfnas.engine import (Experiment, SearchPhase, lr_at, run_experiment, run_retrain, run_search,
+from pfnas.config import (ConfigError, OptimConfig, TemperatureConfig, TrainingError, load_config, merge_dotted,
+                          search_hash)
+from pfnas.engine import (Experiment, SearchPhase, lr_at, run_experiment, run_retrain, run_search, shared_search,
                           temperature)
 
 
@@ -154,6 +155,7 @@ def test_runs_that_differ_after_the_search_share_one_search(tmp_path):
     assert len(list(cache.iterdir())) == 1
     search_of = lambda seen: [(m["epoch"], m["val_loss"]) for m in seen if m["phase"] == "search"]
     assert search_of(seen_b) == search_of(seen_a) and len(search_of(seen_a)) == 2  # replayed, not rerun
+    assert [m for m in seen_b if m["phase"] == "search"][-1]["alpha"] == seen_a[1]["alpha"]  # the heatmap too
     alone = run_experiment(b, tmp_path / "alone")  # no cache: b's own search
     assert rb.policy == ra.policy == alone.policy
     assert torch.equal(torch.load(tmp_path / "b" / "alpha.pt"), torch.load(tmp_path / "alone" / "alpha.pt"))
@@ -167,6 +169,26 @@ def test_runs_that_differ_after_the_search_share_one_search(tmp_path):
     seen_c = []
     run_experiment(c, tmp_path / "c", seen_c.append, search_cache=cache)
     assert len(list(cache.iterdir())) == 2 and search_of(seen_c) != search_of(seen_a)
+
+
+def test_a_resumed_run_reports_the_epochs_its_shared_search_ran_while_it_was_down(tmp_path):
+    """Killed after reporting search epoch 1 while the shared slot went on to epoch 2 (Tune restores the run folder
+    of its last report): the resumed run reports epochs 2, 3 and 4 once each, the last with its alpha heatmap."""
+    cfg = tiny_config(search={"epochs": 4})
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    slot = cache / search_hash(cfg)
+    exp = Experiment.build(cfg)
+    run_search(exp, slot, stop_after=2)  # the shared search got this far before the kill
+    out.mkdir()
+    (out / "search_reported").write_text("1")
+    seen = []
+    phase = shared_search(exp, out, cache, seen.append)
+    searched = [m for m in seen if m["phase"] == "search"]
+    assert [m["epoch"] for m in searched] == [2, 3, 4]
+    assert phase.policy is not None and isinstance(searched[-1].get("alpha"), list)
+    ref = []
+    run_search(Experiment.build(cfg), tmp_path / "alone", ref.append)
+    assert [m["val_loss"] for m in searched] == [m["val_loss"] for m in ref[1:]]
 
 
 def test_retrain_and_experiment_end_to_end(tmp_path):

@@ -245,6 +245,10 @@ def shared_search(exp: Experiment, out_dir: str | Path, cache: str | Path, on_ep
 
     def report(m: dict[str, Any]) -> None:
         nonlocal reported
+        if int(m["epoch"]) > reported + 1:  # the slot ran on while this run was down: its checkpoint has those epochs
+            for old in torch.load(slot / "search.pt", map_location="cpu", weights_only=False)["history"]:
+                if reported < int(old["epoch"]) < int(m["epoch"]):
+                    report(old)
         reported = int(m["epoch"])
         mark.write_text(str(reported))
         if on_epoch is not None:
@@ -257,13 +261,18 @@ def shared_search(exp: Experiment, out_dir: str | Path, cache: str | Path, on_ep
         if searched.policy is None:  # never copy an unfinished search
             raise PfnasError(f"shared search in {slot} did not finish")
     for m in searched.history:
-        if int(m["epoch"]) > reported:
-            report(m)
-    for name in SEARCH_FILES:
-        if (slot / name).is_file():
-            tmp = out / f".{name}.tmp"
-            shutil.copyfile(slot / name, tmp)
-            os.replace(tmp, out / name)
+        if int(m["epoch"]) > reported:  # history keeps no alpha: the last epoch gets the searched one (heatmap)
+            last = int(m["epoch"]) == searched.epochs
+            report({**m, "alpha": searched.model.alpha_probs().tolist()} if last else m)
+    for name in SEARCH_FILES:  # no temporary names: a folder syncer (Ray Tune's) could list one and then miss it
+        if (slot / name).is_file() and name != "search.pt":
+            shutil.copyfile(slot / name, out / name)  # rewritten whole by a retry: the checkpoint comes last
+    try:  # the checkpoint marks the copy done, so it appears whole at once: a hard link (never written again)
+        os.link(slot / "search.pt", out / "search.pt")
+    except OSError:  # another filesystem, or no links
+        tmp = out / ".search.pt.tmp"
+        shutil.copyfile(slot / "search.pt", tmp)
+        os.replace(tmp, out / "search.pt")
     return searched
 
 
