@@ -92,6 +92,11 @@ class DataConfig(_Strict):
     def _root_needed(self) -> "DataConfig":
         if self.kind != "synthetic" and not self.root:
             raise ValueError(f"data.root is required for data.kind={self.kind!r}")
+        if self.kind == "synthetic":  # the in-memory default reads no files: a root or task here would be ignored
+            set_ = [f"data.{f}={getattr(self, f)!r}" for f in ("root", "task") if getattr(self, f) is not None]
+            if set_:
+                raise ValueError(f"{', '.join(set_)} is ignored by data.kind='synthetic' (generated in memory); "
+                                 "set data.kind to vtab, fgvc, hta or imagefolder")
         return self
 
 
@@ -267,6 +272,8 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     msg = first.get("msg", "invalid value")
     if first.get("type") == "extra_forbidden":
         msg = "unknown field"
+    elif first.get("type") == "value_error":  # our validators' own sentence, without pydantic's prefix
+        msg = msg.removeprefix("Value error, ")
     more = len(err.errors()) - 1
     return f"{loc}: {msg}" + (f" (+{more} more)" if more > 0 else "")
 

@@ -112,6 +112,16 @@ def test_unknown_device_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
     one_error_line(err, "tpu")
 
 
+def test_data_root_or_task_on_the_synthetic_default_is_refused(tmp_path: Path, capsys) -> None:
+    """``--set data.root=...`` without ``data.kind`` used to train on the in-memory task and exit 0."""
+    for setting, fragment in (("data.root=/some/vtab", "data.root='/some/vtab' is ignored"),
+                              ("data.task=digits", "data.task='digits' is ignored")):
+        rc, err = _main(capsys, "run", "--set", setting, "-o", str(tmp_path / "out"))
+        assert rc == 2 and not (tmp_path / "out").exists()
+        line = one_error_line(err, fragment)
+        assert "Value error" not in line and "data.kind" in line
+
+
 def test_output_folder_under_a_file_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a folder")

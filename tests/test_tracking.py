@@ -141,7 +141,7 @@ def test_config_hash_ignores_fields_that_cannot_change_a_result():
                                                       ("method.samples", 2), ("name", "x"))]
     assert {config_hash(c) for c in same} == {config_hash(fixed)}
     differ = [merge_dotted(fixed, {k: v}) for k, v in (("method.op", "affine"), ("train.optim.lr", 0.3),
-                                                        ("prompts.length", 3), ("data.task", "other"))]
+                                                        ("prompts.length", 3), ("data.synthetic_classes", 5))]
     assert len({config_hash(c) for c in differ} | {config_hash(fixed)}) == 5
     search = tiny_config()
     assert config_hash(merge_dotted(search, {"search.arch_every": 1})) != config_hash(search)  # used by a search
