@@ -348,6 +348,23 @@ def test_space_errors_name_the_field(tmp_path):
             load_space(path)
 
 
+def test_grid_points_spread_the_trials_that_share_a_search(tmp_path):
+    """A retrain-lr grid shares one search per search config; its trials launch apart, not side by side (two
+    slots would otherwise hold one searching trial and one waiting on it)."""
+    space = write_space(tmp_path, "order", algorithm="grid", num_samples=None,
+                        variants=[{"method.kind": "search"}, {"method.kind": "fixed", "method.op": "add"}],
+                        params={"train.optim.lr": {"type": "choice", "values": [0.1, 0.2, 0.4]}})
+    _, (plan,) = load_space(space)
+    points = plan.grid_points()
+    as_pairs = [(p["variant"], p["train.optim.lr"]) for p in points]
+    assert sorted(as_pairs) == sorted((v, lr) for v in (0, 1) for lr in (0.1, 0.2, 0.4))  # the whole grid, once
+    assert as_pairs == [(0, 0.1), (1, 0.1), (1, 0.2), (1, 0.4), (0, 0.2), (0, 0.4)]
+    # distinct searches (a search param in the grid) are not held back; repeats share their config's search
+    _, (plan,) = load_space(write_space(tmp_path, "order2", algorithm="grid", num_samples=2,
+                                        params={"search.arch_lr": {"type": "choice", "values": [0.1, 0.2]}}))
+    assert [p["search.arch_lr"] for p in plan.grid_points(2)] == [0.1, 0.2, 0.1, 0.2]
+
+
 def test_grid_study_runs_every_variant_and_seed(ray_session, tmp_path, tracking):
     """algorithm: grid runs the cross product of variants x choices; compare averages the seeds."""
     space = write_space(tmp_path, "grid", algorithm="grid", num_samples=None, startup_trials=0,

@@ -2,6 +2,7 @@
 :func:`load_space`, which validates a space and builds its :class:`StudyPlan` s (one per task)."""
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -228,6 +229,25 @@ class StudyPlan:
     def param_keys(self) -> list[str]:
         """Keys of a trial's config: ``variant`` (an index into ``variants``) first, then the params."""
         return (["variant"] if self.variants else []) + list(self.params)
+
+    def grid_points(self, num_samples: int = 1) -> list[dict[str, Any]]:
+        """A grid study's trials in launch order: every variant x choice combination, ``num_samples`` times.
+
+        Search trials that would run one search (equal :func:`~pfnas.config.search_hash`: e.g. a retrain-lr
+        grid) are spread out, round robin over the groups, so that concurrent slots do not sit waiting on a
+        search another slot is running: the first of each group starts early, the others once it is done."""
+        from ..config import search_hash
+
+        axes = ([("variant", list(range(len(self.variants))))] if self.variants else []) + \
+            [(k, list(p.values or [None])) for k, p in self.params.items()]
+        points = [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
+        groups: dict[Any, list[dict[str, Any]]] = {}
+        for i, point in enumerate(points * num_samples):
+            values = dict(self.variants[point["variant"]]) if self.variants else {}
+            values.update({k: v for k, v in point.items() if k != "variant"})
+            cfg = merge_dotted(self.base, values)
+            groups.setdefault(search_hash(cfg) if cfg.method.kind == "search" else i, []).append(dict(point))
+        return [g[r] for r in range(max(map(len, groups.values()), default=0)) for g in groups.values() if r < len(g)]
 
 
 def _resolve_path(value: Any, root: Path) -> Any:

@@ -166,7 +166,7 @@ def _tuner(plan: StudyPlan, space: SpaceConfig, trainable, storage: str, num_sam
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     k = space.max_concurrent_trials
     sched = None
@@ -179,12 +179,14 @@ def _tuner(plan: StudyPlan, space: SpaceConfig, trainable, storage: str, num_sam
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints),
                                 verbose=1 if verbose else 0,
                                 callbacks=[progress] if progress is not None and not verbose else None)
-    if space.algorithm == "grid":  # Tune's variant generator: the full cross product, num_samples repeats
+    if space.algorithm == "grid":  # the full cross product, num_samples repeats, in plan.grid_points' order
+        points = plan.grid_points(num_samples)  # Tune presets them over the grid (each key must be in it)
         grid = {"variant": tune.grid_search(list(range(len(plan.variants))))} if plan.variants else {}
         grid.update({key: tune.grid_search(list(p.values)) for key, p in plan.params.items()})
         return tune.Tuner(trainable, param_space=grid, run_config=run_config,
-                          tune_config=tune.TuneConfig(num_samples=num_samples, scheduler=sched,
-                                                      max_concurrent_trials=k, reuse_actors=True,
+                          tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(points_to_evaluate=points,
+                                                                                        max_concurrent=k),
+                                                      num_samples=len(points), scheduler=sched, reuse_actors=True,
                                                       trial_name_creator=trial_name,
                                                       trial_dirname_creator=trial_dirname))
     sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
