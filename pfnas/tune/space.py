@@ -214,6 +214,13 @@ class SpaceConfig(_Strict):
         return self
 
 
+def trial_values(variants: list[dict[str, Any]], keys: list[str], params: dict[str, Any]) -> dict[str, Any]:
+    """Dotted config values of a trial's ``params`` (its ``keys``): its variant's overrides, then the rest."""
+    out = dict(variants[int(params["variant"])]) if variants and "variant" in params else {}
+    out.update({k: params[k] for k in keys if k in params and k != "variant"})
+    return out
+
+
 @dataclass
 class StudyPlan:
     """One study to run: its name, validated base config and the distributions left to tune."""
@@ -239,13 +246,11 @@ class StudyPlan:
         from ..config import search_hash
 
         axes = ([("variant", list(range(len(self.variants))))] if self.variants else []) + \
-            [(k, list(p.values or [None])) for k, p in self.params.items()]
+            [(k, list(p.values)) for k, p in self.params.items()]  # a grid takes choice params only
         points = [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
         groups: dict[Any, list[dict[str, Any]]] = {}
         for i, point in enumerate(points * num_samples):
-            values = dict(self.variants[point["variant"]]) if self.variants else {}
-            values.update({k: v for k, v in point.items() if k != "variant"})
-            cfg = merge_dotted(self.base, values)
+            cfg = merge_dotted(self.base, trial_values(self.variants, self.param_keys, point))
             groups.setdefault(search_hash(cfg) if cfg.method.kind == "search" else i, []).append(dict(point))
         return [g[r] for r in range(max(map(len, groups.values()), default=0)) for g in groups.values() if r < len(g)]
 

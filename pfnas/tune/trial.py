@@ -19,6 +19,7 @@ from ..tracking import (
     format_value,
     method_label,
 )
+from .space import trial_values
 
 
 
@@ -44,9 +45,7 @@ class TrialContext:
 
     def _values(self, params: dict[str, Any]) -> dict[str, Any]:
         """Dotted config values of a trial: its variant's overrides, then its sampled params."""
-        out = dict(self.variants[int(params["variant"])]) if self.variants and "variant" in params else {}
-        out.update({k: params[k] for k in self.param_keys if k in params and k != "variant"})
-        return out
+        return trial_values(self.variants, self.param_keys, params)
 
     def config(self, params: dict[str, Any], name: str) -> ExperimentConfig:
         base = ExperimentConfig.model_validate(self.base)
