@@ -12,6 +12,9 @@ Tags written on every pfnas run (``provenance_tags``):
                                 absent outside a git checkout
 * ``mlflow.user``               the OS user (the UI's "Created by" / "User")
 * ``pfnas.version``, ``pfnas.torch``, ``pfnas.timm``   package versions
+* ``pfnas.cpu``, ``pfnas.threads``   the CPU model and torch's intra-op threads in the process that ran it (where
+                                torch is loaded). CPU float sums depend on both and a near-tied alpha can flip with
+                                them (README, "Offline demo study"): a run repeats exactly only where both match
 * ``pfnas.backbone``, ``pfnas.backbone.digest``        timm name; sha256 of the checkpoint file when there is one
 * ``pfnas.dataset``             the task name (``data.task``, else ``data.kind``)
 
@@ -26,7 +29,9 @@ import getpass
 import hashlib
 import json
 import os
+import platform
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -67,6 +72,28 @@ def versions() -> dict[str, str]:
     return {"pfnas.version": __version__, "pfnas.torch": _version("torch"), "pfnas.timm": _version("timm")}
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`); ``unknown`` if neither."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() or "unknown"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def compute_tags() -> dict[str, str]:
+    """``pfnas.cpu`` and, where torch is loaded (every run that computes), ``pfnas.threads``: its intra-op threads."""
+    tags = {"pfnas.cpu": cpu_model()}
+    torch = sys.modules.get("torch")  # never imported here: a study's parent run computes nothing
+    if torch is not None:
+        tags["pfnas.threads"] = str(torch.get_num_threads())
+    return tags
+
+
 def user() -> str:
     try:
         return getpass.getuser()
@@ -96,7 +123,8 @@ def backbone_tags(cfg: ExperimentConfig) -> dict[str, str]:
 
 def provenance_tags(source: str, source_type: str = "LOCAL", cfg: ExperimentConfig | None = None) -> dict[str, str]:
     """The tags listed in the module docstring for a run started by ``source`` (``pfnas <verb>``)."""
-    tags = {"mlflow.source.name": source, "mlflow.source.type": source_type, "mlflow.user": user(), **versions()}
+    tags = {"mlflow.source.name": source, "mlflow.source.type": source_type, "mlflow.user": user(), **versions(),
+            **compute_tags()}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit

@@ -53,6 +53,11 @@ def _check_common(run, source: str, source_type: str) -> None:
     assert tags["pfnas.torch"] == torch.__version__.split("+")[0] or tags["pfnas.torch"] == torch.__version__
     assert tags["pfnas.timm"] == timm.__version__
     assert tags["pfnas.backbone"] == TINY_BACKBONE["name"] and tags["pfnas.dataset"] == "synthetic"
+    assert tags["pfnas.cpu"] and tags["pfnas.cpu"] != "unknown"
+    if source_type == "JOB":  # the study subprocess runs with OMP_NUM_THREADS=1 (cli_study)
+        assert tags["pfnas.threads"] == "1", tags["pfnas.threads"]
+    elif "pfnas.threads" in tags:
+        assert int(tags["pfnas.threads"]) >= 1
 
 
 def _check_dataset(run) -> None:
@@ -81,6 +86,21 @@ def cli_study(tmp_path_factory):
                        check=False)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return SimpleNamespace(dir=d, uri=uri, out=r.stdout + r.stderr)
+
+
+def test_compute_tags_read_the_live_thread_count():
+    """pfnas.threads is torch's thread count when the run starts, not a value fixed at import."""
+    import torch
+
+    from pfnas.provenance import compute_tags
+
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            assert compute_tags()["pfnas.threads"] == str(n)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_cli_tune_prints_one_quiet_table_with_the_metric(cli_study):
