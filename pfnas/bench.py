@@ -24,7 +24,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import platform
 import shutil
 import statistics
 import tempfile
@@ -42,6 +41,7 @@ from .data import Split, TaskData
 from .engine import (Experiment, RetrainPhase, SearchPhase, autocast, backbone_param_count, resolve_device,
                      run_experiment, seed_everything)
 from .model import backbone_input, load_backbone, load_policy, normalize_policy
+from .provenance import cpu_model
 
 SEARCH_TARGET = 1.0  # DESIGN: single-path search at the VTAB-1k cadence >= 1.0x VPT-deep throughput
 RETRAIN_TARGET = 1.0  # DESIGN: retrained policy >= 1.0x VPT-deep throughput
@@ -127,7 +127,7 @@ def _free_memory(device: torch.device) -> None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} torch threads)"
+    return f"{cpu_model()} ({torch.get_num_threads()} torch threads)"
 
 
 def _bf16(cfg: ExperimentConfig, device: torch.device) -> bool:
