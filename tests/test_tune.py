@@ -378,6 +378,18 @@ def test_grid_study_runs_every_variant_and_seed(ray_session, tmp_path, tracking)
         picked = next(t for t in s.trials if t.trial_id == f.trial_id)
         group = [t for t in s.trials if t.params["variant"] == picked.params["variant"]]
         assert picked.value == max(t.value for t in group) and len(f.test_accs) == 1
+        assert f.seeds == [int(picked.params["seed"])]  # a final keeps its trial's seed
+    # both variants' finals are one Tune run (a slot never idles between configs), one MLflow run per final
+    finals_dir = tmp_path / "ray" / "grid-final"
+    assert len([p for p in finals_dir.iterdir() if p.is_dir() and p.name[:4].isdigit()]) == 2
+    assert not list((tmp_path / "ray").glob("grid-final-*"))
+    client = make_client(tracking)
+    runs = client.search_runs([client.get_experiment_by_name("grid").experiment_id])
+    fin = {r.data.tags["pfnas.selected_trial"]: r for r in runs if r.data.tags.get("pfnas.kind") == "final"}
+    assert sorted(fin) == sorted(f.trial_id for f in s.group_finals)
+    for f in s.group_finals:
+        r = fin[f.trial_id]
+        assert r.info.run_name == f"final s{f.seeds[0]}" and r.data.metrics["test_acc"] == pytest.approx(f.test_accs[0])
     assert sorted((t.params["variant"], t.params["seed"]) for t in s.trials) == [
         ("kind=fixed op=prepend", 0), ("kind=fixed op=prepend", 1), ("kind=search", 0), ("kind=search", 1)]
     rows = compare_runs(tracking_uri=tracking, experiment="grid", out_dir=tmp_path / "cmp")

@@ -269,30 +269,24 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
     best = _best(recs, primary_mode)
     front = _front(recs, space.modes) if len(space.metrics) > 1 else []
     best_path, best_cfg, finals = None, None, None
-    if best is not None:
-        final_cfg, fctx = _final_context(ctx, plan, best, primary)
-        best_cfg = final_cfg.model_dump(mode="json")
-        if space.final.seeds:
-            finals = _run_finals(fctx, final_cfg, best, space, storage, trainable_resources=resources, verbose=verbose)
     group_finals: list[FinalsRecord] = []  # a grid's variants, or a Pareto study's front: each point finalised
-    groups: list[tuple[str, str, TrialRecord]] = []
+    groups: list[tuple[str, TrialRecord]] = []
     if space.final.per_variant:
         for i, overrides in enumerate(plan.variants):
             vbest = _best([r for r in recs if r.params.get("variant") == i], primary_mode)
             if vbest is not None:
-                groups.append((f"-v{i}", " ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()), vbest))
-    for k, point in enumerate(front):
-        groups.append((f"-p{k}", "front " + " ".join(f"{m}={format_value(v)}" for m, v in
-                                                     zip(space.metrics, point.values)), point))
-    for suffix, label, chosen in groups if best is not None and space.final.seeds else []:
-        if chosen.trial_id == best.trial_id:
-            rec = replace(finals, label=label)
-        else:
-            ccfg, cctx = _final_context(ctx, plan, chosen, primary)
-            rec = _run_finals(cctx, ccfg, chosen, space, storage, trainable_resources=resources, suffix=suffix,
-                              verbose=verbose)
-            rec.label = label
-        group_finals.append(rec)
+                groups.append((" ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()), vbest))
+    for point in front:
+        groups.append(("front " + " ".join(f"{m}={format_value(v)}" for m, v in zip(space.metrics, point.values)),
+                       point))
+    if best is not None:
+        final_cfg, _ = _final_context(ctx, plan, best, primary)
+        best_cfg = final_cfg.model_dump(mode="json")
+        if space.final.seeds:  # the selected trial and every group's pick: one Tune run, every slot kept busy
+            chosen = list({r.trial_id: r for r in [best] + [g for _, g in groups]}.values())
+            done = _run_finals(ctx, plan, chosen, space, storage, trainable_resources=resources, verbose=verbose)
+            finals = done[best.trial_id]
+            group_finals = [replace(done[g.trial_id], label=label) for label, g in groups]
     for r in recs:  # show a grid variant as its overrides, not its index
         if plan.variants and isinstance(r.params.get("variant"), int):
             r.params["variant"] = " ".join(f"{k.split('.')[-1]}={v}" for k, v in plan.variants[r.params["variant"]].items())
@@ -370,42 +364,53 @@ def _final_context(ctx: TrialContext, plan: StudyPlan, best: TrialRecord,
     return final, fctx
 
 
-def _run_finals(fctx: TrialContext, final_cfg: ExperimentConfig, best: TrialRecord, space: SpaceConfig,
-                storage: str, trainable_resources: dict[str, float], suffix: str = "",
-                verbose: bool = False) -> FinalsRecord:
-    """Retrain the selected config on train+val and test it once per seed, as a Tune grid over seeds.
+def _run_finals(ctx: TrialContext, plan: StudyPlan, chosen: list[TrialRecord], space: SpaceConfig, storage: str,
+                trainable_resources: dict[str, float], verbose: bool = False) -> dict[str, FinalsRecord]:
+    """Retrain each chosen trial's config on train+val and test it once per seed; returns each one's record.
 
-    The finals live in ``<storage>/<study>-final``; a resumed study continues them when the selected trial
-    is unchanged and starts them afresh otherwise.
+    All (config, seed) pairs are one Tune grid in ``<storage>/<study>-final``, so a slot that finishes one
+    config's seeds starts the next config's instead of idling. A resumed study continues them when the chosen
+    trials are unchanged and starts them afresh otherwise.
     """
     from ray import tune
 
-    name = f"{fctx.study}-final{suffix}"
+    name = f"{plan.name}-final"
     path = f"{storage.rstrip('/')}/{name}"
-    seeds = [final_cfg.seed + i for i in range(space.final.seeds)]
-    marker = Path(path) / "selected_trial.txt" if "://" not in storage else None
-    trainable = tune.with_resources(tune.with_parameters(pfnas_trial, ctx=fctx), trainable_resources)
-    same = marker is not None and marker.is_file() and marker.read_text().strip() == best.trial_id
+    contexts, runs = [], []
+    for i, rec in enumerate(chosen):
+        final_cfg, fctx = _final_context(ctx, plan, rec, space.metrics[0])
+        contexts.append(fctx)
+        runs += [{"config": i, "seed": final_cfg.seed + k} for k in range(space.final.seeds)]
+    mctx = TrialContext(study=ctx.study, base=contexts[0].base, tracking_uri=ctx.tracking_uri,
+                        experiment=ctx.experiment, parent_run_id=ctx.parent_run_id, param_keys=["seed"],
+                        kind="final", finals=contexts)
+    marker = Path(path) / "selected_trials.txt" if "://" not in storage else None
+    ids = "\n".join(r.trial_id for r in chosen)
+    trainable = tune.with_resources(tune.with_parameters(pfnas_trial, ctx=mctx), trainable_resources)
+    same = marker is not None and marker.is_file() and marker.read_text().strip() == ids
     if same and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
         if marker is not None:
             shutil.rmtree(path, ignore_errors=True)
             marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(best.trial_id)
+            marker.write_text(ids)
+        title = f"finals of trial {chosen[0].trial_id}" if len(chosen) == 1 else f"finals of {len(chosen)} configs"
         tuner = tune.Tuner(
-            trainable, param_space={"seed": tune.grid_search(seeds)},
+            trainable, param_space={"final": tune.grid_search(runs)},
             tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=space.max_concurrent_trials,
                                         reuse_actors=True, trial_name_creator=trial_name,
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1 if verbose else 0,
-                                      callbacks=[] if verbose else [_Progress(
-                                          f"finals of trial {best.trial_id}{suffix}", "test_acc", fctx, len(seeds))],
+                                      callbacks=[] if verbose else [_Progress(title, "test_acc", mctx, len(runs))],
                                       failure_config=tune.FailureConfig(max_failures=space.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints)))
-    rec = FinalsRecord(best.trial_id, [], [])
-    for r in sorted(_fit(tuner), key=lambda r: (r.config or {}).get("seed", 0)):
-        seed = int((r.config or {}).get("seed", -1))
+    out = {r.trial_id: FinalsRecord(r.trial_id, [], []) for r in chosen}
+    results = [(dict((r.config or {}).get("final") or {}), r) for r in _fit(tuner)]
+    for pick, r in sorted(results, key=lambda x: (x[0].get("config", -1), x[0].get("seed", -1))):
+        if "config" not in pick:
+            continue
+        rec, seed = out[chosen[int(pick["config"])].trial_id], int(pick.get("seed", -1))
         acc = (r.metrics or {}).get("test_acc")
         if r.error is None and finite_scalar(acc):
             rec.seeds.append(seed)
@@ -413,7 +418,7 @@ def _run_finals(fctx: TrialContext, final_cfg: ExperimentConfig, best: TrialReco
         else:
             why = r.error if r.error is not None else (r.metrics or {}).get("error")
             rec.errors.append((seed, _error_line(why) if why else "no test_acc reported"))
-    return rec
+    return out
 
 
 class _Quiet:

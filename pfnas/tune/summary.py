@@ -312,6 +312,14 @@ class _Progress(Callback):
             d.update(self, trials, end=True)
 
 
+def _resolve(cb: _Progress, trial) -> tuple[TrialContext, dict]:
+    """The context and own params of a Tune trial (one config of a several-config finals run, or itself)."""
+    try:
+        return cb.ctx.resolve(trial.config or {})
+    except (KeyError, TypeError, ValueError, IndexError):
+        return cb.ctx, trial.config or {}
+
+
 def _eta(seconds: float | None) -> str:
     if seconds is None or seconds != seconds or seconds < 0:
         return "-"
@@ -390,6 +398,8 @@ class LiveTable:
         elapsed = now - self.t0
         eta = elapsed * (planned_all - done_all) / done_all if done_all else None
         n_done = len(finished)
+        if cb.ctx.kind == "final":  # finals report test scores: no "best" among them, nothing is chosen there
+            best = None
         self._counts, self._eta = (n_done, best), eta
         title = (f"{cb.title}: {n_done}/{cb.total} trials"
                  + (f", best {cb.metric} {best:.4f}" if best is not None else "") + f", elapsed {_eta(elapsed)}"
@@ -400,6 +410,9 @@ class LiveTable:
         keys = [k for k in cb.ctx.param_keys]
         for k in _short_names(keys):
             table.add_column(k, overflow="fold")
+        several = bool(cb.ctx.finals)  # finals of several configs in one run: name each row's config
+        if several:
+            table.add_column("config", overflow="fold")
         table.add_column("phase", overflow="fold")
         table.add_column(cb.metric, no_wrap=True)
         table.add_column("ETA", no_wrap=True)
@@ -408,8 +421,10 @@ class LiveTable:
             if t.status == "RUNNING" and done and finite_scalar(r.get("time_total_s")):
                 t_eta = float(r["time_total_s"]) * (planned - done) / done
             state = {"TERMINATED": "done", "ERROR": "error"}.get(t.status, t.status.lower())
+            tctx, params = _resolve(cb, t)
             table.add_row(str(_trial_index(t)), t.trial_id, state,
-                          *[format_value((t.config or {}).get(k, "")) for k in keys], phase,
+                          *[format_value(params.get(k, "")) for k in keys],
+                          *([tctx.tags.get("pfnas.label", "")] if several else []), phase,
                           f"{v:.4f}" if finite_scalar(v) else "-", _eta(t_eta) if t.status == "RUNNING" else "")
         return table, title
 
@@ -428,8 +443,10 @@ class LiveTable:
                 v = r.get(cb.metric)
                 state = "error" if done.status == "ERROR" or r.get("error") else "done"
                 n_done, best = self._counts
-                label = (f"seed {(done.config or {}).get('seed')}" if cb.ctx.kind == "final"
-                         else f"t{_trial_index(done):02d}")
+                dctx, params = _resolve(cb, done)
+                label = (f"seed {params.get('seed')}" if cb.ctx.kind == "final" else f"t{_trial_index(done):02d}")
+                if cb.ctx.finals:
+                    label = f"{dctx.tags.get('pfnas.label', '')} {label}"
                 self.console.print(f"{cb.title}: {label} {state}"
                                    + (f" {cb.metric}={v:.4f}" if finite_scalar(v) else "")
                                    + f" | {n_done}/{cb.total} done" + (f", best {best:.4f}" if best is not None else "")

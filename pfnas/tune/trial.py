@@ -42,17 +42,31 @@ class TrialContext:
     kind: str = "trial"  # "final": a seed of the selected config retrained on train+val and tested
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (finals: the trial they finalise)
     search_cache: str | None = None  # trials whose configs differ only after the search share it (local storage)
+    # the finals of several selected trials as one Tune run: a trial's params are {"final": {"config": i, "seed": s}},
+    # and ``finals[i]`` (a context of kind "final") builds it
+    finals: list[TrialContext] = field(default_factory=list)
+
+    def resolve(self, params: dict[str, Any]) -> tuple[TrialContext, dict[str, Any]]:
+        """The context that builds a trial and that trial's own params (itself and ``params`` unless ``finals``)."""
+        if not self.finals:
+            return self, params
+        pick = dict(params["final"])
+        return self.finals[int(pick.pop("config"))], pick
 
     def _values(self, params: dict[str, Any]) -> dict[str, Any]:
         """Dotted config values of a trial: its variant's overrides, then its sampled params."""
         return trial_values(self.variants, self.param_keys, params)
 
     def config(self, params: dict[str, Any], name: str) -> ExperimentConfig:
-        base = ExperimentConfig.model_validate(self.base)
-        return merge_dotted(base, {**self._values(params), "name": name})
+        ctx, params = self.resolve(params)
+        base = ExperimentConfig.model_validate(ctx.base)
+        return merge_dotted(base, {**ctx._values(params), "name": name})
 
     def run_name(self, params: dict[str, Any], trial_id: str, index: int | None = None) -> str:
         """``final s1`` for a final; for a trial ``t03 gumbel len8``: its index, the method and its sampled values."""
+        if self.finals:
+            ctx, params = self.resolve(params)
+            return ctx.run_name(params, trial_id, index)
         if self.kind == "final":
             return f"final s{params['seed']}"
         try:
@@ -212,6 +226,7 @@ def pfnas_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     from ray import tune
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one INFO line per checkpoint
+    ctx, config = ctx.resolve(config)  # one of several selected configs' finals: its own context
     tctx = tune.get_context()
     trial_id = tctx.get_trial_id()
     work = Path(tctx.get_trial_dir()) / "work"
