@@ -169,6 +169,9 @@ class SearchConfig(_Strict):
     def _fair_needs_warmup(self) -> "SearchConfig":
         if self.warmup_paths == "fair" and self.arch_warmup_epochs == 0:
             raise ValueError("warmup_paths fair acts only in the warm-up: set search.arch_warmup_epochs > 0")
+        if self.arch_warmup_epochs >= self.epochs:  # alpha would stay uniform and argmax pick op 0 on every layer
+            raise ValueError(f"arch_warmup_epochs ({self.arch_warmup_epochs}) must be below search.epochs "
+                             f"({self.epochs}): the architecture weights would never be trained")
         if self.select_prefer is not None and self.select != "parsimony":
             raise ValueError("select_prefer is the tie-break of search.select parsimony: set search.select parsimony")
         return self

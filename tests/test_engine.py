@@ -141,6 +141,8 @@ def test_fair_warmup_trains_one_op_per_layer_each_op_once_per_block(tmp_path, mo
         model.path = None
     with pytest.raises(ValueError, match="arch_warmup_epochs"):
         tiny_config(search={"warmup_paths": "fair"})
+    with pytest.raises(ValueError, match=r"arch_warmup_epochs \(3\) must be below search.epochs \(3\)"):
+        tiny_config(search={"epochs": 3, "arch_warmup_epochs": 3})  # alpha would never move: refused
 
 
 def test_runs_that_differ_after_the_search_share_one_search(tmp_path):
