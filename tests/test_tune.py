@@ -239,6 +239,47 @@ def _tune_state(exp_dir: Path) -> dict[str, tuple[str, dict]]:
     return out
 
 
+def test_ctrl_c_selects_nothing_and_resume_finishes(ray_session, tmp_path, tracking):
+    """Ctrl-C (SIGINT) after one trial finished: Tune saves its state and returns; the study must not select
+    from the finished part nor start finals. It exits 2 with one line naming --resume; the resume ends it."""
+    base = tiny_config(data={"synthetic_per_class": 64}, search={"epochs": 4},
+                       train={"epochs": 3}).model_dump(mode="json")
+    space = write_space(tmp_path, "ctrlc", base=base, num_samples=2, max_concurrent_trials=1, final={"seeds": 1})
+    storage = tmp_path / "ray"
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    exp_dir = storage / "ctrlc"
+    proc = subprocess.Popen([sys.executable, "-m", "pfnas", "tune", "--space", str(space), "--storage",
+                             str(storage), "--tracking-uri", tracking], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            state = _tune_state(exp_dir)
+            if any(st == "TERMINATED" for st, _ in state.values()) and any(
+                    st == "RUNNING" and r.get("training_iteration", 0) >= 1 for st, r in state.values()):
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        else:
+            pytest.fail("the study never reached its first finished trial")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc.pid)
+    assert proc.returncode == 2, out[-2000:] + err[-2000:]
+    assert err.strip().splitlines()[-1] == ("pfnas: error: study ctrlc was interrupted before its trials ended, "
+                                           "nothing was selected: rerun with --resume to continue it")
+    assert not (storage / "ctrlc-final").exists() and not (exp_dir / "best_config.yaml").exists()
+    client, parents, _ = trial_runs(tracking, "ctrlc")
+    runs = client.search_runs([client.get_experiment_by_name("ctrlc").experiment_id])
+    assert not [r for r in runs if r.data.tags.get("pfnas.kind") == "final"]
+    assert parents[0].info.status == "KILLED"
+    s = run_tune(space, storage=str(storage), tracking_uri=tracking, resume=True).studies[0]
+    assert [t.status for t in s.trials] == ["TERMINATED"] * 2 and not s.interrupted
+    assert s.best is not None and len(s.finals.test_accs) == 1 and s.failure() is None
+
+
 def test_kill_and_resume(ray_session, tmp_path, tracking):
     # ~0.3 s per epoch, 8 reports per trial: slow enough to interrupt the second trial mid-run
     base = tiny_config(data={"synthetic_per_class": 64}, search={"epochs": 4},
@@ -514,3 +555,19 @@ def test_compare_on_empty_experiment_is_a_clear_error(tmp_path, tracking):
         compare_runs(tracking_uri=uri, experiment="nothing", out_dir=tmp_path / "cmp")
     with pytest.raises(PfnasError, match="experiment 'missing' not found"):
         compare_runs(tracking_uri=uri, experiment="missing", out_dir=tmp_path / "cmp")
+
+
+def test_context_pickled_by_an_older_pfnas_gets_the_new_fields():
+    """A study resumed after an upgrade unpickles its old TrialContext (Tune's saved callbacks): fields added
+    since then take their defaults instead of failing the resumed study's progress display."""
+    import pickle
+
+    from pfnas.tune.trial import TrialContext
+
+    ctx = TrialContext(study="s", base={}, tracking_uri="sqlite:///x.db", experiment="e", parent_run_id=None,
+                       param_keys=["seed"])
+    old = TrialContext.__new__(TrialContext)
+    old.__dict__.update({k: v for k, v in vars(ctx).items() if k not in ("finals", "search_cache")})
+    back = pickle.loads(pickle.dumps(old))
+    assert back.finals == [] and back.search_cache is None and back == ctx
+    assert back.resolve({"seed": 3}) == (back, {"seed": 3})

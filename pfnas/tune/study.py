@@ -263,11 +263,12 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
                        progress=_Progress(f"study {plan.name}", space.metrics[0], ctx,
                                           _n_trials(space, plan, num_samples), space.modes[0]))
     results = _fit(tuner)
+    interrupted = _interrupted(results)
 
     recs = _records(results, space.metrics, plan.param_keys)
     primary, primary_mode = space.metrics[0], space.modes[0]
-    best = _best(recs, primary_mode)
-    front = _front(recs, space.modes) if len(space.metrics) > 1 else []
+    best = None if interrupted else _best(recs, primary_mode)  # an interrupted study selects nothing yet
+    front = _front(recs, space.modes) if len(space.metrics) > 1 and not interrupted else []
     best_path, best_cfg, finals = None, None, None
     group_finals: list[FinalsRecord] = []  # a grid's variants, or a Pareto study's front: each point finalised
     groups: list[tuple[str, TrialRecord]] = []
@@ -284,9 +285,11 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
         best_cfg = final_cfg.model_dump(mode="json")
         if space.final.seeds:  # the selected trial and every group's pick: one Tune run, every slot kept busy
             chosen = list({r.trial_id: r for r in [best] + [g for _, g in groups]}.values())
-            done = _run_finals(ctx, plan, chosen, space, storage, trainable_resources=resources, verbose=verbose)
-            finals = done[best.trial_id]
-            group_finals = [replace(done[g.trial_id], label=label) for label, g in groups]
+            done, interrupted = _run_finals(ctx, plan, chosen, space, storage, trainable_resources=resources,
+                                            verbose=verbose)
+            if not interrupted:
+                finals = done[best.trial_id]
+                group_finals = [replace(done[g.trial_id], label=label) for label, g in groups]
     for r in recs:  # show a grid variant as its overrides, not its index
         if plan.variants and isinstance(r.params.get("variant"), int):
             r.params["variant"] = " ".join(f"{k.split('.')[-1]}={v}" for k, v in plan.variants[r.params["variant"]].items())
@@ -297,7 +300,9 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
             head += f"# final: {finals.describe()}\n"
         best_path.write_text(head + "# rerun the final: pfnas run -c best_config.yaml --set seed=N\n"
                              + yaml.safe_dump(best_cfg, sort_keys=False))
-    if any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none":
+    if interrupted:
+        notes.append("interrupted: rerun with --resume to continue (finished trials and finals are kept)")
+    elif any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none":
         notes.append("some trials did not finish; rerun with --resume to continue them")
     if not any(r.value is not None for r in recs) and any(r.status == "TERMINATED" for r in recs):
         keys = sorted({k for r in recs for k in r.metrics if "/" not in k})
@@ -332,7 +337,7 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
             metrics += [Metric("final_test_acc_mean", mean, 0, 0), Metric("final_test_acc_std", std, 0, 0),
                         Metric("final_n", len(finals.test_accs), 0, 0)]
         client.log_batch(parent, metrics=metrics)
-        unfinished = any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none"
+        unfinished = interrupted or (any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none")
         orphans = _close_orphans(client, exp_id, parent)
         if orphans:
             notes.append(f"closed {orphans} MLflow trial run(s) left RUNNING by an interrupted, unresumed trial")
@@ -344,7 +349,25 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
     return StudySummary(plan.name, primary, primary_mode, plan.param_keys, recs, best, best_path, exp_path,
                         tracking_uri, mlflow_experiment, parent, notes, finals, group_finals,
                         objectives=space.metrics, front=front, optuna_storage=optuna_storage if optuna_study else None,
-                        optuna_study=optuna_study)
+                        optuna_study=optuna_study, interrupted=interrupted)
+
+
+def _interrupted(results) -> bool:
+    """Whether Tune returned with trials left to run (Ctrl-C): the experiment state it saved for a resume still
+    lists them pending or running. (The returned grid cannot tell: Tune stops those trials before returning,
+    which marks them terminated.)"""
+    from ray.tune import ExperimentAnalysis
+
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "failed to fetch metrics" of trials that never started
+    try:
+        saved = ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem).trials
+    except Exception:  # noqa: BLE001 - no saved state to read: judge by what Tune returned
+        return len(results) > results.num_terminated + results.num_errors
+    finally:
+        quiet.setLevel(level)
+    return any(t.status not in ("TERMINATED", "ERROR") for t in saved)
 
 
 def _final_context(ctx: TrialContext, plan: StudyPlan, best: TrialRecord,
@@ -365,8 +388,9 @@ def _final_context(ctx: TrialContext, plan: StudyPlan, best: TrialRecord,
 
 
 def _run_finals(ctx: TrialContext, plan: StudyPlan, chosen: list[TrialRecord], space: SpaceConfig, storage: str,
-                trainable_resources: dict[str, float], verbose: bool = False) -> dict[str, FinalsRecord]:
-    """Retrain each chosen trial's config on train+val and test it once per seed; returns each one's record.
+                trainable_resources: dict[str, float], verbose: bool = False) -> tuple[dict[str, FinalsRecord], bool]:
+    """Retrain each chosen trial's config on train+val and test it once per seed; returns each one's record and
+    whether the run was interrupted (then the records are incomplete).
 
     All (config, seed) pairs are one Tune grid in ``<storage>/<study>-final``, so a slot that finishes one
     config's seeds starts the next config's instead of idling. A resumed study continues them when the chosen
@@ -406,7 +430,8 @@ def _run_finals(ctx: TrialContext, plan: StudyPlan, chosen: list[TrialRecord], s
                                       failure_config=tune.FailureConfig(max_failures=space.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints)))
     out = {r.trial_id: FinalsRecord(r.trial_id, [], []) for r in chosen}
-    results = [(dict((r.config or {}).get("final") or {}), r) for r in _fit(tuner)]
+    grid = _fit(tuner)
+    results = [(dict((r.config or {}).get("final") or {}), r) for r in grid]
     for pick, r in sorted(results, key=lambda x: (x[0].get("config", -1), x[0].get("seed", -1))):
         if "config" not in pick:
             continue
@@ -418,7 +443,7 @@ def _run_finals(ctx: TrialContext, plan: StudyPlan, chosen: list[TrialRecord], s
         else:
             why = r.error if r.error is not None else (r.metrics or {}).get("error")
             rec.errors.append((seed, _error_line(why) if why else "no test_acc reported"))
-    return out
+    return out, _interrupted(grid)
 
 
 class _Quiet:

@@ -121,9 +121,14 @@ class StudySummary:
     front: list[TrialRecord] = field(default_factory=list)  # Pareto studies: the non-dominated trials
     optuna_storage: str | None = None  # RDB URL of the Optuna study (optuna.load_study, optuna-dashboard)
     optuna_study: str | None = None
+    interrupted: bool = False  # Tune stopped with trials left (Ctrl-C, SIGTERM): nothing selected, no finals
 
     def failure(self) -> str | None:
-        """Why the study has no result (no trial finished with a score), or None when one did."""
+        """Why the study has no result (interrupted, or no trial finished with a score), or None when one did."""
+        if self.interrupted:
+            return (f"study {self.name} was interrupted before its "
+                    + ("finals ended" if self.best is not None else "trials ended, nothing was selected")
+                    + ": rerun with --resume to continue it")
         if _finished(self.trials):
             return None
         errored = [r for r in self.trials if r.error]

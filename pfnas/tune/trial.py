@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,12 @@ class TrialContext:
     # the finals of several selected trials as one Tune run: a trial's params are {"final": {"config": i, "seed": s}},
     # and ``finals[i]`` (a context of kind "final") builds it
     finals: list[TrialContext] = field(default_factory=list)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle a context saved by an older pfnas (a study resumed after an upgrade): new fields get defaults."""
+        defaults = {f.name: f.default_factory() for f in fields(self) if f.default_factory is not MISSING}
+        defaults.update({f.name: f.default for f in fields(self) if f.default is not MISSING})
+        self.__dict__.update({**defaults, **state})
 
     def resolve(self, params: dict[str, Any]) -> tuple[TrialContext, dict[str, Any]]:
         """The context that builds a trial and that trial's own params (itself and ``params`` unless ``finals``)."""
