@@ -571,3 +571,28 @@ def test_context_pickled_by_an_older_pfnas_gets_the_new_fields():
     back = pickle.loads(pickle.dumps(old))
     assert back.finals == [] and back.search_cache is None and back == ctx
     assert back.resolve({"seed": 3}) == (back, {"seed": 3})
+
+
+def test_finals_progress_line_names_each_config_verbatim():
+    """Finals of several configs share one Tune run: the progress line names the config of each final, brackets
+    included (rich would read ``[train.optim.lr=1]`` as markup and drop it), and shows no best test score."""
+    import io
+
+    from rich.console import Console
+
+    from pfnas.tune.summary import LiveTable, _Progress
+    from pfnas.tune.trial import TrialContext
+
+    base = tiny_config().model_dump(mode="json")
+    one = TrialContext(study="s", base=base, tracking_uri="u", experiment="e", parent_run_id=None,
+                       param_keys=["seed"], kind="final", tags={"pfnas.label": "fixed:add [train.optim.lr=1]"})
+    several = TrialContext(study="s", base=base, tracking_uri="u", experiment="e", parent_run_id=None,
+                           param_keys=["seed"], kind="final", finals=[one])
+    buf = io.StringIO()
+    table = LiveTable(console=Console(file=buf, width=300, force_terminal=False))
+    trial = SimpleNamespace(trial_id="t0", status="TERMINATED", config={"final": {"config": 0, "seed": 2}},
+                            last_result={"test_acc": 0.9, "phase": "done"}, experiment_tag="0")
+    table.update(_Progress("finals of 2 configs", "test_acc", several, 2), [trial], done=trial)
+    line = buf.getvalue().strip()
+    assert line.startswith("finals of 2 configs: fixed:add [train.optim.lr=1] seed 2 done test_acc=0.9000 | 1/2 done")
+    assert "best" not in line

@@ -381,6 +381,7 @@ class LiveTable:
     def _table(self, cb: _Progress, trials: list, done=None):
         from rich import box
         from rich.table import Table
+        from rich.text import Text
 
         now = time.monotonic()
         rows, done_all, planned_all, best = [], 0, 0, None
@@ -429,7 +430,7 @@ class LiveTable:
             tctx, params = _resolve(cb, t)
             table.add_row(str(_trial_index(t)), t.trial_id, state,
                           *[format_value(params.get(k, "")) for k in keys],
-                          *([tctx.tags.get("pfnas.label", "")] if several else []), phase,
+                          *([Text(tctx.tags.get("pfnas.label", ""))] if several else []), phase,
                           f"{v:.4f}" if finite_scalar(v) else "-", _eta(t_eta) if t.status == "RUNNING" else "")
         return table, title
 
@@ -456,7 +457,7 @@ class LiveTable:
                                    + (f" {cb.metric}={v:.4f}" if finite_scalar(v) else "")
                                    + f" | {n_done}/{cb.total} done" + (f", best {best:.4f}" if best is not None else "")
                                    + f", {_eta(time.monotonic() - self.t0)}"
-                                   + (f", ETA {_eta(self._eta)}" if n_done < cb.total else ""), highlight=False)
+                                   + (f", ETA {_eta(self._eta)}" if n_done < cb.total else ""), highlight=False, markup=False)
             return
         now = time.monotonic()
         if not (end or done is not None) and now - self._last < self.refresh_s:
