@@ -586,7 +586,8 @@ def test_finals_progress_line_names_each_config_verbatim():
     base = tiny_config().model_dump(mode="json")
     one = TrialContext(study="s", base=base, tracking_uri="u", experiment="e", parent_run_id=None,
                        param_keys=["seed"], kind="final", tags={"pfnas.label": "fixed:add [train.optim.lr=1]"})
-    several = TrialContext(study="s", base=base, tracking_uri="u", experiment="e", parent_run_id=None,
+    other = tiny_config(train={"epochs": 7}).model_dump(mode="json")  # the dispatcher's placeholder base
+    several = TrialContext(study="s", base=other, tracking_uri="u", experiment="e", parent_run_id=None,
                            param_keys=["seed"], kind="final", finals=[one])
     buf = io.StringIO()
     table = LiveTable(console=Console(file=buf, width=300, force_terminal=False))
@@ -596,3 +597,6 @@ def test_finals_progress_line_names_each_config_verbatim():
     line = buf.getvalue().strip()
     assert line.startswith("finals of 2 configs: fixed:add [train.optim.lr=1] seed 2 done test_acc=0.9000 | 1/2 done")
     assert "best" not in line
+    cfg = ExperimentConfig.model_validate(base)  # its planned epochs come from its own config, not the dispatcher's
+    cb = _Progress("finals of 2 configs", "test_acc", several, 2)
+    assert table._plan(cb, trial) == ((cfg.search.epochs if cfg.method.kind == "search" else 0), cfg.train.epochs)

@@ -345,38 +345,34 @@ class LiveTable:
         self.live = None
         self.t0 = None
         self._last = 0.0
-        self._planned: dict[str, int] = {}
+        self._planned: dict[str, tuple[int, int]] = {}
         self._said: set[str] = set()
         self._owner = None
 
-    def _plan(self, cb: _Progress, trial) -> int:
+    def _plan(self, cb: _Progress, trial) -> tuple[int, int]:
+        """(search epochs, retrain epochs) a trial will run, from its config (built once per trial)."""
         if trial.trial_id not in self._planned:
             try:
-                cfg = cb.ctx.config(trial.config or {}, "x")
-                n = (cfg.search.epochs if cfg.method.kind == "search" else 0) + cfg.train.epochs
+                tctx, params = _resolve(cb, trial)
+                cfg = tctx.config(params, "x")
+                plan = (cfg.search.epochs if cfg.method.kind == "search" else 0, cfg.train.epochs)
             except Exception:  # noqa: BLE001
-                n = 0
-            self._planned[trial.trial_id] = n
+                plan = (0, 0)
+            self._planned[trial.trial_id] = plan
         return self._planned[trial.trial_id]
 
     def _progress(self, cb: _Progress, trial) -> tuple[int, int, str]:
         """(epochs done, planned, phase text) of a trial from its last result."""
         r = trial.last_result or {}
-        planned, phase, epoch = self._plan(cb, trial), str(r.get("phase", "")), int(r.get("epoch", 0) or 0)
-        search_epochs = planned - self._train_epochs(cb, trial)
+        search_epochs, train_epochs = self._plan(cb, trial)
+        planned, phase, epoch = search_epochs + train_epochs, str(r.get("phase", "")), int(r.get("epoch", 0) or 0)
         if phase in ("done", "failed") or trial.status in ("TERMINATED", "ERROR"):
             return planned, planned, phase or trial.status.lower()
         if phase == "search":
             return epoch, planned, f"search {epoch}/{search_epochs}"
         if phase == "retrain":
-            return search_epochs + epoch, planned, f"retrain {epoch}/{planned - search_epochs}"
+            return search_epochs + epoch, planned, f"retrain {epoch}/{train_epochs}"
         return 0, planned, "" if trial.status == "PENDING" else (phase or "starting")
-
-    def _train_epochs(self, cb: _Progress, trial) -> int:
-        try:
-            return cb.ctx.config(trial.config or {}, "x").train.epochs
-        except Exception:  # noqa: BLE001
-            return 0
 
     def _table(self, cb: _Progress, trials: list, done=None):
         from rich import box

@@ -64,15 +64,12 @@ class TrialContext:
         return trial_values(self.variants, self.param_keys, params)
 
     def config(self, params: dict[str, Any], name: str) -> ExperimentConfig:
-        ctx, params = self.resolve(params)
-        base = ExperimentConfig.model_validate(ctx.base)
-        return merge_dotted(base, {**ctx._values(params), "name": name})
+        """The trial's config; ``params`` are its own (a several-config finals context: ``resolve`` them first)."""
+        base = ExperimentConfig.model_validate(self.base)
+        return merge_dotted(base, {**self._values(params), "name": name})
 
     def run_name(self, params: dict[str, Any], trial_id: str, index: int | None = None) -> str:
         """``final s1`` for a final; for a trial ``t03 gumbel len8``: its index, the method and its sampled values."""
-        if self.finals:
-            ctx, params = self.resolve(params)
-            return ctx.run_name(params, trial_id, index)
         if self.kind == "final":
             return f"final s{params['seed']}"
         try:
