@@ -289,8 +289,13 @@ def _train_candidate(exp: Experiment, policy: dict[int, str], folder: Path, step
 
 
 def _best(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Highest ``val_acc``; ties go to the earliest record."""
-    return max(records, key=lambda r: r["val_acc"])
+    """Highest ``val_acc``; ties (val200 scores move in steps of half a point) go to the lower ``val_loss``,
+    then to the earliest record."""
+    return max(records, key=lambda r: (r["val_acc"], -_finite_or_inf(r.get("val_loss"))))
+
+
+def _finite_or_inf(x: Any) -> float:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else math.inf
 
 
 def _emit(on_epoch: EpochCallback | None, metrics: dict[str, Any]) -> None:
@@ -311,7 +316,8 @@ def _finish(exp: Experiment, out: Path, policy: dict[int, str], on_epoch: EpochC
     res = {"method": exp.cfg.method.kind, "seed": exp.cfg.seed, "stage": exp.cfg.train.stage,
            "policy": _policy_json(policy), "select_val_acc": None, "cost_images": 0, "cost_step_s": 0.0,
            "budget_images": budget_images(exp.cfg, exp.data), "eval_images": 0, "history": [],
-           **res, "val_acc": last.get("val_acc"), "test_acc": last.get("test_acc"), "tuned_params": tuned,
+           **res, "val_acc": last.get("val_acc"), "val_loss": last.get("val_loss"), "test_acc": last.get("test_acc"),
+           "tuned_params": tuned,
            "tuned_percent": 100.0 * tuned / backbone_param_count(exp.backbone),
            "retrain_history": phase.history, **(phase.inference or {}), "time_s": time.perf_counter() - t0,
            "model_dir": str((out / "retrain").resolve())}

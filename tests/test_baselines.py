@@ -32,6 +32,9 @@ def test_fixed_and_probe(tmp_path):
         assert 0.0 <= r["test_acc"] <= 1.0 and len(r["retrain_history"]) == 2
         assert json.loads((tmp_path / ("fixed" if op == "prepend" else "probe") / "result.json").read_text())[
             "test_acc"] == r["test_acc"]
+    assert fixed["val_loss"] is None  # stage final: no val split scored
+    sel = bl.run_method(tiny_config(method={"kind": "probe"}, train={"epochs": 2, "stage": "select"}), tmp_path / "s")
+    assert sel["val_loss"] == pytest.approx(sel["retrain_history"][-1]["val_loss"]) and sel["val_loss"] > 0
     assert probe["method"] == "probe" and probe["tuned_params"] == dim * classes + classes  # head only
     assert fixed["tuned_params"] == depth * m * dim + dim * classes + classes
     assert 0 < probe["tuned_percent"] < fixed["tuned_percent"]
@@ -102,6 +105,16 @@ def test_random_search_respects_budget(tmp_path):
 
 def _member(policy, acc):
     return {"policy": dict(enumerate(policy)), "val_acc": acc}
+
+
+def test_candidate_ties_on_val_acc_go_to_the_lower_val_loss():
+    recs = [{"val_acc": 0.83, "val_loss": 0.60}, {"val_acc": 0.80, "val_loss": 0.10},
+            {"val_acc": 0.83, "val_loss": 0.58}, {"val_acc": 0.83, "val_loss": 0.59}]
+    assert bl._best(recs) is recs[2]
+    plain = [{"val_acc": 0.5}, {"val_acc": 0.5}]
+    assert bl._best(plain) is plain[0]  # members without a loss: the earliest
+    nan = [{"val_acc": 0.5, "val_loss": 0.7}, {"val_acc": 0.5, "val_loss": float("nan")}]
+    assert bl._best(nan) is nan[0]
 
 
 def test_evolution_step_is_aging_tournament():

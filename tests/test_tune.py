@@ -122,6 +122,9 @@ def test_finals_retrain_the_val_selected_trial_and_test_once(study):
 def test_best_config_is_the_best_trial(study):
     s = study.s
     assert s.best.value == max(t.value for t in s.trials)
+    # every trial reports the val loss of the split its score comes from: it breaks val_acc ties
+    losses = [t.metrics["val_loss"] for t in s.trials]
+    assert all(isinstance(x, float) and x > 0 for x in losses) and len(set(losses)) == 4
     cfg = ExperimentConfig.model_validate(yaml.safe_load(s.best_config_path.read_text()))
     assert cfg.train.stage == "final" and cfg.method.kind == "fixed"
     assert cfg.method.policy == s.best.metrics["policy"].split(",")
@@ -170,6 +173,26 @@ def test_existing_study_needs_resume_and_resume_needs_a_study(study, tmp_path):
         run_tune(study.space, storage=str(study.dir / "ray"), tracking_uri=study.uri)
     with pytest.raises(ConfigError, match="nothing to resume"):
         run_tune(study.space, storage=str(tmp_path / "none"), tracking_uri=study.uri, resume=True)
+
+
+def test_val_acc_ties_go_to_the_lower_val_loss_then_the_earliest_trial():
+    from pfnas.tune.summary import TrialRecord, _best
+
+    def rec(i, acc, loss=None, key="val_loss", status="TERMINATED"):
+        return TrialRecord(i, f"t{i}", status, {}, acc, {} if loss is None else {key: loss})
+
+    tied = [rec(1, 0.36, 1.74), rec(2, 0.30, 0.90), rec(3, 0.36, 1.59), rec(4, 0.36, 1.60)]
+    assert _best(tied, "max").trial_id == "t3"  # 0.30's lower loss does not outrank a higher accuracy
+    assert _best(tied[:3] + [rec(4, 0.365, 2.0)], "max").trial_id == "t4"
+    assert _best([rec(1, 0.36), rec(2, 0.36)], "max").trial_id == "t1"  # no loss: the earliest
+    assert _best([rec(1, 0.36), rec(2, 0.36, 1.5)], "max").trial_id == "t2"  # a measured loss beats none
+    # a study started before val_loss was reported: the last retrain epoch's val loss
+    assert _best([rec(1, 0.36, 1.7, "retrain/val_loss"), rec(2, 0.36, 1.6, "retrain/val_loss")], "max").trial_id == "t2"
+    assert _best([rec(1, 0.36, 1.6), rec(2, 0.36, float("nan"))], "max").trial_id == "t1"
+    assert _best(tied + [rec(5, 0.9, 0.1, status="STOPPED")], "max").trial_id == "t3"  # unfinished: not a candidate
+    # another metric keeps the earliest of equal values (its ties are not about val200's coarse steps)
+    assert _best([rec(1, 0.5, 1.7), rec(2, 0.5, 1.6)], "max", metric="select_val_acc").trial_id == "t1"
+    assert _best([rec(1, 2.0, 1.7), rec(2, 1.0, 1.9)], "min", metric="infer_ms_per_image").trial_id == "t2"
 
 
 # ----------------------------------------------------------------------------- failures
@@ -239,6 +262,8 @@ def _tune_state(exp_dir: Path) -> dict[str, tuple[str, dict]]:
     return out
 
 
+# a trial stopped between a report and its checkpoint repeats that epoch on resume; Optuna keeps the first value
+@pytest.mark.filterwarnings("ignore:The reported value is ignored because this `step=")
 def test_ctrl_c_selects_nothing_and_resume_finishes(ray_session, tmp_path, tracking):
     """Ctrl-C (SIGINT) after one trial finished: Tune saves its state and returns; the study must not select
     from the finished part nor start finals. It exits 2 with one line naming --resume; the resume ends it."""

@@ -172,6 +172,7 @@ class ExperimentResult:
     search_val_acc: float | None
     tuned_params: int
     tuned_percent: float
+    val_loss: float | None = None  # the retrained policy's val loss (stage select): breaks val_acc ties
     search_history: list[dict[str, Any]] = field(default_factory=list)
     retrain_history: list[dict[str, Any]] = field(default_factory=list)
     search_time_s: float = 0.0
@@ -334,7 +335,7 @@ def _run_experiment(cfg: ExperimentConfig, out: Path, on_epoch: EpochCallback | 
     final = retrain.history[-1]
     tuned = retrain.model.tuned_parameter_count()
     res = ExperimentResult(policy=policy, stage=cfg.train.stage, val_acc=final.get("val_acc"),
-                           test_acc=final.get("test_acc"),
+                           val_loss=final.get("val_loss"), test_acc=final.get("test_acc"),
                            search_val_acc=search.history[-1]["val_acc"] if search.history else None,
                            tuned_params=tuned,
                            tuned_percent=100.0 * tuned / backbone_param_count(exp.backbone),

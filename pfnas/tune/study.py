@@ -267,14 +267,14 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
 
     recs = _records(results, space.metrics, plan.param_keys)
     primary, primary_mode = space.metrics[0], space.modes[0]
-    best = None if interrupted else _best(recs, primary_mode)  # an interrupted study selects nothing yet
+    best = None if interrupted else _best(recs, primary_mode, primary)  # an interrupted study selects nothing yet
     front = _front(recs, space.modes) if len(space.metrics) > 1 and not interrupted else []
     best_path, best_cfg, finals = None, None, None
     group_finals: list[FinalsRecord] = []  # a grid's variants, or a Pareto study's front: each point finalised
     groups: list[tuple[str, TrialRecord]] = []
     if space.final.per_variant:
         for i, overrides in enumerate(plan.variants):
-            vbest = _best([r for r in recs if r.params.get("variant") == i], primary_mode)
+            vbest = _best([r for r in recs if r.params.get("variant") == i], primary_mode, primary)
             if vbest is not None:
                 groups.append((" ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()), vbest))
     for point in front:

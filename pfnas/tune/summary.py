@@ -3,6 +3,7 @@ final :class:`StudySummary` (rich, fits 80 columns)."""
 from __future__ import annotations
 
 import io
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -278,12 +279,19 @@ def _finished(recs: list[TrialRecord]) -> list[TrialRecord]:
     return [r for r in recs if r.status == "TERMINATED" and r.value is not None]
 
 
-def _best(recs: list[TrialRecord], mode: str) -> TrialRecord | None:
+def _best(recs: list[TrialRecord], mode: str, metric: str = "val_acc") -> TrialRecord | None:
+    """The selected trial: best ``metric``. An accuracy on a small val split ties often (val200 moves in steps of
+    half a point); ties on ``val_acc`` go to the lower val loss of the same split, then to the earliest trial."""
     done = _finished(recs)
     if not done:
         return None
     sign = 1 if mode == "max" else -1
-    return max(done, key=lambda r: (sign * r.value, -r.index))  # ties: the earliest trial
+
+    def tie_loss(r: TrialRecord) -> float:  # studies started before val_loss was reported: the last epoch's
+        loss = r.metrics.get("val_loss", r.metrics.get("retrain/val_loss"))
+        return float(loss) if metric == "val_acc" and finite_scalar(loss) else math.inf
+
+    return max(done, key=lambda r: (sign * r.value, -tie_loss(r), -r.index))
 
 
 _DISPLAY: list[Any] = []  # the live table of this driver process (set by run_tune); _Progress callbacks feed it

@@ -23,7 +23,7 @@ from .space import trial_values
 
 
 
-FINAL_KEYS = ("test_acc", "val_acc", "select_val_acc", "tuned_params", "tuned_percent", "cost_images",
+FINAL_KEYS = ("test_acc", "val_acc", "val_loss", "select_val_acc", "tuned_params", "tuned_percent", "cost_images",
               "cost_step_s", "infer_images_per_s", "infer_ms_per_image",
               "search_time_s", "retrain_time_s", "time_s")
 
