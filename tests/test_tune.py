@@ -193,6 +193,22 @@ def test_val_acc_ties_go_to_the_lower_val_loss_then_the_earliest_trial():
     # another metric keeps the earliest of equal values (its ties are not about val200's coarse steps)
     assert _best([rec(1, 0.5, 1.7), rec(2, 0.5, 1.6)], "max", metric="select_val_acc").trial_id == "t1"
     assert _best([rec(1, 2.0, 1.7), rec(2, 1.0, 1.9)], "min", metric="infer_ms_per_image").trial_id == "t2"
+    # the summary says how a tie was decided
+    import io
+
+    from rich.console import Console
+
+    from pfnas.tune.summary import StudySummary
+
+    def shown(trials):
+        buf = io.StringIO()
+        Console(file=buf, width=160, color_system=None).print(
+            StudySummary("s", "val_acc", "max", [], trials, _best(trials, "max"), None, "", "", "", None))
+        return buf.getvalue()
+
+    assert "tied on val_acc with trial t1, t4: the lowest val_loss decided (1.5900)" in shown(tied)
+    assert "tied on val_acc with trial t2: the earliest trial decided" in shown([rec(1, 0.36), rec(2, 0.36)])
+    assert "tied on" not in shown(tied[1:3])
 
 
 # ----------------------------------------------------------------------------- failures

@@ -199,6 +199,11 @@ class StudySummary:
         if self.best is not None:
             lines.append(f"selected on validation: trial {self.best.trial_id} {self.metric}={self.best.value:.4f}, "
                          f"policy {self.best.metrics.get('policy', '?')}; config -> {self.best_config_path}")
+            tied = [r.trial_id for r in _finished(self.trials) if r.value == self.best.value and r is not self.best]
+            if tied:
+                loss = _tie_loss(self.best, self.metric)
+                lines.append(f"tied on {self.metric} with trial {', '.join(tied)}: " + (
+                    f"the lowest val_loss decided ({loss:.4f})" if math.isfinite(loss) else "the earliest trial decided"))
             if self.finals is not None and self.finals.test_accs:
                 lines.append(f"final: {self.finals.describe()}")
         else:
@@ -286,12 +291,14 @@ def _best(recs: list[TrialRecord], mode: str, metric: str = "val_acc") -> TrialR
     if not done:
         return None
     sign = 1 if mode == "max" else -1
+    return max(done, key=lambda r: (sign * r.value, -_tie_loss(r, metric), -r.index))
 
-    def tie_loss(r: TrialRecord) -> float:  # studies started before val_loss was reported: the last epoch's
-        loss = r.metrics.get("val_loss", r.metrics.get("retrain/val_loss"))
-        return float(loss) if metric == "val_acc" and finite_scalar(loss) else math.inf
 
-    return max(done, key=lambda r: (sign * r.value, -tie_loss(r), -r.index))
+def _tie_loss(r: TrialRecord, metric: str) -> float:
+    """A trial's val loss when ``metric`` is val_acc (inf where none is known): what breaks its ties. Studies
+    started before trials reported ``val_loss`` have the last retrain epoch's."""
+    loss = r.metrics.get("val_loss", r.metrics.get("retrain/val_loss"))
+    return float(loss) if metric == "val_acc" and finite_scalar(loss) else math.inf
 
 
 _DISPLAY: list[Any] = []  # the live table of this driver process (set by run_tune); _Progress callbacks feed it
