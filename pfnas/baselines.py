@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .config import ExperimentConfig, PfnasError, config_hash, merge_dotted
+from .config import ExperimentConfig, PfnasError, config_hash, finite_scalar, merge_dotted
 from .engine import (EpochCallback, Experiment, Phase, backbone_param_count, claim_run_dir, evaluate, fit, lr_at,
                      rng_state, run_experiment, run_retrain, set_rng_state)
 from .model import PromptedViT
@@ -291,11 +291,10 @@ def _train_candidate(exp: Experiment, policy: dict[int, str], folder: Path, step
 def _best(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Highest ``val_acc``; ties (val200 scores move in steps of half a point) go to the lower ``val_loss``,
     then to the earliest record."""
-    return max(records, key=lambda r: (r["val_acc"], -_finite_or_inf(r.get("val_loss"))))
+    def loss(r: dict[str, Any]) -> float:
+        return float(r["val_loss"]) if finite_scalar(r.get("val_loss")) else math.inf
 
-
-def _finite_or_inf(x: Any) -> float:
-    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else math.inf
+    return max(records, key=lambda r: (r["val_acc"], -loss(r)))
 
 
 def _emit(on_epoch: EpochCallback | None, metrics: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ Every model forbids unknown fields, so a typo in a YAML file or an override fail
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -265,6 +266,11 @@ class ExperimentConfig(_Strict):
         if prefer is not None and prefer not in self.prompts.ops:
             raise ValueError(f"search.select_prefer {prefer!r} is not a candidate op; choose from {self.prompts.ops}")
         return self
+
+
+def finite_scalar(v: Any) -> bool:
+    """True for a real, finite number (not a bool, None, NaN or inf): what may be logged, ranked or averaged."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:

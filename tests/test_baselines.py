@@ -115,6 +115,8 @@ def test_candidate_ties_on_val_acc_go_to_the_lower_val_loss():
     assert bl._best(plain) is plain[0]  # members without a loss: the earliest
     nan = [{"val_acc": 0.5, "val_loss": 0.7}, {"val_acc": 0.5, "val_loss": float("nan")}]
     assert bl._best(nan) is nan[0]
+    odd = [{"val_acc": 0.5, "val_loss": None}, {"val_acc": 0.5, "val_loss": True}, {"val_acc": 0.5, "val_loss": 2.0}]
+    assert bl._best(odd) is odd[2]  # None and bool are not losses
 
 
 def test_evolution_step_is_aging_tournament():

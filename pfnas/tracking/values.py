@@ -7,7 +7,7 @@ import math
 import re
 from typing import Any
 
-from pfnas.config import ExperimentConfig
+from pfnas.config import ExperimentConfig, finite_scalar  # noqa: F401 (re-exported)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -75,10 +75,6 @@ def format_value(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"
     return str(v)
-
-
-def finite_scalar(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
