@@ -21,7 +21,9 @@ Budget and cost are counted in images processed by a training (forward + backwar
 
 Every method writes into ``out_dir``: ``state.json`` (the selection loop), one subfolder per
 candidate (``cand_000/`` ... with the engine's checkpoint), ``shared/`` (weight-sharing supernet),
-``retrain/`` (final policy) and ``result.json``. Rerunning the same call continues where it stopped.
+``retrain/`` (final policy) and ``result.json``. Rerunning the same call continues where it stopped. Runs that
+differ only in the retrain (a study's lr grid) can share one selection loop through a cache folder
+(``run_method(search_cache=...)``), which each then copies into its own ``out_dir``.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -37,9 +40,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .config import ExperimentConfig, PfnasError, config_hash, finite_scalar, merge_dotted
+from .config import ExperimentConfig, PfnasError, config_hash, finite_scalar, merge_dotted, selection_hash
 from .engine import (EpochCallback, Experiment, Phase, backbone_param_count, claim_run_dir, evaluate, fit, lr_at,
-                     rng_state, run_experiment, run_retrain, set_rng_state)
+                     rng_state, run_experiment, run_retrain, set_rng_state, waiting_lock)
 from .model import PromptedViT
 
 PATH_LOGIT = 1e4  # alpha value that pins a gumbel supernet to one path (softmax of the rest is exactly 0)
@@ -246,19 +249,21 @@ class SharedPhase(BudgetPhase):
 
 
 # ----------------------------------------------------------------------------- state and helpers
-def _fingerprint(cfg: ExperimentConfig, **extra: Any) -> tuple[str, str]:
-    """(fingerprint, legacy fingerprint) of a selection loop: the config's result identity (with the seed,
-    see :func:`pfnas.config.config_hash`) plus ``extra``; the legacy one hashed every field but name/output_dir/device."""
+def _fingerprint(cfg: ExperimentConfig, **extra: Any) -> tuple[str, ...]:
+    """Fingerprints a selection loop's ``state.json`` may carry, the one to write first: what the loop reads
+    (:func:`pfnas.config.selection_hash`, no retrain fields, so a retrain-lr grid can share one loop) plus ``extra``.
+    Folders of earlier versions carry the config's result identity with the retrain (``config_hash`` with the
+    seed) or, older still, a hash of every field but name/output_dir/device: both still resume."""
+    def h(x: Any) -> str:
+        return hashlib.sha1(json.dumps([x, extra], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
     raw = cfg.model_dump(mode="json")
     for k in ("name", "output_dir", "device"):
         raw.pop(k, None)
-    legacy = hashlib.sha1(json.dumps([raw, extra], sort_keys=True, default=str).encode()).hexdigest()[:16]
-    new = hashlib.sha1(json.dumps([config_hash(cfg, include_seed=True), extra], sort_keys=True,
-                                  default=str).encode()).hexdigest()[:16]
-    return new, legacy
+    return h(selection_hash(cfg)), h(config_hash(cfg, include_seed=True)), h(raw)
 
 
-def _load_state(out: Path, fingerprint: tuple[str, str]) -> dict[str, Any]:
+def _load_state(out: Path, fingerprint: tuple[str, ...]) -> dict[str, Any]:
     path = out / "state.json"
     if not path.is_file():
         return {"fingerprint": fingerprint[0]}
@@ -343,7 +348,7 @@ def _run_search(exp: Experiment, out: Path, on_epoch, progress, t0, search_cache
     return res
 
 
-def _run_random(exp: Experiment, out: Path, on_epoch, progress, t0) -> dict[str, Any]:
+def _select_random(exp: Experiment, out: Path, on_epoch, progress, cycles=None) -> dict[str, Any]:
     """``method.samples`` distinct random policies. Without weight sharing each trains on ``train`` for
     ``budget // (samples * batch)`` steps and is scored on ``val``; with it one uniform single-path
     supernet trains for ``budget // batch`` steps and every sample is scored through it on ``val``."""
@@ -400,13 +405,12 @@ def _run_random(exp: Experiment, out: Path, on_epoch, progress, t0) -> dict[str,
         spent = sum(r["images"] for r in records)
         extra = {"candidate_steps": steps, "cost_step_s": sum(r["time_s"] for r in records)}
     best = _best(records)
-    res = {"weight_sharing": mc.weight_sharing, "samples": mc.samples, "select_val_acc": best["val_acc"],
-           "selected": best["id"], "cost_images": spent, "eval_images": len(records) * n_val,
-           "budget_images": budget, "history": records, **extra}
-    return _finish(exp, out, _policy_int(best["policy"]), on_epoch, progress, res, t0)
+    return {"policy": best["policy"], "weight_sharing": mc.weight_sharing, "samples": mc.samples,
+            "select_val_acc": best["val_acc"], "selected": best["id"], "cost_images": spent,
+            "eval_images": len(records) * n_val, "budget_images": budget, "history": records, **extra}
 
 
-def _run_evolution(exp: Experiment, out: Path, on_epoch, progress, t0, cycles: int | None) -> dict[str, Any]:
+def _select_evolution(exp: Experiment, out: Path, on_epoch, progress, cycles: int | None) -> dict[str, Any]:
     """Aging evolution. Every candidate gets the same steps: the budget split over ``population + cycles``
     candidates (``max(method.samples, population + 1)`` when ``cycles`` is None), at least one batch;
     the loop ends when the next candidate would overrun the budget or the cycles run out."""
@@ -452,12 +456,54 @@ def _run_evolution(exp: Experiment, out: Path, on_epoch, progress, t0, cycles: i
                          "best_val_acc": _best(members)["val_acc"], "cost_images": spent + rec["images"],
                          "budget_images": budget, "population_best_val_acc": max(members[j]["val_acc"] for j in pop)})
     best = _best(members)
-    res = {"population": mc.population, "sample_size": mc.sample_size, "cycles": cycles,
-           "select_val_acc": best["val_acc"], "selected": best["id"], "cost_images": sum(r["images"] for r in members),
-           "cost_step_s": sum(r["time_s"] for r in members), "budget_images": budget,
-           "eval_images": len(members) * data.num_images("val"), "candidate_steps": steps,
-           "final_population": list(pop), "history": members}
-    return _finish(exp, out, _policy_int(best["policy"]), on_epoch, progress, res, t0)
+    return {"policy": best["policy"], "population": mc.population, "sample_size": mc.sample_size, "cycles": cycles,
+            "select_val_acc": best["val_acc"], "selected": best["id"], "cost_images": sum(r["images"] for r in members),
+            "cost_step_s": sum(r["time_s"] for r in members), "budget_images": budget,
+            "eval_images": len(members) * data.num_images("val"), "candidate_steps": steps,
+            "final_population": list(pop), "history": members}
+
+
+Selector = Callable[..., dict[str, Any]]  # (exp, out, on_epoch, progress, cycles) -> the loop's record
+
+
+def _shared_selection(exp: Experiment, out: Path, cache: Path, select: Selector, on_epoch: EpochCallback | None,
+                      progress: bool, cycles: int | None) -> dict[str, Any]:
+    """``select`` (random search or evolution) shared by runs whose configs differ only in the retrain, as a
+    study's retrain-lr grid has them: one run selects in ``cache/<selection_hash>`` while the others wait on its
+    lock, then each copies the loop's files into ``out`` (``state.json`` last: it marks the copy done) and
+    retrains on its own. The loop's reports are kept in the slot (``events.jsonl``) and every run reports each
+    once (``out/selection_reported`` counts them across retries). A run whose ``out`` already holds a loop
+    continues that one. The retrain seeds itself, so the result is the one an unshared run gets."""
+    if (out / "state.json").is_file():
+        return select(exp, out, on_epoch, progress, cycles)
+    mark = out / "selection_reported"
+    reported = int(mark.read_text()) if mark.is_file() else 0
+    slot = cache / (f"{selection_hash(exp.cfg)}" + (f"-cycles{cycles}" if cycles is not None else ""))
+    slot.mkdir(parents=True, exist_ok=True)
+    events = slot / "events.jsonl"
+
+    def catch_up() -> None:
+        nonlocal reported
+        lines = events.read_text().splitlines() if events.is_file() else []
+        for line in lines[reported:]:
+            reported += 1
+            mark.write_text(str(reported))
+            _emit(on_epoch, json.loads(line))
+
+    def record(m: dict[str, Any]) -> None:
+        with events.open("a") as f:
+            f.write(json.dumps(m, default=float) + "\n")
+        catch_up()
+
+    with waiting_lock(slot / ".lock"):
+        res = select(exp, slot, record, progress, cycles)
+    catch_up()
+    for item in sorted(slot.iterdir()):  # the candidates' (or the supernet's) folders, then the loop's state
+        if item.is_dir():
+            shutil.copytree(item, out / item.name, dirs_exist_ok=True)
+    shutil.copyfile(slot / "state.json", out / ".state.json.tmp")
+    os.replace(out / ".state.json.tmp", out / "state.json")
+    return res
 
 
 def run_method(cfg: ExperimentConfig, out_dir: str | Path, on_epoch: EpochCallback | None = None,
@@ -467,8 +513,9 @@ def run_method(cfg: ExperimentConfig, out_dir: str | Path, on_epoch: EpochCallba
 
     Returns the dict also written to ``out_dir/result.json``: method, seed, policy, val_acc,
     test_acc, tuned_params, tuned_percent, cost_images, budget_images, eval_images, history, ...
-    ``cycles`` caps the evolution cycles on top of the budget (None: budget only). ``search_cache`` (kind search):
-    a folder where runs of one search config share their search (``engine.shared_search``).
+    ``cycles`` caps the evolution cycles on top of the budget (None: budget only). ``search_cache``: a folder where
+    runs that differ only in the retrain share their selection (a search: ``engine.shared_search``; random search
+    and evolution: :func:`_shared_selection`).
 
     ``out_dir`` is locked for the call (a second process is refused with :class:`~pfnas.config.RunDirError`), and a
     folder holding a run of another configuration is refused rather than resumed (see ``engine.claim_run_dir``).
@@ -492,10 +539,13 @@ def _run_method(cfg: ExperimentConfig, out: Path, on_epoch: EpochCallback | None
             return _finish(exp, out, dict(enumerate(cfg.method.policy)), on_epoch, progress, {"op": "policy"}, t0)
         op = "none" if kind == "probe" else cfg.method.op
         return _finish(exp, out, {l: op for l in range(depth)}, on_epoch, progress, {"op": op}, t0)
-    if kind == "random":
-        return _run_random(exp, out, on_epoch, progress, t0)
-    if kind == "evolution":
-        return _run_evolution(exp, out, on_epoch, progress, t0, cycles)
+    if kind in ("random", "evolution"):
+        select = _select_random if kind == "random" else _select_evolution
+        if search_cache is not None:
+            res = _shared_selection(exp, out, Path(search_cache), select, on_epoch, progress, cycles)
+        else:
+            res = select(exp, out, on_epoch, progress, cycles)
+        return _finish(exp, out, _policy_int(res["policy"]), on_epoch, progress, res, t0)
     raise PfnasError(f"unknown method.kind {kind!r}")
 
 

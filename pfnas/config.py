@@ -403,6 +403,23 @@ def search_hash(cfg: ExperimentConfig) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def selection_hash(cfg: ExperimentConfig) -> str | None:
+    """Hash of what a method's selection reads: :func:`search_hash` for a search; for random search and evolution
+    the search recipe (their budget) and the method's own fields, without the retrain. Runs that share it (a
+    retrain-lr grid) select the same policy and run the selection once. None for fixed policies and the probe."""
+    import hashlib
+    import json
+
+    kind = cfg.method.kind
+    if kind == "search":
+        return search_hash(cfg)
+    if kind in ("fixed", "probe"):
+        return None
+    d = result_fields(cfg, include_seed=True)
+    d.pop("train", None)
+    return f"{kind}-" + hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def config_diff(a: ExperimentConfig, b: ExperimentConfig, limit: int = 3) -> str:
     """``key: a -> b`` for the first ``limit`` result fields that differ (for one-line errors)."""
     def flat(d: dict[str, Any], pre: str = "") -> dict[str, Any]:

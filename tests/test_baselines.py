@@ -9,6 +9,7 @@ import torch
 
 import pfnas.baselines as bl
 from conftest import tiny_config
+from pfnas.config import merge_dotted
 from pfnas.engine import Experiment, SearchPhase, run_search
 
 N_TRAIN, BATCH = 39, 16  # tiny_config: 3 classes x 13 train images, batch 16
@@ -154,6 +155,44 @@ def test_evolution_respects_budget_and_ages(tmp_path):
     assert len(capped["history"]) == 3 and capped["cost_images"] <= capped["budget_images"]
     summary = bl.regularized_evolution(cfg, population=2, sample=2, cycles=1, out_dir=tmp_path / "capped")
     assert summary["test_acc"] == capped["test_acc"]  # finished run: the CLI entry point only reloads
+
+
+@pytest.mark.parametrize("kind, method", [("evolution", {"population": 2, "sample_size": 2}), ("random", {"samples": 3})])
+def test_a_retrain_lr_grid_shares_one_random_or_evolution_selection(tmp_path, kind, method):
+    """Runs that differ only in the retrain (a study's lr grid, ``search_cache``) train the candidates once; each
+    retrains on its own and gets what an unshared run gets; each reports the loop's events once, a resumed run
+    the rest."""
+    a = tiny_config(method={"kind": kind, "budget_multiplier": 2.0, **method})
+    b, c = (merge_dotted(a, {"train.optim.lr": a.train.optim.lr * f}) for f in (4, 2))
+    cache, seen_a, seen_b, seen_c = tmp_path / "cache", [], [], []
+    ra = bl.run_method(a, tmp_path / "a", seen_a.append, search_cache=cache)
+    (slot,) = cache.iterdir()
+    stamp = (slot / "state.json").stat().st_mtime_ns
+    rb = bl.run_method(b, tmp_path / "b", seen_b.append, search_cache=cache)
+    assert (slot / "state.json").stat().st_mtime_ns == stamp and len(list(cache.iterdir())) == 1  # no new loop
+    assert rb["history"] == ra["history"] and rb["policy"] == ra["policy"] and len(ra["history"]) >= 3
+
+    def loop(seen):
+        return [m for m in seen if m.get("phase") == kind]
+
+    assert loop(seen_b) == loop(seen_a) and len(loop(seen_a)) == len(ra["history"])
+    assert (tmp_path / "b" / "state.json").is_file() and (tmp_path / "b" / "cand_000" / "candidate.pt").is_file()
+    assert rb["retrain_history"][-1]["train_loss"] != ra["retrain_history"][-1]["train_loss"]  # its own retrain
+    alone = bl.run_method(a, tmp_path / "alone")  # unshared: the same candidates, the same retrain
+    drop = ("time_s", "epoch_time_s", "images_per_s")
+
+    def strip(hist):
+        return [{k: v for k, v in h.items() if k not in drop} for h in hist]
+
+    assert strip(alone["history"]) == strip(ra["history"])
+    assert strip(alone["retrain_history"]) == strip(ra["retrain_history"]) and alone["test_acc"] == ra["test_acc"]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "selection_reported").write_text("1")  # killed after reporting the loop's first event
+    bl.run_method(c, tmp_path / "c", seen_c.append, search_cache=cache)
+    assert loop(seen_c) == loop(seen_a)[1:]
+    again = []
+    assert bl.run_method(b, tmp_path / "b", again.append, search_cache=cache)["test_acc"] == rb["test_acc"]
+    assert loop(again) == []  # its own folder holds the loop now: nothing reported twice
 
 
 def test_weight_sharing_ranks_through_shared_weights(exp, tmp_path):

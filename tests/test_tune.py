@@ -441,6 +441,11 @@ def test_grid_points_spread_the_trials_that_share_a_search(tmp_path):
     as_pairs = [(p["variant"], p["train.optim.lr"]) for p in points]
     assert sorted(as_pairs) == sorted((v, lr) for v in (0, 1) for lr in (0.1, 0.2, 0.4))  # the whole grid, once
     assert as_pairs == [(0, 0.1), (1, 0.1), (1, 0.2), (1, 0.4), (0, 0.2), (0, 0.4)]
+    for kind in ("random", "evolution"):  # their selection is shared the same way (baselines._shared_selection)
+        _, (plan,) = load_space(write_space(tmp_path, kind, algorithm="grid", num_samples=None,
+                                            variants=[{"method.kind": kind}, {"method.kind": "probe"}],
+                                            params={"train.optim.lr": {"type": "choice", "values": [0.1, 0.2, 0.4]}}))
+        assert [(p["variant"], p["train.optim.lr"]) for p in plan.grid_points()] == as_pairs
     # distinct searches (a search param in the grid) are not held back; repeats share their config's search
     _, (plan,) = load_space(write_space(tmp_path, "order2", algorithm="grid", num_samples=2,
                                         params={"search.arch_lr": {"type": "choice", "values": [0.1, 0.2]}}))

@@ -213,7 +213,7 @@ SEARCH_FILES = ("policy.json", "alpha.pt", "selection.json", "log.jsonl", "searc
 
 
 @contextmanager
-def _waiting_lock(path: Path) -> Iterator[None]:
+def waiting_lock(path: Path) -> Iterator[None]:
     """Exclusive ``flock`` on ``path``, waiting for a holder to finish (the kernel drops it if the holder dies)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -257,7 +257,7 @@ def shared_search(exp: Experiment, out_dir: str | Path, cache: str | Path, on_ep
 
     slot = Path(cache) / search_hash(exp.cfg)
     slot.mkdir(parents=True, exist_ok=True)
-    with _waiting_lock(slot / ".lock"):
+    with waiting_lock(slot / ".lock"):
         searched = run_search(exp, slot, report, progress)
         if searched.policy is None:  # never copy an unfinished search
             raise PfnasError(f"shared search in {slot} did not finish")

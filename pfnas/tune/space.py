@@ -240,10 +240,11 @@ class StudyPlan:
     def grid_points(self, num_samples: int = 1) -> list[dict[str, Any]]:
         """A grid study's trials in launch order: every variant x choice combination, ``num_samples`` times.
 
-        Search trials that would run one search (equal :func:`~pfnas.config.search_hash`: e.g. a retrain-lr
-        grid) are spread out, round robin over the groups, so that concurrent slots do not sit waiting on a
-        search another slot is running: the first of each group starts early, the others once it is done."""
-        from ..config import search_hash
+        Trials that would run one selection (a search, random search or evolution with equal
+        :func:`~pfnas.config.selection_hash`: e.g. a retrain-lr grid) are spread out, round robin over the groups,
+        so that concurrent slots do not sit waiting on a selection another slot is running: the first of each group
+        starts early, the others once it is done."""
+        from ..config import selection_hash
 
         axes = ([("variant", list(range(len(self.variants))))] if self.variants else []) + \
             [(k, list(p.values)) for k, p in self.params.items()]  # a grid takes choice params only
@@ -251,7 +252,7 @@ class StudyPlan:
         groups: dict[Any, list[dict[str, Any]]] = {}
         for i, point in enumerate(points * num_samples):
             cfg = merge_dotted(self.base, trial_values(self.variants, self.param_keys, point))
-            groups.setdefault(search_hash(cfg) if cfg.method.kind == "search" else i, []).append(dict(point))
+            groups.setdefault(selection_hash(cfg) or i, []).append(dict(point))
         return [g[r] for r in range(max(map(len, groups.values()), default=0)) for g in groups.values() if r < len(g)]
 
 
