@@ -491,6 +491,25 @@ def test_grid_study_runs_every_variant_and_seed(ray_session, tmp_path, tracking)
         load_space(write_space(tmp_path, "g3", algorithm="grid", params={}, variants=[{"method.kind": "nope"}]))
 
 
+def test_an_lr_grid_of_evolution_trains_its_candidates_once(ray_session, tmp_path, tracking):
+    """Two evolution trials that differ only in the retrain lr: one candidate loop in the study's cache, both
+    trials select the same policy from the same records and log the loop's candidates into their own runs."""
+    space = write_space(tmp_path, "evo-grid", algorithm="grid", num_samples=None, startup_trials=0,
+                        variants=[{"method.kind": "evolution", "method.population": 2, "method.sample_size": 2,
+                                   "method.budget_multiplier": 2.0}],
+                        params={"train.optim.lr": {"type": "choice", "values": [0.05, 0.2]}})
+    s = run_tune(space, storage=str(tmp_path / "ray"), tracking_uri=tracking).studies[0]
+    assert [t.status for t in s.trials] == ["TERMINATED"] * 2
+    (slot,) = [p for p in (tmp_path / "ray" / "evo-grid" / "search-cache").iterdir() if p.is_dir()]
+    assert slot.name.startswith("evolution-")
+    a, b = s.trials
+    assert a.metrics["policy"] == b.metrics["policy"] and a.metrics["select_val_acc"] == b.metrics["select_val_acc"]
+    assert a.metrics["cost_images"] == b.metrics["cost_images"] > 0
+    client, _, runs = trial_runs(tracking, "evo-grid")
+    n = len((slot / "events.jsonl").read_text().splitlines())
+    assert n >= 3 and [len(client.get_metric_history(r.info.run_id, "evolution/val_acc")) for r in runs] == [n, n]
+
+
 def test_space_paths_overrides_and_tasks(tmp_path):
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "base.yaml").write_text(yaml.safe_dump(
