@@ -478,7 +478,7 @@ def _shared_selection(exp: Experiment, out: Path, cache: Path, select: Selector,
         return select(exp, out, on_epoch, progress, cycles)
     mark = out / "selection_reported"
     reported = int(mark.read_text()) if mark.is_file() else 0
-    slot = cache / (f"{selection_hash(exp.cfg)}" + (f"-cycles{cycles}" if cycles is not None else ""))
+    slot = cache / (str(selection_hash(exp.cfg)) + (f"-cycles{cycles}" if cycles is not None else ""))
     slot.mkdir(parents=True, exist_ok=True)
     events = slot / "events.jsonl"
 
