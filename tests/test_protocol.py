@@ -1,6 +1,7 @@
 """The selection protocol: trials score val and never read test; finals train on train+val and test once."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,41 @@ def test_space_selecting_on_test_is_refused(tmp_path, field, value):
     path.write_text(yaml.safe_dump(space))
     with pytest.raises(ConfigError, match="train.stage is set by the study"):
         load_space(path)
+
+
+@pytest.mark.parametrize("space_fields,match", [
+    ({"metric": "val_acc", "mode": "min"}, "metric 'val_acc' with mode 'min' selects the worst trial"),
+    ({"metric": "val_loss"}, "metric 'val_loss' with mode 'max' selects the worst trial"),  # mode defaults to max
+    ({"metric": ["val_acc", "tuned_params"], "mode": ["max", "max"]}, "metric 'tuned_params' with mode 'max'"),
+    ({"metric": "retrain/val_loss", "mode": "max"}, "metric 'retrain/val_loss' with mode 'max'"),
+    ({"scheduler": {"type": "asha", "metric": "val_acc", "mode": "min"}}, "scheduler.metric 'val_acc' with mode 'min'"),
+    ({"metric": "val_accuracy"}, "metric 'val_accuracy' is not reported by a trial"),
+])
+def test_space_metric_that_cannot_select_the_best_trial_is_refused(tmp_path, space_fields, match):
+    """A mode against its metric's direction would pick the worst trial and exit 0; a misspelt metric would run
+    the whole study and then select nothing. Both are refused before any trial runs."""
+    import yaml
+
+    from pfnas.cli import main
+    from pfnas.tune import load_space
+
+    space = {"name": "s", "params": {"search.arch_lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
+             **space_fields}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(space))
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        load_space(path)
+    assert main(["tune", "--space", str(path)]) == 2
+
+
+@pytest.mark.parametrize("space_fields", [{"metric": "val_loss", "mode": "min"},
+                                          {"metric": ["val_acc", "infer_ms_per_image"], "mode": ["max", "min"]},
+                                          {"metric": "retrain/val_acc"}, {"metric": "search/supernet_val_acc"}])
+def test_space_metric_with_its_own_direction_is_accepted(space_fields):
+    from pfnas.tune import SpaceConfig
+
+    SpaceConfig.model_validate({"name": "s", "params": {"search.arch_lr": {"type": "choice", "values": [0.1]}},
+                                **space_fields})
 
 
 def test_demo_space_search_decides(tmp_path):

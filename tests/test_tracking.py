@@ -130,6 +130,8 @@ def test_compare_groups_seeds_and_sorts(uri, tmp_path):
     shown = compare_runs(tracking_uri=uri, experiment="cmp", metric="test_acc", out_dir=tmp_path / "t", console=console)
     assert [r["n"] for r in shown] == [1, 3] and not (tmp_path / "t" / "best_config.yaml").exists()  # test picks nothing
     assert "selects nothing" in console.export_text()
+    cheap = compare_runs(tracking_uri=uri, experiment="cmp", metric="tuned_params", out_dir=tmp_path / "p", console=console)
+    assert [r["mean"] for r in cheap] == [400, 800]  # fewer deployed numbers rank first: it improves downward
 
 
 def test_config_hash_ignores_fields_that_cannot_change_a_result():

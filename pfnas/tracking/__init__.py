@@ -32,6 +32,7 @@ from pfnas.tracking.store import (
     resolve_tracking_uri,
 )
 from pfnas.tracking.values import (
+    RESULT_METRICS,
     TEST_NAME,
     config_params,
     finite_scalar,
@@ -39,14 +40,16 @@ from pfnas.tracking.values import (
     format_value,
     mean_std,
     method_label,
+    metric_mode,
     pareto_front,
     policy_agreement,
     reads_test,
 )
 
 __all__ = [
-    "DEFAULT_TRACKING_URI", "FINAL_METRICS", "TEST_NAME", "RunLogger", "run_logged", "compare_runs", "collect_rows",
+    "DEFAULT_TRACKING_URI", "FINAL_METRICS", "RESULT_METRICS", "TEST_NAME", "RunLogger", "run_logged", "compare_runs",
+    "collect_rows",
     "pareto_figure", "alpha_heatmap", "resolve_tracking_uri", "absolute_sqlite_url", "check_reachable",
-    "get_experiment_id", "make_client", "config_hash", "config_params", "flatten", "method_label", "reads_test",
-    "pareto_front", "policy_agreement", "format_value", "finite_scalar", "mean_std",
+    "get_experiment_id", "make_client", "config_hash", "config_params", "flatten", "method_label", "metric_mode",
+    "reads_test", "pareto_front", "policy_agreement", "format_value", "finite_scalar", "mean_std",
 ]

@@ -12,7 +12,7 @@ from typing import Any
 
 from pfnas.config import PfnasError
 from pfnas.tracking.store import check_reachable, make_client, resolve_tracking_uri
-from pfnas.tracking.values import mean_std, pareto_front, reads_test
+from pfnas.tracking.values import mean_std, metric_mode, pareto_front, reads_test
 
 
 def _iter_runs(client, experiment_ids: list[str]) -> Iterable[Any]:
@@ -87,7 +87,7 @@ def collect_rows(tracking_uri: str | None, experiment: str | None, metric: str) 
     for g in groups.values():
         runs = g.pop("runs")
         mean, std = mean_std([r["value"] for r in runs])
-        best = max(runs, key=lambda r: r["value"]) if "loss" not in metric else min(runs, key=lambda r: r["value"])
+        best = (min if metric_mode(metric) == "min" else max)(runs, key=lambda r: r["value"])
         fin = finals.get(g["config_hash"], [])
         tests = [f["test_acc"] for f in fin] or [r["test_acc"] for r in runs
                                                   if r["final_stage"] and r["test_acc"] is not None]
@@ -98,7 +98,7 @@ def collect_rows(tracking_uri: str | None, experiment: str | None, metric: str) 
                      "infer_ms_per_image": _avg(runs, "infer_ms_per_image"),
                      "best_run_id": best["run_id"], "run_ids": [r["run_id"] for r in runs],
                      "study": ",".join(sorted({r["study"] for r in runs if r["study"]}))})
-    sign = 1 if "loss" not in metric else -1  # ties: the study's own selection (it has finals), then fewer params
+    sign = -1 if metric_mode(metric) == "min" else 1  # ties: the study's own selection (it has finals), then fewer params
     rows.sort(key=lambda r: (sign * r["mean"], r["final_n"] > 0, -(r["tuned_params"] or 0)), reverse=True)
     return rows
 
@@ -164,7 +164,7 @@ def _pareto(rows: list[dict[str, Any]], metric: str, cost: str, out: Path, where
     have = [r for r in rows if r.get(cost) is not None]
     if not have:
         raise PfnasError(f"no configuration logged {cost!r}; --pareto takes tuned_params or infer_ms_per_image")
-    front = pareto_front([[r["mean"], r[cost]] for r in have], ["min" if "loss" in metric else "max", "min"])
+    front = pareto_front([[r["mean"], r[cost]] for r in have], [metric_mode(metric) or "max", "min"])
     for i, r in enumerate(have):
         r["pareto"] = i in front
     base = [r["label"].startswith(("fixed:", "probe")) for r in have]
@@ -185,8 +185,8 @@ def compare_runs(tracking_uri: str | None = None, experiment: str | None = None,
 
     Writes ``compare.csv``, ``acc_vs_params.png`` and ``best_config.yaml`` (the top row's final config when
     it has finals, else its own) to ``out_dir``. A test metric may be shown but never picks a best config.
-    Loss-like metrics (name containing ``loss``) sort ascending. ``pareto`` (``tuned_params`` or
-    ``infer_ms_per_image``) also writes ``pareto.png`` / ``pareto.csv``: the front of ``metric`` against that
+    Metrics that improve downward (``metric_mode``: losses, params, costs, times) sort ascending. ``pareto``
+    (``tuned_params`` or ``infer_ms_per_image``) also writes ``pareto.png`` / ``pareto.csv``: the front of ``metric`` against that
     cost over every configuration, single-op baselines marked; rows get ``pareto: True`` when on it.
     """
     rows = collect_rows(tracking_uri, experiment, metric)

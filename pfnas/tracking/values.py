@@ -48,6 +48,22 @@ def reads_test(metric: str) -> bool:
     return bool(TEST_NAME.search(metric))
 
 
+# what a finished trial reports (its last result; ``test_acc`` only in finals) and which way is better
+RESULT_METRICS = {"test_acc": "max", "val_acc": "max", "val_loss": "min", "select_val_acc": "max",
+                  "tuned_params": "min", "tuned_percent": "min", "cost_images": "min", "cost_step_s": "min",
+                  "infer_images_per_s": "max", "infer_ms_per_image": "min", "search_time_s": "min",
+                  "retrain_time_s": "min", "time_s": "min"}
+
+
+def metric_mode(metric: str) -> str | None:
+    """``max``/``min``: the direction in which ``metric`` improves, for a result metric or a phase's epoch metric
+    (``retrain/val_loss``: by its last name part, ``*_acc`` up, ``*_loss`` down); None where it is not known."""
+    leaf = metric.rsplit("/", 1)[-1]
+    if leaf in RESULT_METRICS:
+        return RESULT_METRICS[leaf]
+    return "max" if leaf.endswith("_acc") else "min" if leaf.endswith("_loss") else None
+
+
 def pareto_front(points: list[list[float]], modes: list[str]) -> list[int]:
     """Indices (ascending) of the non-dominated ``points``: no other point is at least as good in every
     objective (``max``/``min`` per entry of ``modes``) and strictly better in one. Equal points are all kept."""

@@ -21,8 +21,10 @@ from ..config import (
     validate,
 )
 from ..tracking import (
+    RESULT_METRICS,
     flatten,
     format_value,
+    metric_mode,
     reads_test,
 )
 
@@ -188,6 +190,15 @@ class SpaceConfig(_Strict):
             if reads_test(m):
                 raise ValueError(f"{where} {m!r} reads the test split; a study selects on validation "
                                  "(val_acc) and tests only its finals")
+            if "/" not in m and m not in RESULT_METRICS:
+                raise ValueError(f"{where} {m!r} is not reported by a trial; choose from "
+                                 f"{', '.join(k for k in RESULT_METRICS if not reads_test(k))}, or a phase's "
+                                 "epoch metric such as retrain/val_acc")
+        for where, m, mode in [*(("metric", m, d) for m, d in zip(self.metrics, self.modes)),
+                               ("scheduler.metric", self.scheduler.metric, self.scheduler.mode)]:
+            if metric_mode(m) not in (None, mode):
+                raise ValueError(f"{where} {m!r} with mode {mode!r} selects the worst trial; {m} is better "
+                                 f"{'higher' if metric_mode(m) == 'max' else 'lower'}: set mode {metric_mode(m)!r}")
         if self.base is not None and self.base_config is not None:
             raise ValueError("give either 'base' or 'base_config', not both")
         if self.algorithm == "grid":

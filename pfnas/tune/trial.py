@@ -14,6 +14,7 @@ from typing import Any
 from ..config import ExperimentConfig, TrainingError, merge_dotted
 from ..provenance import dataset_info
 from ..tracking import (
+    RESULT_METRICS,
     RunLogger,
     finite_scalar,
     format_value,
@@ -23,9 +24,7 @@ from .space import trial_values
 
 
 
-FINAL_KEYS = ("test_acc", "val_acc", "val_loss", "select_val_acc", "tuned_params", "tuned_percent", "cost_images",
-              "cost_step_s", "infer_images_per_s", "infer_ms_per_image",
-              "search_time_s", "retrain_time_s", "time_s")
+FINAL_KEYS = tuple(RESULT_METRICS)  # a finished trial's last report, in this order
 
 
 @dataclass
