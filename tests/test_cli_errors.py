@@ -47,17 +47,18 @@ def test_usage_errors_exit_2_with_one_line() -> None:
 
 
 def _vtab_task(root: Path, train: list[int], test: list[int], name: str = "toy") -> Path:
-    """A VTAB-1k task folder: one 8x8 PNG per listed label; val200 = train800, trainval = train800."""
+    """A VTAB-1k task folder: one 8x8 PNG per listed label; val200 has train800's labels in files of its own."""
     task = root / name
     lines = {}
-    for split, labels in (("train", train), ("test", test)):
+    for split, labels in (("train", train), ("val", train), ("test", test)):
         lines[split] = []
         for i, lab in enumerate(labels):
             _png(task / "images" / f"{split}_{i}.png", (i * 10, lab * 20, 0))
             lines[split].append(f"images/{split}_{i}.png {lab}")
-    for f in ("train800.txt", "val200.txt", "train800val200.txt"):
-        (task / f).write_text("\n".join(lines["train"]) + "\n")
-    (task / "test.txt").write_text("\n".join(lines["test"]) + "\n")
+    lines["trainval"] = lines["train"] + lines["val"]
+    for split, f in (("train", "train800.txt"), ("val", "val200.txt"), ("trainval", "train800val200.txt"),
+                     ("test", "test.txt")):
+        (task / f).write_text("\n".join(lines[split]) + "\n")
     return task
 
 

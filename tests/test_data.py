@@ -81,10 +81,13 @@ def test_vtab_resize_matches_torchvision_bicubic(tmp_path: Path) -> None:
     from torchvision.transforms import InterpolationMode, Resize
 
     task = tmp_path / "r" / "t"
-    img = _gradient_png(task / "images" / "a.png", (20, 12), 0)
-    _png(task / "images" / "b.png", (0, 0, 0))  # a second class: one-class tasks and label gaps are refused
-    for f in D.VTAB_SPLIT_FILES.values():
-        (task / f).write_text("images/a.png 1\nimages/b.png 0\n")
+    for split in ("train", "val", "test"):  # splits name distinct files
+        img = _gradient_png(task / "images" / f"{split}_a.png", (20, 12), 0)
+        _png(task / "images" / f"{split}_b.png", (0, 0, 0))  # a second class: one-class tasks are refused
+    lines = {s: f"images/{s}_a.png 1\nimages/{s}_b.png 0\n" for s in ("train", "val", "test")}
+    lines["trainval"] = lines["train"] + lines["val"]
+    for split, f in D.VTAB_SPLIT_FILES.items():
+        (task / f).write_text(lines[split])
     d = _vtab(tmp_path / "r", "t", img_size=16)
     ref = Resize((16, 16), interpolation=InterpolationMode.BICUBIC)(Image.open(img).convert("RGB"))
     expect = torch.from_numpy(np.array(ref)).permute(2, 0, 1)
@@ -334,6 +337,31 @@ def test_error_label_out_of_range(vtab_root: Path) -> None:
 def test_error_empty_split(vtab_root: Path) -> None:
     (vtab_root / "toy" / "val200.txt").write_text("\n")
     _expect_error(DataConfig(kind="vtab", root=str(vtab_root), task="toy"), "empty", "val200.txt")
+
+
+@pytest.mark.parametrize("split_file,line,fragments", [
+    ("val200.txt", "images/002.png 2", ("val200.txt", "train800.txt", "002.png", "1 image")),  # val reads a train image
+    ("test.txt", "images/007.png 1", ("test.txt", "val200.txt", "007.png")),  # test reads a val image
+    ("test.txt", "./images/000.png 0", ("test.txt", "train800.txt", "000.png")),  # the same file, spelt another way
+])
+def test_error_splits_share_images(vtab_root: Path, split_file: str, line: str, fragments: tuple[str, ...]) -> None:
+    """A val image the model trains on biases every choice made on val; a test image it trains on or selects with
+    inflates the test score. Either makes a wrong result, so the loader refuses it and the check reports it."""
+    with open(vtab_root / "toy" / split_file, "a") as f:
+        f.write(line + "\n")
+    _expect_error(DataConfig(kind="vtab", root=str(vtab_root), task="toy"), "share", *fragments)
+    rep = D.check_dataset(vtab_root / "toy")
+    assert not rep.ok and any("share" in m and fragments[-1] in m for m in rep.problems), rep.problems
+
+
+def test_fgvc_val_inside_train_is_refused(tmp_path: Path) -> None:
+    task = _fgvc_task(tmp_path)
+    train = json.loads((task / "train.json").read_text())
+    first = next(iter(train))
+    val = json.loads((task / "val.json").read_text())
+    (task / "val.json").write_text(json.dumps({**val, first: train[first]}))
+    _expect_error(DataConfig(kind="fgvc", root=str(task.parent), task=task.name), "share", "val.json", "train.json",
+                  Path(first).name)
 
 
 def test_fgvc_errors(tmp_path: Path) -> None:

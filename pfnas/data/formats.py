@@ -157,6 +157,28 @@ def _check_exists(listing: dict[str, list[tuple[Path, int]]], source: dict[str, 
 
 
 
+# split pairs that must not share an image, and what sharing one would make wrong
+_DISJOINT = (("train", "val", "every choice made on val would score images the model trains on"),
+             ("train", "test", "the test score would count images the model trained on"),
+             ("val", "test", "the test score would count images the finals train on and val selects with"),
+             ("trainval", "test", "the test score would count images the finals train on"))
+
+
+def _check_disjoint(listing: dict[str, list[tuple[Path, int]]], source: dict[str, str], issues: _Issues) -> None:
+    """Train, val and test name distinct files (``./a.png`` and ``a.png`` are one file); a shared one is a problem."""
+    files = {s: {os.path.normpath(p) for p, _ in entries} for s, entries in listing.items()}
+    reported: set[str] = set()
+    for a, b, why in _DISJOINT:
+        if a not in files or b not in files or (a == "trainval" and reported & {"train", "val"}):
+            continue
+        shared = sorted(files[a] & files[b])
+        if shared:
+            reported.add(a)
+            n = len(shared)
+            issues.problem(f"{source.get(a, a)} and {source.get(b, b)} share {n} image{'s' if n > 1 else ''} "
+                           f"(e.g. {shared[0]}): {why}")
+
+
 def _num_classes(splits: dict[str, list[tuple[Path, int]]]) -> int:
     labels = [lab for entries in splits.values() for _, lab in entries]
     return max(labels) + 1 if labels else 0
@@ -239,7 +261,9 @@ def _list_vtab(task_dir: Path, issues: _Issues) -> _Listing:
         union = {p for p, _ in splits["train"]} | {p for p, _ in splits["val"]}
         if union != {p for p, _ in splits["trainval"]}:
             issues.warn(f"{task_dir.name}: {VTAB_SPLIT_FILES['trainval']} is not the union of train800 and val200")
-    _check_exists(splits, {k: str(task_dir / v) for k, v in VTAB_SPLIT_FILES.items()}, issues)
+    source = {k: str(task_dir / v) for k, v in VTAB_SPLIT_FILES.items()}
+    _check_disjoint(splits, source, issues)
+    _check_exists(splits, source, issues)
     return _Listing(splits, num_classes)
 
 
@@ -290,7 +314,9 @@ def _list_fgvc(task_dir: Path, issues: _Issues) -> _Listing:
     known = fgvc_num_classes(task_dir.name)
     if known is not None and len(values) != known:
         issues.warn(f"{task_dir.name}: {len(values)} distinct labels, the FGVC set has {known}")
-    _check_exists(splits, {k: str(task_dir / v) for k, v in FGVC_SPLIT_FILES.items()}, issues)
+    source = {k: str(task_dir / v) for k, v in FGVC_SPLIT_FILES.items()}
+    _check_disjoint(splits, source, issues)
+    _check_exists(splits, source, issues)
     return _Listing(splits, len(values))
 
 
@@ -381,6 +407,7 @@ def _list_imagefolder(root: Path, issues: _Issues, seed: int, require_splits: bo
             issues.problem(f"split {s!r} of {root} is empty")
     _check_labels(root, splits, len(classes), issues, names=classes)
     splits["trainval"] = splits.get("train", []) + splits.get("val", [])
+    _check_disjoint(splits, {s: str(split_dirs[s]) for s in ("train", "val", "test") if split_dirs[s].is_dir()}, issues)
     return _Listing({s: splits[s] for s in SPLITS if s in splits}, len(classes), classes)
 
 
