@@ -238,6 +238,46 @@ def test_diverging_trial_fails_alone(ray_session, tmp_path, tracking):
     assert "non-finite loss" in bad.metrics["error"] and "val_acc" not in bad.metrics  # no score to select
 
 
+def test_a_study_continues_when_rays_own_loop_stops(ray_session, tmp_path, tracking, monkeypatch, caplog):
+    """Ray 2.60 stops the whole run, not one trial, when its memory monitor kills a trial's worker (its actor
+    manager raises "Caught unexpected exception"). The study continues from Tune's saved state by itself: every
+    trial finishes once, under one MLflow parent; with no restart left it ends in one line saying how to resume."""
+    import logging
+
+    from pfnas.tune import study as st
+    from pfnas.tune import summary
+
+    real, stops = summary._Progress.on_step_end, []
+
+    def stop(self, iteration, trials, **info):  # once a trial has finished, Ray's loop stops (as Tune's own would)
+        real(self, iteration, trials, **info)
+        if len(stops) < stops_wanted and any(t.status == "TERMINATED" for t in trials):
+            stops.append(iteration)
+            raise RuntimeError("Caught unexpected exception: 1 worker(s) were killed due to the node running low "
+                               "on memory.")
+
+    monkeypatch.setattr(summary._Progress, "on_step_end", stop)
+    monkeypatch.setattr(st, "RAY_RESTART_WAIT_S", 0.0)
+    stops_wanted = 1
+    space = write_space(tmp_path, "raystop", num_samples=2, final={"seeds": 1})
+    with caplog.at_level(logging.WARNING, logger="pfnas"):
+        s = run_tune(space, storage=str(tmp_path / "ray"), tracking_uri=tracking).studies[0]
+    assert len(stops) == 1 and "Ray stopped study raystop: Caught unexpected exception: 1 worker(s) were killed" in caplog.text
+    assert "continuing it from its saved state" in caplog.text
+    assert [t.status for t in s.trials] == ["TERMINATED"] * 2 and s.best is not None
+    assert s.finals is not None and len(s.finals.test_accs) == 1
+    _, parents, runs = trial_runs(tracking, "raystop")
+    assert len(parents) == 1 and sorted(r.data.tags["pfnas.trial_id"] for r in runs) == sorted(t.trial_id for t in s.trials)
+
+    stops.clear()
+    monkeypatch.setattr(st, "RAY_RESTARTS", 0)  # no restart left
+    space = write_space(tmp_path, "raystop2", num_samples=1)
+    with pytest.raises(PfnasError, match=r"^Ray stopped study raystop2: Caught unexpected exception.*memory; "
+                                         r"rerun with --resume") as err:
+        run_tune(space, storage=str(tmp_path / "ray"), tracking_uri=tracking)
+    assert "\n" not in str(err.value) and len(stops) == 1
+
+
 # ----------------------------------------------------------------------------- kill and resume
 def _children() -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}

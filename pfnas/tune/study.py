@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -148,10 +149,29 @@ def _n_trials(space: SpaceConfig, plan: StudyPlan, num_samples: int) -> int:
     return n
 
 
-def _fit(tuner):
-    """``tuner.fit()``, closing the live table even when interrupted."""
+RAY_RESTARTS = 2  # times a study continues by itself after Ray's own loop stopped (not a trial's failure)
+RAY_RESTART_WAIT_S = 10.0  # before continuing: time for what crowded the node (memory) to go away
+
+
+class RayStopped(PfnasError):
+    """Tune's driver loop raised: not a trial's failure (a trial fails alone) but the run's. Ray 2.60 does this when
+    its memory monitor kills a trial's worker ("Caught unexpected exception" from the actor manager)."""
+
+    def __init__(self, what: str, reason: str):
+        self.stopped = f"Ray stopped {what}: {reason.rstrip('.')}"
+        super().__init__(f"{self.stopped}; rerun with --resume to continue it (finished trials are kept)")
+
+
+def _fit(tuner, what: str):
+    """``tuner.fit()``, closing the live table even when interrupted; an exception from Ray's own loop becomes
+    :class:`RayStopped` (one line), since Tune kept the run's state and it can continue."""
     try:
         return tuner.fit()
+    except PfnasError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Tune catches a trial's errors itself: this one stopped the whole run
+        log.debug("Ray stopped %s", what, exc_info=True)
+        raise RayStopped(what, _error_line(e)) from None
     finally:
         if _DISPLAY:
             _DISPLAY[-1].close()
@@ -262,7 +282,7 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
                        optuna_storage=optuna_storage if optuna_study else None, optuna_study=optuna_study,
                        progress=_Progress(f"study {plan.name}", space.metrics[0], ctx,
                                           _n_trials(space, plan, num_samples), space.modes[0]))
-    results = _fit(tuner)
+    results = _fit(tuner, f"study {plan.name}")
     interrupted = _interrupted(results)
 
     recs = _records(results, space.metrics, plan.param_keys)
@@ -430,7 +450,7 @@ def _run_finals(ctx: TrialContext, plan: StudyPlan, chosen: list[TrialRecord], s
                                       failure_config=tune.FailureConfig(max_failures=space.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints)))
     out = {r.trial_id: FinalsRecord(r.trial_id, [], []) for r in chosen}
-    grid = _fit(tuner)
+    grid = _fit(tuner, f"the finals of study {ctx.study}")
     results = [(dict((r.config or {}).get("final") or {}), r) for r in grid]
     for pick, r in sorted(results, key=lambda x: (x[0].get("config", -1), x[0].get("seed", -1))):
         if "config" not in pick:
@@ -607,11 +627,24 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
     try:
         if address is not None:  # a cluster study: the data must be there on every node a trial may land on
             check_data_on_nodes(data_cfgs)
-        studies = [_run_study(p, space, space_path, storage=root, tracking_uri=uri,
-                              mlflow_experiment=mlflow_experiment, resume=resume and p.name in existing,
-                              num_samples=num_samples or space.num_samples
-                              or (1 if space.algorithm == "grid" else 8), verbose=verbose,
-                              optuna_storage=ostore) for p in plans]
+        studies = []
+        for p in plans:
+            again = resume and p.name in existing
+            for restart in range(RAY_RESTARTS + 1):
+                try:
+                    studies.append(_run_study(p, space, space_path, storage=root, tracking_uri=uri,
+                                              mlflow_experiment=mlflow_experiment, resume=again,
+                                              num_samples=num_samples or space.num_samples
+                                              or (1 if space.algorithm == "grid" else 8), verbose=verbose,
+                                              optuna_storage=ostore))
+                    break
+                except RayStopped as e:  # what --resume would do, done here: the run's state is in Tune's folder
+                    if restart == RAY_RESTARTS or not tune.Tuner.can_restore(paths[p.name]):
+                        raise
+                    log.warning("%s; continuing it from its saved state in %.0f s (restart %d of %d)",
+                                e.stopped, RAY_RESTART_WAIT_S, restart + 1, RAY_RESTARTS)
+                    time.sleep(RAY_RESTART_WAIT_S)
+                    again = True
     finally:
         if not verbose:
             _DISPLAY.pop().close()
