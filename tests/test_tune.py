@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -236,6 +237,16 @@ def test_diverging_trial_fails_alone(ray_session, tmp_path, tracking):
     failures = {json.loads(t)["trial_id"]: json.loads(m)["num_failures"] for t, m in state["trial_data"]}
     assert failures == {t.trial_id: 0 for t in s.trials}  # the NaN trial ran once: max_failures=2 did not retry it
     assert "non-finite loss" in bad.metrics["error"] and "val_acc" not in bad.metrics  # no score to select
+
+
+@pytest.mark.parametrize("resources,match", [({"cpu": 3, "gpu": 0}, "resources.cpu=3 per trial, but the Ray cluster has 2 CPUs"),
+                                             ({"cpu": 1, "gpu": 1}, "resources.gpu=1 per trial, but the Ray cluster has 0 GPUs")])
+def test_a_trial_the_cluster_cannot_hold_is_refused(ray_session, tmp_path, tracking, resources, match):
+    """Tune would keep such a trial pending forever, silently; the study is refused before it starts."""
+    space = write_space(tmp_path, "toobig", num_samples=1, resources=resources)
+    with pytest.raises(ConfigError, match=re.escape(match) + ".*no trial could ever start"):
+        run_tune(space, storage=str(tmp_path / "ray"), tracking_uri=tracking)
+    assert not (tmp_path / "ray" / "toobig").exists()
 
 
 def test_a_study_continues_when_rays_own_loop_stops(ray_session, tmp_path, tracking, monkeypatch, caplog):

@@ -504,6 +504,22 @@ class _Quiet:
             logging.getLogger(n).setLevel(level)
 
 
+def _check_trial_fits(space: SpaceConfig, local: bool) -> None:
+    """A trial asking for more CPUs or GPUs than the Ray cluster has would stay pending forever: refused on a local
+    Ray (its one node is all there is), a warning on a cluster (an autoscaler may still add nodes)."""
+    import ray
+
+    have = ray.cluster_resources()
+    for key, want in (("cpu", space.resources.cpu), ("gpu", space.resources.gpu)):
+        total = float(have.get(key.upper(), 0.0))
+        if want > total:
+            msg = (f"resources.{key}={format_value(want)} per trial, but the Ray cluster has {format_value(total)} "
+                   f"{key.upper()}s: no trial could ever start")
+            if local:
+                raise ConfigError(f"{msg}; lower resources.{key}" + (" or run on a GPU machine" if key == "gpu" else ""))
+            log.warning("%s unless the cluster adds nodes", msg)
+
+
 def _storage_root(storage: str | None) -> str:
     if storage and "://" in storage:
         return storage
@@ -625,6 +641,7 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
     if not verbose:
         _DISPLAY.append(LiveTable(console))
     try:
+        _check_trial_fits(space, local=address is None)
         if address is not None:  # a cluster study: the data must be there on every node a trial may land on
             check_data_on_nodes(data_cfgs)
         studies = []
