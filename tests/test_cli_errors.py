@@ -62,6 +62,19 @@ def _vtab_task(root: Path, train: list[int], test: list[int], name: str = "toy")
     return task
 
 
+def test_an_unreachable_ray_address_is_one_line_exit_2(tmp_path: Path) -> None:
+    """Ray's own client retries a dead GCS address for minutes, printing a warning every few seconds; pfnas tries
+    the port once first."""
+    from conftest import free_port
+
+    port = free_port()  # nothing listens there
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        r = _pfnas("tune", "--space", str(REPO / "search_spaces" / "demo.yaml"), "--address", address,
+                   "--storage", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", timeout=60)
+        assert r.returncode == 2, r.stderr[-2000:]
+        one_error_line(r.stderr, "cannot reach the Ray cluster at", address, "--address")
+
+
 def test_data_check_on_broken_data_exits_2(tmp_path: Path) -> None:
     ok = _vtab_task(tmp_path / "ok", [0, 1, 2, 0], [2, 1])
     assert _pfnas("data", "check", str(ok)).returncode == 0

@@ -504,6 +504,23 @@ class _Quiet:
             logging.getLogger(n).setLevel(level)
 
 
+def _check_ray_address(address: str | None) -> None:
+    """One try of an explicit ``host:port`` or ``ray://host:port`` before ``ray.init``, which retries a dead address
+    for minutes; ``auto`` and None are left to Ray (it fails fast when no cluster is running)."""
+    if not address or address in ("auto", "local"):
+        return
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # not host:port: Ray reports what it makes of it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as e:
+        raise ConfigError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}); start it "
+                          "(ray start --head) or fix --address") from None
+
+
 def _check_trial_fits(space: SpaceConfig, local: bool) -> None:
     """A trial asking for more CPUs or GPUs than the Ray cluster has would stay pending forever: refused on a local
     Ray (its one node is all there is), a warning on a cluster (an autoscaler may still add nodes)."""
@@ -630,6 +647,7 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
     quiet = _Quiet(not verbose)
     started = False
     if not ray.is_initialized():
+        _check_ray_address(address)
         ray.init(address=address, ignore_reinit_error=True, **quiet.init_kwargs())
         started = True
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
