@@ -98,7 +98,8 @@ def collect_rows(tracking_uri: str | None, experiment: str | None, metric: str) 
                      "infer_ms_per_image": _avg(runs, "infer_ms_per_image"),
                      "best_run_id": best["run_id"], "run_ids": [r["run_id"] for r in runs],
                      "study": ",".join(sorted({r["study"] for r in runs if r["study"]}))})
-    sign = -1 if metric_mode(metric) == "min" else 1  # ties: the study's own selection (it has finals), then fewer params
+    sign = -1 if metric_mode(metric) == "min" else 1
+    # ties: the study's own selection (it has finals), then fewer params
     rows.sort(key=lambda r: (sign * r["mean"], r["final_n"] > 0, -(r["tuned_params"] or 0)), reverse=True)
     return rows
 
@@ -186,8 +187,9 @@ def compare_runs(tracking_uri: str | None = None, experiment: str | None = None,
     Writes ``compare.csv``, ``acc_vs_params.png`` and ``best_config.yaml`` (the top row's final config when
     it has finals, else its own) to ``out_dir``. A test metric may be shown but never picks a best config.
     Metrics that improve downward (``metric_mode``: losses, params, costs, times) sort ascending. ``pareto``
-    (``tuned_params`` or ``infer_ms_per_image``) also writes ``pareto.png`` / ``pareto.csv``: the front of ``metric`` against that
-    cost over every configuration, single-op baselines marked; rows get ``pareto: True`` when on it.
+    (``tuned_params`` or ``infer_ms_per_image``) also writes ``pareto.png`` / ``pareto.csv``: the front of
+    ``metric`` against that cost over every configuration, single-op baselines marked; rows get ``pareto: True``
+    when on it.
     """
     rows = collect_rows(tracking_uri, experiment, metric)
     where = f"experiment {experiment!r}" if experiment else "any experiment"

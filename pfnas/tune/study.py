@@ -533,7 +533,8 @@ def _check_trial_fits(space: SpaceConfig, local: bool) -> None:
             msg = (f"resources.{key}={format_value(want)} per trial, but the Ray cluster has {format_value(total)} "
                    f"{key.upper()}s: no trial could ever start")
             if local:
-                raise ConfigError(f"{msg}; lower resources.{key}" + (" or run on a GPU machine" if key == "gpu" else ""))
+                hint = " or run on a GPU machine" if key == "gpu" else ""
+                raise ConfigError(f"{msg}; lower resources.{key}{hint}")
             log.warning("%s unless the cluster adds nodes", msg)
 
 
