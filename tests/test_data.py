@@ -216,6 +216,9 @@ def test_imagefolder_with_val_dir(tmp_path: Path) -> None:
     _folder(tmp_path / "set" / "test", 2, 1)
     d = D.load_task(DataConfig(kind="imagefolder", root=str(tmp_path / "set")), img_size=8, mean=MEAN, std=STD)
     assert {s: d.num_images(s) for s in D.SPLITS} == {"train": 8, "val": 4, "trainval": 12, "test": 2}
+    (tmp_path / "set" / "val").rename(tmp_path / "old_val")
+    (tmp_path / "set" / "val").symlink_to(tmp_path / "set" / "test")  # "no val split: use test" is selecting on test
+    _expect_error(DataConfig(kind="imagefolder", root=str(tmp_path / "set")), "share 2 images", "val", "test")
 
 
 # ----------------------------------------------------------------------------- batches

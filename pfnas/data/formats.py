@@ -165,8 +165,9 @@ _DISJOINT = (("train", "val", "every choice made on val would score images the m
 
 
 def _check_disjoint(listing: dict[str, list[tuple[Path, int]]], source: dict[str, str], issues: _Issues) -> None:
-    """Train, val and test name distinct files (``./a.png`` and ``a.png`` are one file); a shared one is a problem."""
-    files = {s: {os.path.normpath(p) for p, _ in entries} for s, entries in listing.items()}
+    """Train, val and test name distinct files (``./a.png``, ``a.png`` and a link to it are one file); a shared one
+    is a problem."""
+    files = {s: {os.path.realpath(p) for p, _ in entries} for s, entries in listing.items()}
     reported: set[str] = set()
     for a, b, why in _DISJOINT:
         if a not in files or b not in files or (a == "trainval" and reported & {"train", "val"}):
