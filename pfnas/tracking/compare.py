@@ -83,11 +83,12 @@ def collect_rows(tracking_uri: str | None, experiment: str | None, metric: str) 
                           "cost_images": metrics.get("cost_images"), "study": tags.get("pfnas.study", ""),
                           "infer_ms_per_image": metrics.get("infer_ms_per_image"),
                           "artifact_uri": run.info.artifact_uri})
+    lower = metric_mode(metric) == "min"
     rows = []
     for g in groups.values():
         runs = g.pop("runs")
         mean, std = mean_std([r["value"] for r in runs])
-        best = (min if metric_mode(metric) == "min" else max)(runs, key=lambda r: r["value"])
+        best = (min if lower else max)(runs, key=lambda r: r["value"])
         fin = finals.get(g["config_hash"], [])
         tests = [f["test_acc"] for f in fin] or [r["test_acc"] for r in runs
                                                   if r["final_stage"] and r["test_acc"] is not None]
@@ -98,7 +99,7 @@ def collect_rows(tracking_uri: str | None, experiment: str | None, metric: str) 
                      "infer_ms_per_image": _avg(runs, "infer_ms_per_image"),
                      "best_run_id": best["run_id"], "run_ids": [r["run_id"] for r in runs],
                      "study": ",".join(sorted({r["study"] for r in runs if r["study"]}))})
-    sign = -1 if metric_mode(metric) == "min" else 1
+    sign = -1 if lower else 1
     # ties: the study's own selection (it has finals), then fewer params
     rows.sort(key=lambda r: (sign * r["mean"], r["final_n"] > 0, -(r["tuned_params"] or 0)), reverse=True)
     return rows

@@ -186,7 +186,8 @@ class SpaceConfig(_Strict):
             raise ValueError(f"metric {self.metric} and mode {self.mode} must name distinct objectives, one mode each")
         if len(self.metrics) > 1 and self.algorithm != "optuna":
             raise ValueError("several objectives (a Pareto study) need algorithm: optuna")
-        for where, m in [*(("metric", m) for m in self.metrics), ("scheduler.metric", self.scheduler.metric)]:
+        for where, m, mode in [*(("metric", m, d) for m, d in zip(self.metrics, self.modes)),
+                               ("scheduler.metric", self.scheduler.metric, self.scheduler.mode)]:
             if reads_test(m):
                 raise ValueError(f"{where} {m!r} reads the test split; a study selects on validation "
                                  "(val_acc) and tests only its finals")
@@ -194,11 +195,10 @@ class SpaceConfig(_Strict):
                 raise ValueError(f"{where} {m!r} is not reported by a trial; choose from "
                                  f"{', '.join(k for k in RESULT_METRICS if not reads_test(k))}, or a phase's "
                                  "epoch metric such as retrain/val_acc")
-        for where, m, mode in [*(("metric", m, d) for m, d in zip(self.metrics, self.modes)),
-                               ("scheduler.metric", self.scheduler.metric, self.scheduler.mode)]:
-            if metric_mode(m) not in (None, mode):
+            better = metric_mode(m)
+            if better not in (None, mode):
                 raise ValueError(f"{where} {m!r} with mode {mode!r} selects the worst trial; {m} is better "
-                                 f"{'higher' if metric_mode(m) == 'max' else 'lower'}: set mode {metric_mode(m)!r}")
+                                 f"{'higher' if better == 'max' else 'lower'}: set mode {better!r}")
         if self.base is not None and self.base_config is not None:
             raise ValueError("give either 'base' or 'base_config', not both")
         if self.algorithm == "grid":

@@ -663,16 +663,15 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
         _check_trial_fits(space, local=address is None)
         if address is not None:  # a cluster study: the data must be there on every node a trial may land on
             check_data_on_nodes(data_cfgs)
+        samples = num_samples or space.num_samples or (1 if space.algorithm == "grid" else 8)
         studies = []
         for p in plans:
             again = resume and p.name in existing
             for restart in range(RAY_RESTARTS + 1):
                 try:
                     studies.append(_run_study(p, space, space_path, storage=root, tracking_uri=uri,
-                                              mlflow_experiment=mlflow_experiment, resume=again,
-                                              num_samples=num_samples or space.num_samples
-                                              or (1 if space.algorithm == "grid" else 8), verbose=verbose,
-                                              optuna_storage=ostore))
+                                              mlflow_experiment=mlflow_experiment, resume=again, num_samples=samples,
+                                              verbose=verbose, optuna_storage=ostore))
                     break
                 except RayStopped as e:  # what --resume would do, done here: the run's state is in Tune's folder
                     if restart == RAY_RESTARTS or not tune.Tuner.can_restore(paths[p.name]):
