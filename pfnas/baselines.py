@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import statistics
@@ -44,6 +43,7 @@ from .config import ExperimentConfig, PfnasError, config_hash, finite_scalar, me
 from .engine import (EpochCallback, Experiment, Phase, backbone_param_count, claim_run_dir, evaluate, fit, lr_at,
                      rng_state, run_experiment, run_retrain, set_rng_state, waiting_lock)
 from .model import PromptedViT
+from .runtime import write_atomic
 
 PATH_LOGIT = 1e4  # alpha value that pins a gumbel supernet to one path (softmax of the rest is exactly 0)
 
@@ -276,9 +276,7 @@ def _load_state(out: Path, fingerprint: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _save_state(out: Path, st: dict[str, Any]) -> None:
-    tmp = out / "state.json.tmp"
-    tmp.write_text(json.dumps(st, indent=1))
-    os.replace(tmp, out / "state.json")
+    write_atomic(out / "state.json", json.dumps(st, indent=1))
 
 
 def _train_candidate(exp: Experiment, policy: dict[int, str], folder: Path, steps: int) -> dict[str, Any]:
@@ -501,8 +499,7 @@ def _shared_selection(exp: Experiment, out: Path, cache: Path, select: Selector,
     for item in sorted(slot.iterdir()):  # the candidates' (or the supernet's) folders, then the loop's state
         if item.is_dir():
             shutil.copytree(item, out / item.name, dirs_exist_ok=True)
-    shutil.copyfile(slot / "state.json", out / ".state.json.tmp")
-    os.replace(out / ".state.json.tmp", out / "state.json")
+    write_atomic(out / "state.json", (slot / "state.json").read_bytes())
     return res
 
 

@@ -53,6 +53,10 @@ class RunDirError(PfnasError):
     """An output folder that holds another configuration's run, or is in use by another process."""
 
 
+class RunFileError(PfnasError):
+    """A run file that cannot be written (disk full) or read back (truncated, changed, or not plain data)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

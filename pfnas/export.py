@@ -26,6 +26,7 @@ import torch.nn as nn
 from .config import BackboneConfig, ExperimentConfig, ModelError, PfnasError, PromptConfig
 from .data import IMAGE_EXTS, TaskData, View, decode_images, eval_view, render_image
 from .model import PromptedViT, load_backbone
+from .runtime import write_atomic
 
 FORMAT = "pfnas-model"
 FORMAT_VERSION = 1
@@ -80,12 +81,6 @@ def _backbone_reference(cfg: ExperimentConfig, backbone: nn.Module) -> dict[str,
     return ref
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def export_model(out_dir: str | Path, model: PromptedViT, cfg: ExperimentConfig, data: TaskData,
                  metrics: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` + ``pfnas_model.json`` for a fixed-policy ``model`` into ``out_dir``.
@@ -94,7 +89,7 @@ def export_model(out_dir: str | Path, model: PromptedViT, cfg: ExperimentConfig,
     weights file, so a half-replaced pair is detected by :func:`load_model`. Returns ``out_dir``.
     """
     import timm
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from . import __version__
 
@@ -103,7 +98,7 @@ def export_model(out_dir: str | Path, model: PromptedViT, cfg: ExperimentConfig,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
-    _write_atomic(out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    write_atomic(out / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}), "model weights")
     n = int(model.head.out_features)
     view = eval_view(cfg.data.kind, data.img_size)
     meta = {
@@ -122,7 +117,7 @@ def export_model(out_dir: str | Path, model: PromptedViT, cfg: ExperimentConfig,
                           "crop_size": view.crop, "interpolation": "bicubic", "data_kind": cfg.data.kind},
         "weights": {"file": WEIGHTS_FILE, "sha256": file_sha256(out / WEIGHTS_FILE), "tensors": len(tensors)},
     }
-    _write_atomic(out / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    write_atomic(out / META_FILE, json.dumps(meta, indent=1), "model file")
     return out
 
 

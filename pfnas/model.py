@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import OPS, BackboneConfig, ModelError, PfnasError, PromptConfig
+from .runtime import write_atomic
 
 FIXED_OPS = OPS + ("none",)  # "none": the plain frozen block, no prompts (linear probe)
 
@@ -248,26 +249,35 @@ def normalize_policy(policy: dict | list, depth: int) -> dict[int, str]:
 
 
 def save_policy(policy: dict[int, str], path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({str(k): v for k, v in sorted(policy.items())}, indent=1))
+    """Write ``policy`` as JSON, whole or not at all."""
+    write_atomic(path, json.dumps({str(k): v for k, v in sorted(policy.items())}, indent=1), "policy")
 
 
 def load_policy(path: str | Path) -> dict[int, str]:
+    """``{layer: op}`` from a JSON or YAML file (a mapping, ``{"policy": ...}`` or a list of ops); an unreadable,
+    cut or malformed file is a one-line PfnasError naming it."""
+    import yaml
+
     p = Path(path)
     if not p.is_file():
         raise PfnasError(f"policy file not found: {p}")
-    text = p.read_text()
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        import yaml
-
-        data = yaml.safe_load(text)
+        text = p.read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        why = e.strerror if isinstance(e, OSError) else "truncated, or not JSON/YAML"
+        raise PfnasError(f"cannot read policy file {p}: {why}") from None
     if isinstance(data, dict) and "policy" in data:
         data = data["policy"]
     if not isinstance(data, (dict, list)):
         raise PfnasError(f"{p}: a policy is a {{layer: op}} mapping or a list of ops")
-    return {int(k): v for k, v in (data.items() if isinstance(data, dict) else enumerate(data))}
+    try:
+        return {int(k): v for k, v in (data.items() if isinstance(data, dict) else enumerate(data))}
+    except (TypeError, ValueError):
+        raise PfnasError(f"{p}: a policy's layers are integers, e.g. {{\"0\": \"prepend\"}}") from None
 
 
 # ----------------------------------------------------------------------------- layers and model

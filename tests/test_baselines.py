@@ -203,7 +203,7 @@ def test_weight_sharing_ranks_through_shared_weights(exp, tmp_path):
     # rebuild the trained supernet and check a ranked policy scores the same through a pinned path
     e = Experiment(cfg, exp.backbone, exp.data, exp.device)
     net = e.supernet()
-    st = torch.load(tmp_path / "shared" / "shared.pt", weights_only=False)
+    st = torch.load(tmp_path / "shared" / "shared.pt", weights_only=True)
     net.load_trainable_state_dict(st["model"])
     net.mode = "gumbel"
     rec = r["history"][2]

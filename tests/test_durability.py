@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from conftest import REPO, MlflowServer, free_port, one_error_line, tiny_config
 
@@ -110,28 +109,29 @@ def test_second_run_on_a_locked_folder_refused_and_kill_9_frees_it(tmp_path, tin
 
 
 def test_a_failed_checkpoint_write_leaves_no_partial_file(tmp_path, tiny_yaml, capsys, monkeypatch):
-    from pfnas.engine import save_atomic
+    from pfnas.runtime import load_checkpoint, save_checkpoint
 
     ckpt = tmp_path / "ck" / "search.pt"
-    save_atomic({"epoch": 1}, ckpt)
-    real = torch.save
+    save_checkpoint({"epoch": 1}, ckpt)
+    real = os.write
 
-    def disk_full(obj, f, *a, **kw):
-        Path(f).write_bytes(b"half a checkpoint")  # what a full disk leaves behind
+    def disk_full(fd, data):  # what a full disk does: part of the bytes, then ENOSPC
+        if len(data) > 16:
+            real(fd, bytes(data)[:16])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(os, "write", disk_full)
     with pytest.raises(PfnasError) as ei:
-        save_atomic({"epoch": 2}, ckpt)
-    assert "\n" not in str(ei.value) and "No space left on device" in str(ei.value) and str(ckpt) in str(ei.value)
-    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["search.pt"]
-    monkeypatch.setattr(torch, "save", real)
-    assert torch.load(ckpt, weights_only=False) == {"epoch": 1}  # the previous checkpoint is whole
-    monkeypatch.setattr(torch, "save", disk_full)
+        save_checkpoint({"epoch": 2}, ckpt)
+    assert "\n" not in str(ei.value) and "no space left on device" in str(ei.value) and str(ckpt) in str(ei.value)
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["search.pt", "search.pt.sha256"]
+    monkeypatch.setattr(os, "write", real)
+    assert load_checkpoint(ckpt) == {"epoch": 1}  # the previous checkpoint is whole
+    monkeypatch.setattr(os, "write", disk_full)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     rc, err = _run(capsys, "run", "-c", str(tiny_yaml), "-o", str(tmp_path / "out"))
     assert rc == 2
-    one_error_line(err, "No space left on device")
+    one_error_line(err, "no space left on device")
     assert not list((tmp_path / "out").rglob("*.tmp")) and not list((tmp_path / "out").rglob("*.pt"))
 
 

@@ -30,7 +30,7 @@ def _fixed_cfg(epochs: int = 2, **backbone):
 def _trained(exp: Experiment, folder: Path, policy) -> torch.nn.Module:
     """The run's own retrained model, rebuilt on the run's backbone from its last checkpoint."""
     model = exp.fixed(policy)
-    model.load_trainable_state_dict(torch.load(folder / "retrain.pt", map_location="cpu", weights_only=False)["model"])
+    model.load_trainable_state_dict(torch.load(folder / "retrain.pt", map_location="cpu", weights_only=True)["model"])
     return model.eval()
 
 

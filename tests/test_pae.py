@@ -166,7 +166,7 @@ def test_search_with_pae_checkpoints_and_resumes(exp, tmp_path):
     full = run_search(exp, tmp_path / "full")
     part = run_search(exp, tmp_path / "part", stop_after=1)
     assert part.epoch == 1
-    ckpt = torch.load(tmp_path / "part" / "search.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "part" / "search.pt", weights_only=True)
     assert set(ckpt["extra"]) == {"W_in.weight", "K", "L"}
     resumed = run_search(exp, tmp_path / "part")
     assert resumed.epoch == full.epoch == exp.cfg.search.epochs
@@ -181,4 +181,4 @@ def test_retrain_with_pae(exp, tmp_path):
     phase = run_retrain(exp, {0: "cross_attn", 1: "prepend"}, tmp_path)
     assert phase.extra_loss is not None and len(phase.history) == exp.cfg.train.epochs
     assert 0.0 <= phase.history[-1]["test_acc"] <= 1.0
-    assert torch.load(tmp_path / "retrain.pt", weights_only=False)["extra"] is not None
+    assert torch.load(tmp_path / "retrain.pt", weights_only=True)["extra"] is not None

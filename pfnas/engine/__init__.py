@@ -7,11 +7,11 @@ phases; ``selection``: the policy readouts of a searched supernet; ``experiment`
 from .experiment import (Experiment, ExperimentResult, RunDirClaim, backbone_param_count, claim_run_dir,
                          inference_throughput, run_experiment, run_retrain, run_search, shared_search, waiting_lock)
 from .phases import (EpochCallback, Phase, RetrainPhase, SearchPhase, autocast, eval_logits, evaluate, fit, lr_at,
-                     resolve_device, rng_state, save_atomic, seed_everything, set_rng_state, temperature)
+                     resolve_device, rng_state, seed_everything, set_rng_state, temperature)
 from .selection import (PIN_LOGIT, parsimonious_choice, parsimony_policy, perturbation_policy, select_policy)
 
 __all__ = ["EpochCallback", "Experiment", "ExperimentResult", "PIN_LOGIT", "Phase", "RetrainPhase", "RunDirClaim",
            "SearchPhase", "autocast", "backbone_param_count", "claim_run_dir", "eval_logits", "evaluate", "fit",
            "inference_throughput", "lr_at", "parsimonious_choice", "parsimony_policy", "perturbation_policy",
-           "resolve_device", "rng_state", "run_experiment", "run_retrain", "run_search", "save_atomic",
-           "seed_everything", "select_policy", "set_rng_state", "shared_search", "temperature", "waiting_lock"]
+           "resolve_device", "rng_state", "run_experiment", "run_retrain", "run_search", "seed_everything",
+           "select_policy", "set_rng_state", "shared_search", "temperature", "waiting_lock"]

@@ -21,6 +21,7 @@ from ..config import (ExperimentConfig, PfnasError, RunDirError, config_diff, co
                       search_hash)
 from ..data import TaskData, load_task
 from ..model import PromptedViT, backbone_input, load_backbone, load_policy, save_policy
+from ..runtime import load_checkpoint, save_checkpoint, write_atomic
 from .phases import EpochCallback, RetrainPhase, SearchPhase, fit, resolve_device, seed_everything
 from .selection import select_policy
 
@@ -205,11 +206,13 @@ def run_search(exp: Experiment, out_dir: str | Path, on_epoch: EpochCallback | N
         else:
             phase.policy = select_policy(model, exp, out)
             save_policy(phase.policy, done)
-            torch.save(model.alpha.detach().cpu(), out / "alpha.pt")
+            save_checkpoint(model.alpha.detach().cpu(), out / "alpha.pt")
     return phase
 
 
-SEARCH_FILES = ("policy.json", "alpha.pt", "selection.json", "log.jsonl", "search.pt")  # checkpoint last: it marks a copy done
+# the checkpoint last: it marks a copy done (its sha256 sidecar before it)
+SEARCH_FILES = ("policy.json", "alpha.pt", "alpha.pt.sha256", "selection.json", "log.jsonl", "search.pt.sha256",
+                "search.pt")
 
 
 @contextmanager
@@ -247,7 +250,7 @@ def shared_search(exp: Experiment, out_dir: str | Path, cache: str | Path, on_ep
     def report(m: dict[str, Any]) -> None:
         nonlocal reported
         if int(m["epoch"]) > reported + 1:  # the slot ran on while this run was down: its checkpoint has those epochs
-            for old in torch.load(slot / "search.pt", map_location="cpu", weights_only=False)["history"]:
+            for old in load_checkpoint(slot / "search.pt")["history"]:
                 if reported < int(old["epoch"]) < int(m["epoch"]):
                     report(old)
         reported = int(m["epoch"])
@@ -271,9 +274,7 @@ def shared_search(exp: Experiment, out_dir: str | Path, cache: str | Path, on_ep
     try:  # the checkpoint marks the copy done, so it appears whole at once: a hard link (never written again)
         os.link(slot / "search.pt", out / "search.pt")
     except OSError:  # another filesystem, or no links
-        tmp = out / ".search.pt.tmp"
-        shutil.copyfile(slot / "search.pt", tmp)
-        os.replace(tmp, out / "search.pt")
+        write_atomic(out / "search.pt", (slot / "search.pt").read_bytes(), "checkpoint")
     return searched
 
 
@@ -341,5 +342,5 @@ def _run_experiment(cfg: ExperimentConfig, out: Path, on_epoch: EpochCallback | 
                            tuned_percent=100.0 * tuned / backbone_param_count(exp.backbone),
                            search_history=search.history, retrain_history=retrain.history,
                            search_time_s=t1 - t0, retrain_time_s=t2 - t1, inference=retrain.inference)
-    (out / "result.json").write_text(json.dumps(res.to_json(), indent=1))
+    write_atomic(out / "result.json", json.dumps(res.to_json(), indent=1))
     return res

@@ -2,13 +2,10 @@
 :class:`SearchPhase`, the :class:`RetrainPhase` of a fixed policy) that :func:`fit` runs epoch by epoch."""
 from __future__ import annotations
 
-import errno
 import json
 import math
-import os
 import random
 import time
-from contextlib import suppress
 from itertools import cycle
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -18,9 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ExperimentConfig, OptimConfig, PfnasError, TemperatureConfig, TrainingError
+from ..config import ExperimentConfig, OptimConfig, PfnasError, RunFileError, TemperatureConfig, TrainingError
 from ..data import TaskData
 from ..model import PromptedViT
+from ..runtime import load_checkpoint, save_checkpoint
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -51,15 +49,20 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy, torch (and CUDA) RNG states as plain data and tensors, so a weights-only load restores them."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": random.getstate(), "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
 def set_rng_state(st: dict[str, Any]) -> None:
+    """Restore :func:`rng_state` (numpy's keys as a list, or as an array in checkpoints of older versions)."""
     random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -119,22 +122,6 @@ def evaluate(model: nn.Module, data: TaskData, split: str, batch_size: int, devi
         correct += (logits.argmax(-1) == y).sum()
         n += y.numel()
     return {"acc": correct.item() / max(n, 1), "loss": loss_sum.item() / max(n, 1)}
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """Write ``path`` whole or not at all: a temporary file, then ``os.replace``. A failed write (disk full,
-    quota, I/O error) removes the temporary file, keeps the previous checkpoint and raises a one-line PfnasError."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as RuntimeError
-        with suppress(OSError):
-            tmp.unlink()
-        why = (e.strerror or os.strerror(e.errno or errno.EIO)) if isinstance(e, OSError) else str(e).splitlines()[0]
-        raise PfnasError(f"cannot write checkpoint {path}: {why}; the previous checkpoint is kept") from None
 
 
 # ----------------------------------------------------------------------------- phases
@@ -459,7 +446,14 @@ def fit(phase: Phase, ckpt_path: str | Path | None = None, on_epoch: EpochCallba
     """
     ckpt = Path(ckpt_path) if ckpt_path else None
     if ckpt is not None and ckpt.is_file():
-        phase.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False))
+        state = load_checkpoint(ckpt)
+        try:
+            phase.load_state_dict(state)
+        except PfnasError:
+            raise
+        except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:
+            raise RunFileError(f"checkpoint {ckpt} does not fit this run's {phase.name} phase "
+                               f"({type(e).__name__}: {str(e).strip()[:160]}); start fresh with another --out") from None
     bar = None
     if progress and phase.epoch < phase.epochs:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -478,7 +472,7 @@ def fit(phase: Phase, ckpt_path: str | Path | None = None, on_epoch: EpochCallba
                                     f"(now {phase.batch_size}) or prompts.length") from None
             done += 1
             if ckpt is not None:
-                save_atomic(phase.state_dict(), ckpt)
+                save_checkpoint(phase.state_dict(), ckpt)
             if log_path:
                 with open(log_path, "a") as f:
                     f.write(json.dumps({k: v for k, v in m.items() if k != "alpha"}) + "\n")

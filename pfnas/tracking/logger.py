@@ -10,8 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pfnas.config import ExperimentConfig, config_hash
+from pfnas.config import ExperimentConfig, RunFileError, config_hash
 from pfnas.provenance import dataset_info, dataset_input, dataset_tags, provenance_tags
+from pfnas.runtime import write_atomic
 from pfnas.tracking.store import get_experiment_id, make_client, resolve_tracking_uri
 from pfnas.tracking.values import config_params, finite_scalar, method_label
 
@@ -215,12 +216,9 @@ class RunLogger:
                 path.unlink(missing_ok=True)
                 self._journaled = False
                 return
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(op) + "\n" for op in self._ops))
-            os.replace(tmp, path)
+            write_atomic(path, "".join(json.dumps(op) + "\n" for op in self._ops))
             self._journaled = True
-        except OSError as e:  # a full disk must not stop training either
+        except (OSError, RunFileError) as e:  # a full disk must not stop training either
             log.debug("cannot write %s: %s", path, e)
 
     def _apply(self, op: dict[str, Any]) -> None:
