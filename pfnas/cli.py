@@ -52,7 +52,7 @@ def _runner(tracking_uri: Optional[str], experiment: Optional[str], verb: str = 
         return run_method
     from functools import partial
 
-    from .tracking import run_logged
+    from .runs import run_logged
 
     return partial(run_logged, tracking_uri=tracking_uri, experiment=experiment, source=f"pfnas {verb}")
 
@@ -173,7 +173,8 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files and/or fo
     from rich.table import Table
 
     from .engine import resolve_device
-    from .export import list_images, load_model, predict_files
+    from .export import list_images, predict_files
+    from .tracking.artifacts import load_model
 
     paths = list_images(images)
     net = load_model(model, device=resolve_device(device), tracking_uri=tracking_uri,

@@ -12,45 +12,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import (ConfigError, DataError, ModelError, PfnasError, RunDirError, StudyError,  # noqa: F401 (re-exported)
+                     TrainingError)
+
 OPS: tuple[str, ...] = ("prepend", "add", "affine", "cross_attn")
-
-
-class PfnasError(Exception):
-    """A user-facing error: the CLI prints its message on one line and exits with code 2."""
-
-
-class ConfigError(PfnasError):
-    """Invalid configuration field or value."""
-
-
-class DataError(PfnasError):
-    """Missing or malformed data set."""
-
-
-class ModelError(PfnasError):
-    """Unknown model name or unreadable checkpoint."""
-
-
-class TrainingError(PfnasError):
-    """Training diverged (NaN/inf loss) or ran out of memory.
-
-    ``deterministic``: rerunning the same config fails the same way (a non-finite loss), so retrying is useless.
-    """
-
-    def __init__(self, message: str = "", deterministic: bool = False):
-        super().__init__(message)
-        self.deterministic = deterministic
-
-    def __reduce__(self):
-        return type(self), (str(self), self.deterministic)
-
-
-class StudyError(PfnasError):
-    """A study that ended without a result: every trial failed, so nothing was selected."""
-
-
-class RunDirError(PfnasError):
-    """An output folder that holds another configuration's run, or is in use by another process."""
 
 
 class _Strict(BaseModel):

@@ -109,7 +109,8 @@ def test_changed_backbone_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 def test_load_model_from_mlflow_run(tmp_path: Path) -> None:
-    from pfnas.tracking import make_client, run_logged
+    from pfnas.runs import run_logged
+    from pfnas.tracking import make_client
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = _fixed_cfg(epochs=1)

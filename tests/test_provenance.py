@@ -185,7 +185,7 @@ def test_cli_runs_carry_their_verb_backbone_digest_and_dataset(tmp_path, capsys,
     import timm
     from safetensors.torch import save_file
 
-    from pfnas.export import file_sha256
+    from pfnas.sysinfo import file_sha256
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ckpt = tmp_path / "backbone.safetensors"

@@ -6,14 +6,12 @@ import errno
 import json
 import math
 import os
-import random
 import time
 from contextlib import suppress
 from itertools import cycle
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,50 +19,12 @@ import torch.nn.functional as F
 from ..config import ExperimentConfig, OptimConfig, PfnasError, TemperatureConfig, TrainingError
 from ..data import TaskData
 from ..model import PromptedViT
+from ..runtime import autocast, rng_state, set_rng_state
+from .costs import op_latency_table
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
 # ----------------------------------------------------------------------------- helpers
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; anything unknown or unavailable is a PfnasError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-        raise PfnasError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PfnasError(f"device {name!r} requested but CUDA is not available")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise PfnasError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise PfnasError(f"device {name!r} requested but MPS is not available")
-    return dev
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 def temperature(cfg: TemperatureConfig, progress: float) -> float:
     """Temperature at ``progress`` in [0, 1] of the search."""
     t = min(max(progress, 0.0), 1.0)
@@ -86,11 +46,6 @@ def lr_at(optim: OptimConfig, batch_size: int, step: int, steps_per_epoch: int, 
     if step < warm:
         return base * (step + 1) / warm
     return base * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
-
-
-def autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 def eval_logits(model: nn.Module, data: TaskData, split: str, batch_size: int, device: torch.device,
@@ -291,7 +246,6 @@ class SearchPhase(Phase):
         if s.cost == "params":
             table = self.model.param_costs()
         else:  # measured once per backbone / device / batch and cached (pfnas bench --op-latency)
-            from ..bench import op_latency_table
 
             table = op_latency_table(self.cfg, self.model, self.device, self.batch_size)
         return (table / table.max(-1).values.sum().clamp_min(1e-12)).to(self.device)
