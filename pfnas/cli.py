@@ -47,7 +47,7 @@ def _runner(tracking_uri: Optional[str], experiment: Optional[str], verb: str = 
     """``run_method``, or the same logged to MLflow as one run when a tracking URI is given (its MLflow source is
     ``pfnas <verb>``)."""
     if not tracking_uri:
-        from .baselines import run_method
+        from .methods import run_method
 
         return run_method
     from functools import partial
@@ -256,7 +256,7 @@ def baseline_fixed(op: str = typer.Option(..., "--op", help="prepend|add|affine|
                    seeds: int = typer.Option(1, "--seeds"), out: Optional[Path] = OutOpt,
                    tracking_uri: Optional[str] = TrackOpt, experiment: Optional[str] = ExpOpt):
     """Retrain a single-op policy on every layer."""
-    from .baselines import fixed_baseline
+    from .methods import fixed_baseline
 
     cfg = _cfg(config, overrides)
     console.print(fixed_baseline(cfg, op, seeds=seeds, out_dir=_out(cfg, out, f"-fixed-{op}"),
@@ -268,7 +268,7 @@ def baseline_probe(config: Optional[Path] = ConfigOpt, overrides: Optional[List[
                    seeds: int = typer.Option(1, "--seeds"), out: Optional[Path] = OutOpt,
                    tracking_uri: Optional[str] = TrackOpt, experiment: Optional[str] = ExpOpt):
     """Linear probe: head only on the frozen CLS feature."""
-    from .baselines import fixed_baseline
+    from .methods import fixed_baseline
 
     cfg = _cfg(config, overrides)
     console.print(fixed_baseline(cfg, "none", seeds=seeds, out_dir=_out(cfg, out, "-probe"),
@@ -282,7 +282,7 @@ def baseline_random(config: Optional[Path] = ConfigOpt, overrides: Optional[List
                     out: Optional[Path] = OutOpt, tracking_uri: Optional[str] = TrackOpt,
                     experiment: Optional[str] = ExpOpt):
     """Random search over layer policies under the differentiable search's budget."""
-    from .baselines import random_search
+    from .methods import random_search
 
     cfg = _cfg(config, overrides)
     console.print(random_search(cfg, samples=samples, weight_sharing=weight_sharing,
@@ -296,7 +296,7 @@ def baseline_evolution(config: Optional[Path] = ConfigOpt, overrides: Optional[L
                        cycles: int = typer.Option(12, "--cycles"), out: Optional[Path] = OutOpt,
                        tracking_uri: Optional[str] = TrackOpt, experiment: Optional[str] = ExpOpt):
     """Regularized (aging) evolution over layer policies under the same budget."""
-    from .baselines import regularized_evolution
+    from .methods import regularized_evolution
 
     cfg = _cfg(config, overrides)
     console.print(regularized_evolution(cfg, population=population, sample=sample, cycles=cycles,

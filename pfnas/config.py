@@ -180,7 +180,7 @@ class MethodConfig(_Strict):
     weight_sharing: bool = False  # kind=random: rank samples inside one trained supernet
     population: int = Field(6, ge=2)  # kind=evolution
     sample_size: int = Field(3, ge=1)  # kind=evolution: tournament size S
-    budget_multiplier: float = Field(1.0, gt=0)  # x the search's own cost in training images (baselines.search_cost)
+    budget_multiplier: float = Field(1.0, gt=0)  # x the search's own cost in training images (methods.search_cost)
     budget_images: int | None = Field(None, ge=1)  # explicit budget in training images (replaces the search's cost)
     budget_seconds: float | None = Field(None, gt=0)  # or in training-step seconds, converted with a measured step
     policy: list[str] | None = None  # kind=fixed: one op per layer (overrides ``op``); a study's finals use it

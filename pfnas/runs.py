@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .baselines import run_method
+from .methods import run_method
 from .config import ExperimentConfig
 from .engine import Experiment, claim_run_dir
 from .provenance import dataset_info
@@ -15,7 +15,7 @@ from .tracking import RunLogger, method_label, resolve_tracking_uri
 def run_logged(cfg: ExperimentConfig, out_dir: str | Path, *, tracking_uri: str | None = None,
                experiment: str | None = None, progress: bool = True, source: str = "pfnas run",
                **kw: Any) -> dict[str, Any]:
-    """:func:`~pfnas.baselines.run_method` logged as one top-level MLflow run (``pfnas.kind=run``).
+    """:func:`~pfnas.methods.run_method` logged as one top-level MLflow run (``pfnas.kind=run``).
 
     The run id is kept in ``out_dir/mlflow_run_id``, so rerunning the command after a crash resumes the
     experiment from its checkpoints and continues the same MLflow run; what MLflow could not take (server

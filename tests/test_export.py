@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import TINY_BACKBONE, tiny_config
 from pfnas import cli, load_model
-from pfnas.baselines import run_method
+from pfnas.methods import run_method
 from pfnas.config import ModelError, PfnasError
 from pfnas.engine import Experiment, evaluate
 from pfnas.export import META_FILE, WEIGHTS_FILE, PfnasModel

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import pfnas.baselines as bl
+import pfnas.methods as bl
 from conftest import tiny_config
 from pfnas.config import ConfigError, merge_dotted
 from pfnas.data import TaskData

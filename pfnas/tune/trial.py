@@ -11,7 +11,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..baselines import run_method
+from ..methods import run_method
 from ..config import ExperimentConfig, TrainingError, merge_dotted
 from ..engine import Experiment
 from ..provenance import dataset_info
@@ -155,7 +155,7 @@ def _cached_experiment(cfg: ExperimentConfig):
 
 def run_trial_method(cfg: ExperimentConfig, out_dir: str | Path, on_epoch=None, on_data=None,
                      search_cache: str | None = None) -> dict[str, Any]:
-    """``baselines.run_method`` (every ``method.kind``) on the experiment cached in this worker; ``on_data`` gets the
+    """``methods.run_method`` (every ``method.kind``) on the experiment cached in this worker; ``on_data`` gets the
     decoded task (``TaskData``) first; ``search_cache``: the study's shared searches (``engine.shared_search``)."""
     exp = _cached_experiment(cfg)
     if on_data is not None:

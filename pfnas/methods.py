@@ -1,4 +1,5 @@
-"""Discrete baselines compared with the differentiable search at the same budget.
+"""Every `method.kind` behind one entry, :func:`run_method`: the differentiable search, fixed single-op policies,
+the linear probe, and the discrete baselines compared with the search at the same budget.
 
 Budget and cost are counted in images processed by a training (forward + backward) pass:
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-import pfnas.baselines as bl
+import pfnas.methods as bl
 from conftest import tiny_config
 from pfnas.config import merge_dotted
 from pfnas.engine import Experiment, SearchPhase, run_search
