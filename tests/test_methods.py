@@ -15,11 +15,6 @@ from pfnas.engine import Experiment, SearchPhase, run_search
 N_TRAIN, BATCH = 39, 16  # tiny_config: 3 classes x 13 train images, batch 16
 
 
-@pytest.fixture(scope="module")
-def exp():
-    return Experiment.build(tiny_config())
-
-
 def _cfg(**method):
     return tiny_config(method=method)
 

@@ -30,11 +30,6 @@ def reads(monkeypatch):
     return seen
 
 
-@pytest.fixture(scope="module")
-def exp():
-    return Experiment.build(tiny_config())
-
-
 @pytest.mark.parametrize("method", [{"kind": "search"}, {"kind": "fixed", "op": "affine"}, {"kind": "probe"},
                                     {"kind": "random", "samples": 2},
                                     {"kind": "evolution", "population": 2, "sample_size": 1}])

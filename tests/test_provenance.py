@@ -14,9 +14,8 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import yaml
-from conftest import REPO, TINY_BACKBONE, tiny_config
+from conftest import REPO, TINY_BACKBONE, tiny_config, write_space
 from rich.console import Console
-from test_tune import write_space
 
 import pfnas
 from pfnas import cli
