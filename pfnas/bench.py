@@ -25,7 +25,6 @@ import gc
 import json
 import math
 import shutil
-import statistics
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
@@ -38,10 +37,11 @@ import torch.nn.functional as F
 
 from .config import ConfigError, ExperimentConfig, TrainingError, merge_dotted
 from .data import Split, TaskData
-from .engine import (Experiment, RetrainPhase, SearchPhase, autocast, backbone_param_count, resolve_device,
-                     run_experiment, seed_everything)
+from .engine import Experiment, RetrainPhase, SearchPhase, backbone_param_count, run_experiment
+from .engine.costs import device_name
+from .runtime import autocast, resolve_device, seed_everything, uses_bf16
 from .model import backbone_input, load_backbone, load_policy, normalize_policy
-from .provenance import cpu_model
+from .timing import Lap, forward_fn, steps_per_epoch, sync, time_interleaved
 
 SEARCH_TARGET = 1.0  # DESIGN: single-path search at the VTAB-1k cadence >= 1.0x VPT-deep throughput
 RETRAIN_TARGET = 1.0  # DESIGN: retrained policy >= 1.0x VPT-deep throughput
@@ -50,58 +50,6 @@ COMPILE_RECOMPILE_LIMIT = 64  # every row's model shares nn.Module's call code: 
 E2E_TARGET = 1.5  # DESIGN: one task end to end within 1.5x of its pure step time
 DEFAULT_ARCH_EVERY = 4  # |train800| // |val200|: the engine's cadence on VTAB-1k when search.arch_every is unset
 BENCH_LR = 1e-4  # step cost does not depend on the lr; a small one keeps random-label steps finite
-
-Lap = Callable[[], None]
-
-
-# ----------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(fns: dict[str, Callable[[Lap], Any]], device: torch.device, steps: int,
-                     warmup: int) -> dict[str, dict[str, Any]]:
-    """Time several step functions round-robin: ``warmup + steps`` rounds, one step of each per round.
-
-    Interleaving makes load drift on a shared machine hit every row alike. Each call is bracketed by
-    device syncs; ``fn(lap)`` may call ``lap()`` to mark a boundary inside its step (e.g. arch | weight).
-    Per function: median and mean ms over the timed rounds, the median of each lap-delimited part
-    (``parts_ms``) and, on CUDA, the peak memory allocated during its steps (``peak_mib``).
-    """
-    if steps < 1 or warmup < 0:
-        raise ConfigError(f"bench needs steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-    totals: dict[str, list[float]] = {k: [] for k in fns}
-    parts: dict[str, list[list[float]]] = {k: [] for k in fns}
-    peak: dict[str, float | None] = {k: None for k in fns}
-    marks: list[float] = []
-
-    def lap() -> None:
-        _sync(device)
-        marks.append(time.perf_counter())
-
-    for i in range(warmup + steps):
-        for key, fn in fns.items():
-            marks.clear()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            lap()
-            fn(lap)
-            lap()
-            if device.type == "cuda":
-                peak[key] = max(peak[key] or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
-            if i >= warmup:
-                totals[key].append(marks[-1] - marks[0])
-                parts[key].append([b - a for a, b in zip(marks, marks[1:])])
-    return {k: {"ms": 1e3 * statistics.median(totals[k]), "mean_ms": 1e3 * statistics.fmean(totals[k]),
-                "parts_ms": [1e3 * statistics.median(p) for p in zip(*parts[k])], "peak_mib": peak[k]}
-            for k in fns}
-
-
-def time_steps(step: Callable[[Lap], Any], device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
-    """:func:`time_interleaved` for a single step function."""
-    return time_interleaved({"step": step}, device, steps, warmup)["step"]
-
 
 @contextmanager
 def _tf32(device: torch.device) -> Iterator[None]:
@@ -122,16 +70,6 @@ def _free_memory(device: torch.device) -> None:
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({torch.get_num_threads()} torch threads)"
-
-
-def _bf16(cfg: ExperimentConfig, device: torch.device) -> bool:
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -167,18 +105,6 @@ def search_step(phase: SearchPhase, xt, yt, xv, yv, lap: Lap | None = None) -> N
         phase._weight_step(xt, yt)
     finally:
         alpha.requires_grad_(True)
-
-
-def _forward_fn(model: nn.Module, x: torch.Tensor, device: torch.device, precision: str) -> Callable[[Lap], Any]:
-    """Evaluation forward (eval mode, no grad, autocast) that leaves the model's train/eval mode as it was."""
-    def step(lap: Lap) -> None:
-        was = model.training
-        model.eval()
-        with torch.no_grad(), autocast(device, precision):
-            model(x)
-        model.train(was)
-
-    return step
 
 
 # ----------------------------------------------------------------------------- plain VPT-deep reference
@@ -293,7 +219,7 @@ def _compile_row(spec: dict[str, Any], device: torch.device, warmup: int) -> Non
             module.compile()
         for _ in range(2):  # the second step compiles what the first one's state changes (e.g. alpha's grad flag)
             spec["fn"](lambda: None)
-        _sync(device)
+        sync(device)
     except Exception as e:  # inductor/dynamo failures of any kind: report, keep benchmarking the other rows
         msg = str(e).strip().splitlines()
         spec["error"] = f"torch.compile: {type(e).__name__}: {msg[0][:200] if msg else ''}".rstrip(": ")
@@ -332,7 +258,7 @@ def _bench_rows(cfg: ExperimentConfig, device: torch.device, batch_size: int, st
     mixed = [v for _, v in sorted(normalize_policy(mixed, depth).items())]
 
     specs: list[dict[str, Any]] = [{"key": "frozen_forward", "label": "frozen forward", "tuned_params": 0,
-                                    "fn": _forward_fn(backbone, xt, device, cfg.precision), "compile": [backbone]}]
+                                    "fn": forward_fn(backbone, xt, device, cfg.precision), "compile": [backbone]}]
 
     def plain() -> None:
         optim = cfg.train.optim
@@ -465,7 +391,7 @@ def run_bench(cfg: ExperimentConfig, *, batch_size: int = 32, steps: int = 10, w
     result: dict[str, Any] = {
         "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
         "timm": timm.__version__, "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "precision": "bf16" if _bf16(cfg, device) else "fp32", "tf32": device.type == "cuda",
+        "precision": "bf16" if uses_bf16(cfg.precision, device) else "fp32", "tf32": device.type == "cuda",
         "backbone": cfg.backbone.name, "backbone_kwargs": dict(cfg.backbone.kwargs),
         "checkpoint": cfg.backbone.checkpoint, **info, "prompt_length": cfg.prompts.length,
         "ops": list(cfg.prompts.ops), "search_order": cfg.search.order, "pae": cfg.pae.enabled,
@@ -556,11 +482,6 @@ def _print_bench(result: dict[str, Any], console) -> None:
 
 
 # ----------------------------------------------------------------------------- end to end
-def _steps_per_epoch(n: int, batch_size: int) -> int:
-    """Weight steps per epoch, as :class:`~pfnas.engine.Phase` counts them (drop_last when n >= batch)."""
-    return max(n // batch_size, 1) if n >= batch_size else 1
-
-
 def bench_end_to_end(cfg: ExperimentConfig, out_dir: str | Path, *, steps: int = 5,
                      warmup: int = 2) -> dict[str, Any]:
     """Run :func:`run_experiment` on ``cfg``'s task and compare its wall time with its pure step time.
@@ -578,11 +499,11 @@ def bench_end_to_end(cfg: ExperimentConfig, out_dir: str | Path, *, steps: int =
     with _tf32(device):
         t0 = time.perf_counter()
         exp = Experiment.build(cfg)
-        _sync(device)
+        sync(device)
         setup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         res = run_experiment(cfg, run_dir, exp=exp)
-        _sync(device)
+        sync(device)
         wall_s = time.perf_counter() - t0
 
         data, bs, ebs = exp.data, cfg.data.batch_size, cfg.data.eval_batch_size
@@ -599,16 +520,16 @@ def bench_end_to_end(cfg: ExperimentConfig, out_dir: str | Path, *, steps: int =
         t = time_interleaved({
             "search": lambda lap: search_step(search, xt, yt, xv, yv, lap),
             "retrain": lambda lap: retrain._weight_step(xtv, ytv),
-            "val": _forward_fn(supernet, next(data.batches("val", ebs))[0], device, cfg.precision),
-            "test": _forward_fn(fixed, next(data.batches("test", ebs))[0], device, cfg.precision),
+            "val": forward_fn(supernet, next(data.batches("val", ebs))[0], device, cfg.precision),
+            "test": forward_fn(fixed, next(data.batches("test", ebs))[0], device, cfg.precision),
         }, device, steps, warmup)
         arch_ms, weight_ms = t["search"]["parts_ms"]
         retrain_ms, val_ms, test_ms = t["retrain"]["ms"], t["val"]["ms"], t["test"]["ms"]
 
     counts = {
-        "search_weight_steps": cfg.search.epochs * _steps_per_epoch(data.num_images("train"), bs),
+        "search_weight_steps": cfg.search.epochs * steps_per_epoch(data.num_images("train"), bs),
         "arch_steps": sum(int(h.get("arch_steps", 0)) for h in res.search_history),
-        "retrain_steps": cfg.train.epochs * _steps_per_epoch(data.num_images("trainval"), bs),
+        "retrain_steps": cfg.train.epochs * steps_per_epoch(data.num_images("trainval"), bs),
         "val_eval_batches": cfg.search.epochs * math.ceil(data.num_images("val") / ebs),
         "test_eval_batches": sum(1 for h in res.retrain_history if "test_acc" in h)
                              * math.ceil(data.num_images("test") / ebs),
@@ -630,51 +551,3 @@ def bench_end_to_end(cfg: ExperimentConfig, out_dir: str | Path, *, steps: int =
                         "eval_val_batch": val_ms, "eval_test_batch": test_ms},
             "counts": counts, "predicted_parts_s": parts_s, "predicted_s": predicted, "ratio": ratio,
             "target": E2E_TARGET, "check": "pass" if ratio <= E2E_TARGET else "below", "run_dir": str(run_dir)}
-
-
-# ----------------------------------------------------------------------------- per-op latency (resource-aware search)
-def _latency_cache_path(cfg: ExperimentConfig, device: torch.device, batch_size: int) -> Path:
-    import hashlib
-    import os
-
-    key = json.dumps([cfg.backbone.name, cfg.backbone.kwargs, device_name(device), batch_size, cfg.prompts.length,
-                      cfg.prompts.fusion_dim, list(cfg.prompts.ops), _bf16(cfg, device), torch.__version__],
-                     sort_keys=True, default=str)
-    root = Path(os.environ.get("PFNAS_CACHE", Path.home() / ".cache" / "pfnas")) / "latency"
-    return root / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
-
-
-def op_latency_table(cfg: ExperimentConfig, model: nn.Module, device: torch.device, batch_size: int,
-                     steps: int = 5, warmup: int = 2) -> torch.Tensor:
-    """[depth, n_ops] milliseconds of one training step (forward + backward) of each candidate op in a block.
-
-    Measured on the supernet's first layer (the blocks of a ViT are alike, so the row is shared by every
-    layer), timed interleaved, and cached per backbone / device / batch / prompt length / precision under
-    ``$PFNAS_CACHE`` (default ``~/.cache/pfnas``), so a study measures it once.
-    """
-    path = _latency_cache_path(cfg, device, batch_size)
-    if path.is_file():
-        row = json.loads(path.read_text())["ms"]
-    else:
-        layer, block = model.layers[0], model.backbone.blocks[0]
-        bb = model.backbone
-        tokens = bb.patch_embed.num_patches + int(getattr(bb, "num_prefix_tokens", 1))
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randn(batch_size, tokens, model.dim, generator=gen).to(device)
-
-        def step_fn(i: int) -> Callable[[Lap], Any]:
-            def step(lap: Lap) -> None:
-                with autocast(device, cfg.precision):
-                    out = layer.run_op(i, block, x, layer.op_prompts(i), model.n_prefix)
-                out.float().sum().backward()
-                layer.zero_grad(set_to_none=True)
-            return step
-
-        timings = time_interleaved({op: step_fn(i) for i, op in enumerate(layer.op_names)}, device, steps, warmup)
-        row = [timings[op]["ms"] for op in layer.op_names]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"ops": layer.op_names, "ms": row, "device": device_name(device),
-                                   "batch_size": batch_size, "backbone": cfg.backbone.name}))
-        tmp.replace(path)
-    return torch.tensor([row] * len(model.layers))

@@ -47,12 +47,12 @@ def _runner(tracking_uri: Optional[str], experiment: Optional[str], verb: str = 
     """``run_method``, or the same logged to MLflow as one run when a tracking URI is given (its MLflow source is
     ``pfnas <verb>``)."""
     if not tracking_uri:
-        from .baselines import run_method
+        from .methods import run_method
 
         return run_method
     from functools import partial
 
-    from .tracking import run_logged
+    from .runs import run_logged
 
     return partial(run_logged, tracking_uri=tracking_uri, experiment=experiment, source=f"pfnas {verb}")
 
@@ -173,7 +173,8 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files and/or fo
     from rich.table import Table
 
     from .engine import resolve_device
-    from .export import list_images, load_model, predict_files
+    from .export import list_images, predict_files
+    from .tracking.artifacts import load_model
 
     paths = list_images(images)
     net = load_model(model, device=resolve_device(device), tracking_uri=tracking_uri,
@@ -255,7 +256,7 @@ def baseline_fixed(op: str = typer.Option(..., "--op", help="prepend|add|affine|
                    seeds: int = typer.Option(1, "--seeds"), out: Optional[Path] = OutOpt,
                    tracking_uri: Optional[str] = TrackOpt, experiment: Optional[str] = ExpOpt):
     """Retrain a single-op policy on every layer."""
-    from .baselines import fixed_baseline
+    from .methods import fixed_baseline
 
     cfg = _cfg(config, overrides)
     console.print(fixed_baseline(cfg, op, seeds=seeds, out_dir=_out(cfg, out, f"-fixed-{op}"),
@@ -267,7 +268,7 @@ def baseline_probe(config: Optional[Path] = ConfigOpt, overrides: Optional[List[
                    seeds: int = typer.Option(1, "--seeds"), out: Optional[Path] = OutOpt,
                    tracking_uri: Optional[str] = TrackOpt, experiment: Optional[str] = ExpOpt):
     """Linear probe: head only on the frozen CLS feature."""
-    from .baselines import fixed_baseline
+    from .methods import fixed_baseline
 
     cfg = _cfg(config, overrides)
     console.print(fixed_baseline(cfg, "none", seeds=seeds, out_dir=_out(cfg, out, "-probe"),
@@ -281,7 +282,7 @@ def baseline_random(config: Optional[Path] = ConfigOpt, overrides: Optional[List
                     out: Optional[Path] = OutOpt, tracking_uri: Optional[str] = TrackOpt,
                     experiment: Optional[str] = ExpOpt):
     """Random search over layer policies under the differentiable search's budget."""
-    from .baselines import random_search
+    from .methods import random_search
 
     cfg = _cfg(config, overrides)
     console.print(random_search(cfg, samples=samples, weight_sharing=weight_sharing,
@@ -295,7 +296,7 @@ def baseline_evolution(config: Optional[Path] = ConfigOpt, overrides: Optional[L
                        cycles: int = typer.Option(12, "--cycles"), out: Optional[Path] = OutOpt,
                        tracking_uri: Optional[str] = TrackOpt, experiment: Optional[str] = ExpOpt):
     """Regularized (aging) evolution over layer policies under the same budget."""
-    from .baselines import regularized_evolution
+    from .methods import regularized_evolution
 
     cfg = _cfg(config, overrides)
     console.print(regularized_evolution(cfg, population=population, sample=sample, cycles=cycles,

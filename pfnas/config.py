@@ -12,49 +12,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import (ConfigError, DataError, ModelError, PfnasError, RunDirError, RunFileError,  # noqa: F401
+                     StudyError, TrainingError)  # re-exported: pfnas.config has always exported them
+
 OPS: tuple[str, ...] = ("prepend", "add", "affine", "cross_attn")
-
-
-class PfnasError(Exception):
-    """A user-facing error: the CLI prints its message on one line and exits with code 2."""
-
-
-class ConfigError(PfnasError):
-    """Invalid configuration field or value."""
-
-
-class DataError(PfnasError):
-    """Missing or malformed data set."""
-
-
-class ModelError(PfnasError):
-    """Unknown model name or unreadable checkpoint."""
-
-
-class TrainingError(PfnasError):
-    """Training diverged (NaN/inf loss) or ran out of memory.
-
-    ``deterministic``: rerunning the same config fails the same way (a non-finite loss), so retrying is useless.
-    """
-
-    def __init__(self, message: str = "", deterministic: bool = False):
-        super().__init__(message)
-        self.deterministic = deterministic
-
-    def __reduce__(self):
-        return type(self), (str(self), self.deterministic)
-
-
-class StudyError(PfnasError):
-    """A study that ended without a result: every trial failed, so nothing was selected."""
-
-
-class RunDirError(PfnasError):
-    """An output folder that holds another configuration's run, or is in use by another process."""
-
-
-class RunFileError(PfnasError):
-    """A run file that cannot be written (disk full) or read back (truncated, changed, or not plain data)."""
 
 
 class _Strict(BaseModel):
@@ -219,7 +180,7 @@ class MethodConfig(_Strict):
     weight_sharing: bool = False  # kind=random: rank samples inside one trained supernet
     population: int = Field(6, ge=2)  # kind=evolution
     sample_size: int = Field(3, ge=1)  # kind=evolution: tournament size S
-    budget_multiplier: float = Field(1.0, gt=0)  # x the search's own cost in training images (baselines.search_cost)
+    budget_multiplier: float = Field(1.0, gt=0)  # x the search's own cost in training images (methods.search_cost)
     budget_images: int | None = Field(None, ge=1)  # explicit budget in training images (replaces the search's cost)
     budget_seconds: float | None = Field(None, gt=0)  # or in training-step seconds, converted with a measured step
     policy: list[str] | None = None  # kind=fixed: one op per layer (overrides ``op``); a study's finals use it

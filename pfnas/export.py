@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import weakref
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,10 +22,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from ._version import __version__
 from .config import BackboneConfig, ExperimentConfig, ModelError, PfnasError, PromptConfig
 from .data import IMAGE_EXTS, TaskData, View, decode_images, eval_view, render_image
 from .model import PromptedViT, load_backbone
-from .runtime import write_atomic
+from .runtime import autocast, write_atomic
+from .sysinfo import file_sha256
 
 FORMAT = "pfnas-model"
 FORMAT_VERSION = 1
@@ -35,23 +36,13 @@ META_FILE = "pfnas_model.json"
 EXPORT_FILES = (WEIGHTS_FILE, META_FILE)
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
-_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
 _WEIGHT_DIGESTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
 # ----------------------------------------------------------------------------- digests
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file (cached by path, size and mtime, so a big checkpoint is hashed once per process)."""
-    p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_DIGESTS:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _FILE_DIGESTS[key] = h.hexdigest()
-    return _FILE_DIGESTS[key]
+def model_files(folder: str | Path) -> list[str]:
+    """Absolute paths of the export files a finished retrain writes into ``folder``."""
+    return [str((Path(folder) / f).resolve()) for f in EXPORT_FILES]
 
 
 def weights_sha256(module: nn.Module) -> str:
@@ -90,8 +81,6 @@ def export_model(out_dir: str | Path, model: PromptedViT, cfg: ExperimentConfig,
     """
     import timm
     from safetensors.torch import save
-
-    from . import __version__
 
     if model.policy is None:
         raise PfnasError("only a fixed-policy model can be exported (the supernet has no policy)")
@@ -212,36 +201,6 @@ def _timm_version() -> str:
     return timm.__version__
 
 
-def _download(uri: str, dst: str, tracking_uri: str | None) -> Path:
-    """Download an MLflow artifact URI (``runs:/<id>/model``, ``models:/name/1``) into ``dst``."""
-    try:
-        import mlflow.artifacts
-    except ImportError:
-        raise PfnasError(f"loading {uri} needs mlflow (pip install mlflow)") from None
-    from .tracking import resolve_tracking_uri
-
-    tracking = resolve_tracking_uri(tracking_uri)
-    registry = os.environ.get("MLFLOW_REGISTRY_URI") or tracking
-    # models:/ URIs are resolved through mlflow's global tracking/registry URIs, not the arguments below
-    env = {"MLFLOW_TRACKING_URI": tracking, "MLFLOW_REGISTRY_URI": registry,
-           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=tracking,
-                                                    registry_uri=registry)
-    except Exception as e:  # noqa: BLE001 - unknown run, missing artifact, unreachable server
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise PfnasError(f"cannot download {uri} from MLflow at {tracking}: {first}") from None
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return Path(local)
-
-
 def _load_folder(folder: Path, device: str | torch.device, backbone_checkpoint: str | Path | None) -> PfnasModel:
     from safetensors.torch import load_file
 
@@ -285,21 +244,15 @@ def _load_folder(folder: Path, device: str | torch.device, backbone_checkpoint: 
     return model.to(device).eval()
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu", tracking_uri: str | None = None,
+def load_model(path: str | Path, *, device: str | torch.device = "cpu",
                backbone_checkpoint: str | Path | None = None) -> PfnasModel:
-    """Load an exported model: an export folder, a run folder (its ``retrain/`` is searched too), or an MLflow URI
-    (``runs:/<run_id>/model``, ``models:/<name>/<version>``; ``tracking_uri`` defaults as for ``pfnas run``).
+    """Load an exported model from a local export folder or a run folder (its ``retrain/`` is searched too).
 
     The frozen backbone is rebuilt from the export's reference and refused (:class:`ModelError`) when the
     checkpoint file or the loaded weights differ from the ones the model was trained on. ``backbone_checkpoint``
-    points at the checkpoint when it moved. Returns a :class:`PfnasModel` in eval mode on ``device``.
+    points at the checkpoint when it moved. Returns a :class:`PfnasModel` in eval mode on ``device``. MLflow URIs
+    are loaded by :func:`pfnas.load_model` (:mod:`pfnas.tracking.artifacts`), which downloads, then calls this.
     """
-    s = str(path)
-    if s.startswith(MLFLOW_SCHEMES):
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="pfnas-model-") as tmp:
-            return _load_folder(find_export(_download(s, tmp, tracking_uri)), device, backbone_checkpoint)
     return _load_folder(find_export(path), device, backbone_checkpoint)
 
 
@@ -328,7 +281,6 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
 def predict_files(model: PfnasModel, paths: Sequence[Path], top_k: int = 5, batch_size: int = 64
                   ) -> list[tuple[Path, list[tuple[str, float]]]]:
     """Top-``k`` (class, probability) per image file, decoded in chunks of ``batch_size``."""
-    from .engine import autocast
 
     k = max(1, min(int(top_k), len(model.classes)))
     dev = model.head.weight.device

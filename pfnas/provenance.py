@@ -24,65 +24,14 @@ sizes), ``pfnas.dataset.digest`` and the MLflow dataset input (``mlflow.log_inpu
 """
 from __future__ import annotations
 
-import functools
-import getpass
 import hashlib
 import json
-import os
-import platform
-import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from .config import ExperimentConfig
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-@functools.lru_cache(maxsize=8)
-def git_commit(path: str | None = None) -> str | None:
-    """``git rev-parse HEAD`` in ``path`` (default: the pfnas package, then the cwd); None outside a checkout."""
-    dirs = [Path(path)] if path else [PACKAGE_DIR, Path.cwd()]
-    for d in dirs:
-        try:
-            r = subprocess.run(["git", "-C", str(d), "rev-parse", "HEAD"], capture_output=True, text=True,
-                               timeout=3, check=False)
-        except (OSError, subprocess.SubprocessError):  # no git, a hung filesystem
-            continue
-        sha = r.stdout.strip()
-        if r.returncode == 0 and len(sha) >= 40:
-            return sha
-    return None
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-@functools.lru_cache(maxsize=1)
-def versions() -> dict[str, str]:
-    """Versions of pfnas, torch and timm (from the installed metadata: torch is not imported)."""
-    from . import __version__
-
-    return {"pfnas.version": __version__, "pfnas.torch": _version("torch"), "pfnas.timm": _version("timm")}
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`); ``unknown`` if neither."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() or "unknown"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+from .sysinfo import cpu_model, file_sha256, git_commit, user, versions
 
 
 def compute_tags() -> dict[str, str]:
@@ -92,13 +41,6 @@ def compute_tags() -> dict[str, str]:
     if torch is not None:
         tags["pfnas.threads"] = str(torch.get_num_threads())
     return tags
-
-
-def user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no passwd entry in a container
-        return os.environ.get("USER", "unknown")
 
 
 def dataset_name(cfg: ExperimentConfig) -> str:
@@ -113,8 +55,6 @@ def backbone_tags(cfg: ExperimentConfig) -> dict[str, str]:
         path = Path(bb.checkpoint).expanduser()
         tags["pfnas.backbone.checkpoint"] = str(path.resolve())
         if path.is_file():
-            from .export import file_sha256  # cached per file; imports torch, only when there is a checkpoint
-
             tags["pfnas.backbone.digest"] = file_sha256(path)
     else:
         tags["pfnas.backbone.weights"] = "timm pretrained" if bb.pretrained else f"random init (seed {cfg.seed})"

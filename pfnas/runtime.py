@@ -1,8 +1,11 @@
-"""Files a run writes and reads back: whole or not at all, and data only, never code.
+"""Where and how a run computes, and the files it writes and reads back.
 
-:func:`write_atomic` writes through a temporary file and ``os.replace``. :func:`save_checkpoint` and
-:func:`load_checkpoint` keep torch checkpoints with a ``<name>.sha256`` sidecar and load them with
-``weights_only=True``. Every failure is a one-line :class:`~pfnas.config.RunFileError` naming the file.
+* the device (:func:`resolve_device`), the one bf16 rule (:func:`uses_bf16`, :func:`autocast`), seeding and the
+  RNG state a checkpoint keeps (:func:`rng_state`, plain data and tensors);
+* files written whole or not at all, and data only, never code: :func:`write_atomic` writes through a temporary
+  file and ``os.replace``; :func:`save_checkpoint` and :func:`load_checkpoint` keep torch checkpoints with a
+  ``<name>.sha256`` sidecar and load them with ``weights_only=True``. Every failure is a one-line
+  :class:`~pfnas.errors.RunFileError` naming the file.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import hashlib
 import io
 import os
 import pickle
+import random
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import RunFileError
+from .errors import PfnasError, RunFileError
 
 SIDECAR_SUFFIX = ".sha256"
 # numpy arrays (numpy's RNG state in checkpoints of older pfnas versions): plain data, no callable beyond these
@@ -129,3 +133,59 @@ def load_checkpoint(path: str | Path) -> Any:
         reason = str(e)
     first = (reason.strip().splitlines() or ["unreadable"])[0][:160]
     raise RunFileError(f"checkpoint {path} is truncated or corrupt ({first}); start fresh with another --out")
+
+
+# ----------------------------------------------------------------------------- device, precision, RNG
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; anything unknown or unavailable is a PfnasError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise PfnasError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PfnasError(f"device {name!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise PfnasError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise PfnasError(f"device {name!r} requested but MPS is not available")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) RNG states as plain data and tensors, so a weights-only load restores them."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": random.getstate(), "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
+          "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    """Restore :func:`rng_state` (numpy's keys as a list, or as an array in checkpoints of older versions)."""
+    random.setstate(st["python"])
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """The one bf16 rule: ``bf16`` always, ``auto`` on CUDA only, ``fp32`` never."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast where :func:`uses_bf16` says so, else a disabled autocast context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision, device))

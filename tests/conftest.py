@@ -11,6 +11,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
+from PIL import Image
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -37,6 +39,26 @@ def tiny_config(**sections):
     for k, v in sections.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
     return ExperimentConfig.model_validate(raw)
+
+
+@pytest.fixture(scope="module")
+def exp():
+    """An Experiment (backbone + decoded data) of the conftest tiny config, built once per test module."""
+    from pfnas.engine import Experiment
+
+    return Experiment.build(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    """The tiny frozen timm ViT of :data:`TINY_BACKBONE`, seeded, built once per test module."""
+    import torch
+
+    from pfnas.config import BackboneConfig
+    from pfnas.model import load_backbone
+
+    torch.manual_seed(0)
+    return load_backbone(BackboneConfig(**TINY_BACKBONE))
 
 
 @pytest.fixture
@@ -111,3 +133,50 @@ class MlflowServer:
                 if s.connect_ex(("127.0.0.1", self.port)) != 0:
                     return
             time.sleep(0.2)
+
+
+# ----------------------------------------------------------------------------- data and space helpers
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.25, 0.25, 0.25)
+def png(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (8, 8)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def image_folder(root: Path, classes: int = 3, per_class: int = 10) -> None:
+    for c in range(classes):
+        for i in range(per_class):
+            png(root / f"class_{c}" / f"{i}.png", (c * 50, i, 0))
+
+
+def expect_data_error(cfg, *fragments: str) -> str:
+    """The one-line DataError of loading ``cfg`` (a DataConfig), containing every fragment."""
+    from pfnas import data as D
+    from pfnas.errors import DataError
+
+    with pytest.raises(DataError) as ei:
+        D.load_task(cfg, img_size=8, mean=MEAN, std=STD)
+    msg = str(ei.value)
+    assert "\n" not in msg
+    for f in fragments:
+        assert f in msg, msg
+    return msg
+
+
+PARAMS = {
+    "search.arch_lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1},
+    "train.optim.lr": {"type": "loguniform", "low": 0.1, "high": 10.0},
+    "prompts.length": {"type": "choice", "values": [2, 4, 8]},
+}
+
+
+def write_space(folder: Path, name: str = "study", **fields) -> Path:
+    """A space over the conftest tiny config (2-block 32-dim ViT, 16 px synthetic data, 2+2 epochs)."""
+    space = {"name": name, "base": tiny_config().model_dump(mode="json"), "params": PARAMS, "num_samples": 4,
+             "max_concurrent_trials": 2, "seed": 7, "startup_trials": 2, "final": {"seeds": 0}}
+    space.update(fields)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path

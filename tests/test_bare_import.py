@@ -58,7 +58,7 @@ def _run(code: str, cwd, *args: str, timeout: int = 600) -> subprocess.Completed
 
 def test_engine_and_bench_import_without_ray_optuna_mlflow(tmp_path):
     proc = _run("""
-        import pfnas.engine, pfnas.bench, pfnas.model, pfnas.data, pfnas.baselines, pfnas.pae, pfnas.cli
+        import pfnas.engine, pfnas.bench, pfnas.model, pfnas.data, pfnas.methods, pfnas.pae, pfnas.cli
         check_leaks()
         print("ok")
     """, tmp_path)

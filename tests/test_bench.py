@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from pfnas.bench import PlainVPTDeep, bench_end_to_end, run_bench, time_steps
+from pfnas.bench import PlainVPTDeep, bench_end_to_end, run_bench
+from pfnas.timing import time_steps
 from pfnas.cli import main
 from pfnas.config import ConfigError, merge_dotted
 from pfnas.model import PromptedViT, load_backbone

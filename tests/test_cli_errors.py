@@ -16,7 +16,7 @@ from conftest import REPO, TINY_BACKBONE, one_error_line
 from pfnas import cli
 from pfnas import data as D
 from pfnas.config import BackboneConfig, DataConfig, ModelError, PfnasError
-from test_data import _expect_error, _folder, _png
+from conftest import expect_data_error, image_folder, png
 
 MEAN = STD = (0.5, 0.5, 0.5)
 
@@ -53,7 +53,7 @@ def _vtab_task(root: Path, train: list[int], test: list[int], name: str = "toy")
     for split, labels in (("train", train), ("val", train), ("test", test)):
         lines[split] = []
         for i, lab in enumerate(labels):
-            _png(task / "images" / f"{split}_{i}.png", (i * 10, lab * 20, 0))
+            png(task / "images" / f"{split}_{i}.png", (i * 10, lab * 20, 0))
             lines[split].append(f"images/{split}_{i}.png {lab}")
     lines["trainval"] = lines["train"] + lines["val"]
     for split, f in (("train", "train800.txt"), ("val", "val200.txt"), ("trainval", "train800val200.txt"),
@@ -166,7 +166,7 @@ def test_read_only_output_folder_is_one_line_exit_2(tmp_path: Path, capsys) -> N
 
 
 def _refused(cfg: DataConfig, *fragments: str) -> None:
-    _expect_error(cfg, *fragments)
+    expect_data_error(cfg, *fragments)
 
 
 def _check_fails(path: Path, fragment: str) -> None:
@@ -195,7 +195,7 @@ def test_fgvc_label_only_in_test_refused(tmp_path: Path) -> None:
     for split, labels in (("train", [3, 7, 3]), ("val", [3, 7]), ("test", [3, 7, 9])):
         entries = {}
         for i, lab in enumerate(labels):
-            _png(task / "images" / f"{split}_{i}.png", (i, lab, 0))
+            png(task / "images" / f"{split}_{i}.png", (i, lab, 0))
             entries[f"{split}_{i}.png"] = lab
         (task / f"{split}.json").write_text(json.dumps(entries))
     _refused(DataConfig(kind="fgvc", root=str(task.parent), task="birds"), "'9'", "never occur in train")
@@ -203,13 +203,13 @@ def test_fgvc_label_only_in_test_refused(tmp_path: Path) -> None:
 
 
 def test_imagefolder_one_class_refused(tmp_path: Path) -> None:
-    _folder(tmp_path / "one", classes=1, per_class=10)
+    image_folder(tmp_path / "one", classes=1, per_class=10)
     _refused(DataConfig(kind="imagefolder", root=str(tmp_path / "one")), "only one class", "class_0")
     _check_fails(tmp_path / "one", "only one class")
-    _folder(tmp_path / "split" / "train", 2, 3)  # class_1 has an (empty) train folder but test images
+    image_folder(tmp_path / "split" / "train", 2, 3)  # class_1 has an (empty) train folder but test images
     for p in (tmp_path / "split" / "train" / "class_1").iterdir():
         p.unlink()
-    _folder(tmp_path / "split" / "test", 2, 1)
+    image_folder(tmp_path / "split" / "test", 2, 1)
     _refused(DataConfig(kind="imagefolder", root=str(tmp_path / "split")), "class_1", "never occur in train")
 
 

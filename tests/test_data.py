@@ -8,20 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import MEAN, STD, expect_data_error, image_folder, png
+
 from pfnas import data as D
 from pfnas.data import decode
 from pfnas.config import DataConfig, DataError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PROXY = SHARED / "data" / "vtab-proxy"
-MEAN = (0.5, 0.5, 0.5)
-STD = (0.25, 0.25, 0.25)
-
-
-def _png(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (8, 8)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-    return path
 
 
 def _gradient_png(path: Path, size: tuple[int, int], seed: int) -> Path:
@@ -44,7 +38,7 @@ def vtab_root(tmp_path: Path) -> Path:
     task = tmp_path / "vtab" / "toy"
     lines = {}
     for i in range(13):
-        _png(task / "images" / f"{i:03d}.png", (i * 10, 0, 0))
+        png(task / "images" / f"{i:03d}.png", (i * 10, 0, 0))
         lines[i] = f"images/{i:03d}.png {i % 3}"
     (task / "train800.txt").write_text("\n".join(lines[i] for i in range(6)) + "\n")
     (task / "val200.txt").write_text("\n".join(lines[i] for i in range(6, 9)) + "\n")
@@ -83,7 +77,7 @@ def test_vtab_resize_matches_torchvision_bicubic(tmp_path: Path) -> None:
     task = tmp_path / "r" / "t"
     for split in ("train", "val", "test"):  # splits name distinct files
         img = _gradient_png(task / "images" / f"{split}_a.png", (20, 12), 0)
-        _png(task / "images" / f"{split}_b.png", (0, 0, 0))  # a second class: one-class tasks are refused
+        png(task / "images" / f"{split}_b.png", (0, 0, 0))  # a second class: one-class tasks are refused
     lines = {s: f"images/{s}_a.png 1\nimages/{s}_b.png 0\n" for s in ("train", "val", "test")}
     lines["trainval"] = lines["train"] + lines["val"]
     for split, f in D.VTAB_SPLIT_FILES.items():
@@ -174,14 +168,8 @@ def test_fgvc_eval_preprocessing_matches_torchvision(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- ImageFolder / HTA
 
 
-def _folder(root: Path, classes: int = 3, per_class: int = 10) -> None:
-    for c in range(classes):
-        for i in range(per_class):
-            _png(root / f"class_{c}" / f"{i}.png", (c * 50, i, 0))
-
-
 def test_imagefolder_flat_split_70_10_20_deterministic(tmp_path: Path) -> None:
-    _folder(tmp_path / "flat")
+    image_folder(tmp_path / "flat")
     cfg = DataConfig(kind="imagefolder", root=str(tmp_path / "flat"))
     d = D.load_task(cfg, img_size=8, mean=MEAN, std=STD, seed=3)
     assert d.classes == ["class_0", "class_1", "class_2"] and d.num_classes == 3
@@ -202,8 +190,8 @@ def test_imagefolder_flat_split_70_10_20_deterministic(tmp_path: Path) -> None:
 
 def test_hta_without_val_splits_train(tmp_path: Path) -> None:
     task = tmp_path / "hta" / "cifar10"
-    _folder(task / "train", 2, 10)
-    _folder(task / "test", 2, 3)
+    image_folder(task / "train", 2, 10)
+    image_folder(task / "test", 2, 3)
     d = D.load_task(DataConfig(kind="hta", root=str(tmp_path / "hta"), task="cifar10"), img_size=8, mean=MEAN, std=STD)
     assert d.augment is True and d.num_classes == 2
     assert {s: d.num_images(s) for s in D.SPLITS} == {"train": 18, "val": 2, "trainval": 20, "test": 6}
@@ -211,14 +199,14 @@ def test_hta_without_val_splits_train(tmp_path: Path) -> None:
 
 
 def test_imagefolder_with_val_dir(tmp_path: Path) -> None:
-    _folder(tmp_path / "set" / "train", 2, 4)
-    _folder(tmp_path / "set" / "val", 2, 2)
-    _folder(tmp_path / "set" / "test", 2, 1)
+    image_folder(tmp_path / "set" / "train", 2, 4)
+    image_folder(tmp_path / "set" / "val", 2, 2)
+    image_folder(tmp_path / "set" / "test", 2, 1)
     d = D.load_task(DataConfig(kind="imagefolder", root=str(tmp_path / "set")), img_size=8, mean=MEAN, std=STD)
     assert {s: d.num_images(s) for s in D.SPLITS} == {"train": 8, "val": 4, "trainval": 12, "test": 2}
     (tmp_path / "set" / "val").rename(tmp_path / "old_val")
     (tmp_path / "set" / "val").symlink_to(tmp_path / "set" / "test")  # "no val split: use test" is selecting on test
-    _expect_error(DataConfig(kind="imagefolder", root=str(tmp_path / "set")), "share 2 images", "val", "test")
+    expect_data_error(DataConfig(kind="imagefolder", root=str(tmp_path / "set")), "share 2 images", "val", "test")
 
 
 # ----------------------------------------------------------------------------- batches
@@ -287,59 +275,49 @@ def test_to_keeps_uint8_and_resident_false_stays_on_cpu(vtab_root: Path) -> None
 # ----------------------------------------------------------------------------- errors
 
 
-def _expect_error(cfg: DataConfig, *fragments: str) -> str:
-    with pytest.raises(DataError) as ei:
-        D.load_task(cfg, img_size=8, mean=MEAN, std=STD)
-    msg = str(ei.value)
-    assert "\n" not in msg
-    for f in fragments:
-        assert f in msg, msg
-    return msg
-
-
 def test_error_missing_root_and_task(tmp_path: Path, vtab_root: Path) -> None:
-    _expect_error(DataConfig(kind="vtab", root=str(tmp_path / "nope"), task="toy"), "data root not found", "nope")
+    expect_data_error(DataConfig(kind="vtab", root=str(tmp_path / "nope"), task="toy"), "data root not found", "nope")
     cfg = DataConfig(kind="vtab", root=str(vtab_root), task="other")
-    _expect_error(cfg, "task directory not found", "other", "toy")
-    _expect_error(DataConfig(kind="vtab", root=str(vtab_root)), "data.task is required")
+    expect_data_error(cfg, "task directory not found", "other", "toy")
+    expect_data_error(DataConfig(kind="vtab", root=str(vtab_root)), "data.task is required")
 
 
 def test_error_missing_split_file(vtab_root: Path) -> None:
     (vtab_root / "toy" / "val200.txt").unlink()
-    _expect_error(DataConfig(kind="vtab", root=str(vtab_root), task="toy"), "missing split file", "val200.txt")
+    expect_data_error(DataConfig(kind="vtab", root=str(vtab_root), task="toy"), "missing split file", "val200.txt")
 
 
 def test_error_unparsable_line(vtab_root: Path) -> None:
     with open(vtab_root / "toy" / "test.txt", "a") as f:
         f.write("images/000.png seven\n")
-    _expect_error(DataConfig(kind="vtab", root=str(vtab_root), task="toy"), "test.txt:6", "seven")
+    expect_data_error(DataConfig(kind="vtab", root=str(vtab_root), task="toy"), "test.txt:6", "seven")
 
 
 def test_error_listed_image_missing(vtab_root: Path) -> None:
     (vtab_root / "toy" / "images" / "010.png").unlink()
-    _expect_error(DataConfig(kind="vtab", root=str(vtab_root), task="toy"), "missing", "010.png", "test.txt")
+    expect_data_error(DataConfig(kind="vtab", root=str(vtab_root), task="toy"), "missing", "010.png", "test.txt")
 
 
 def test_error_unreadable_image(vtab_root: Path) -> None:
     (vtab_root / "toy" / "images" / "004.png").write_bytes(b"not a png at all")
-    _expect_error(DataConfig(kind="vtab", root=str(vtab_root), task="toy"), "unreadable image", "004.png")
+    expect_data_error(DataConfig(kind="vtab", root=str(vtab_root), task="toy"), "unreadable image", "004.png")
 
 
 def test_error_label_out_of_range(vtab_root: Path) -> None:
     txt = vtab_root / "toy" / "val200.txt"
     txt.write_text(txt.read_text().replace(" 0\n", " -1\n"))
-    _expect_error(DataConfig(kind="vtab", root=str(vtab_root), task="toy"), "val200.txt", "out of range")
+    expect_data_error(DataConfig(kind="vtab", root=str(vtab_root), task="toy"), "val200.txt", "out of range")
     known = vtab_root / "svhn"  # a known VTAB task has 10 classes
     (vtab_root / "toy").rename(known)
     txt = known / "test.txt"
     txt.write_text(txt.read_text().replace(" 1\n", " 12\n"))
     (known / "val200.txt").write_text((known / "val200.txt").read_text().replace(" -1\n", " 0\n"))
-    _expect_error(DataConfig(kind="vtab", root=str(vtab_root), task="svhn"), "out of range", "svhn")
+    expect_data_error(DataConfig(kind="vtab", root=str(vtab_root), task="svhn"), "out of range", "svhn")
 
 
 def test_error_empty_split(vtab_root: Path) -> None:
     (vtab_root / "toy" / "val200.txt").write_text("\n")
-    _expect_error(DataConfig(kind="vtab", root=str(vtab_root), task="toy"), "empty", "val200.txt")
+    expect_data_error(DataConfig(kind="vtab", root=str(vtab_root), task="toy"), "empty", "val200.txt")
 
 
 @pytest.mark.parametrize("split_file,line,fragments", [
@@ -352,7 +330,7 @@ def test_error_splits_share_images(vtab_root: Path, split_file: str, line: str, 
     inflates the test score. Either makes a wrong result, so the loader refuses it and the check reports it."""
     with open(vtab_root / "toy" / split_file, "a") as f:
         f.write(line + "\n")
-    _expect_error(DataConfig(kind="vtab", root=str(vtab_root), task="toy"), "share", *fragments)
+    expect_data_error(DataConfig(kind="vtab", root=str(vtab_root), task="toy"), "share", *fragments)
     rep = D.check_dataset(vtab_root / "toy")
     assert not rep.ok and any("share" in m and fragments[-1] in m for m in rep.problems), rep.problems
 
@@ -363,7 +341,7 @@ def test_fgvc_val_inside_train_is_refused(tmp_path: Path) -> None:
     first = next(iter(train))
     val = json.loads((task / "val.json").read_text())
     (task / "val.json").write_text(json.dumps({**val, first: train[first]}))
-    _expect_error(DataConfig(kind="fgvc", root=str(task.parent), task=task.name), "share", "val.json", "train.json",
+    expect_data_error(DataConfig(kind="fgvc", root=str(task.parent), task=task.name), "share", "val.json", "train.json",
                   Path(first).name)
 
 
@@ -371,23 +349,23 @@ def test_fgvc_errors(tmp_path: Path) -> None:
     task = _fgvc_task(tmp_path)
     cfg = DataConfig(kind="fgvc", root=str(task.parent), task=task.name)
     (task / "val.json").write_text("{not json")
-    _expect_error(cfg, "val.json", "invalid JSON")
+    expect_data_error(cfg, "val.json", "invalid JSON")
     (task / "val.json").write_text(json.dumps({"a.png": "bird"}))
-    _expect_error(cfg, "val.json", "a.png", "not an integer")
+    expect_data_error(cfg, "val.json", "a.png", "not an integer")
     (task / "val.json").write_text(json.dumps(["a.png"]))
-    _expect_error(cfg, "val.json", "JSON object")
+    expect_data_error(cfg, "val.json", "JSON object")
     (task / "val.json").write_text(json.dumps({"005.cls/nowhere.png": 5}))
-    _expect_error(cfg, "nowhere.png", "val.json")
+    expect_data_error(cfg, "nowhere.png", "val.json")
 
 
 def test_hta_errors(tmp_path: Path) -> None:
     task = tmp_path / "hta" / "dtd"
-    _folder(task / "train", 2, 3)
+    image_folder(task / "train", 2, 3)
     cfg = DataConfig(kind="hta", root=str(tmp_path / "hta"), task="dtd")
-    _expect_error(cfg, "missing split folder", "test")
-    _folder(task / "test", 2, 1)
-    _png(task / "test" / "stranger" / "0.png", (0, 0, 0))
-    _expect_error(cfg, "stranger", "no folder")
+    expect_data_error(cfg, "missing split folder", "test")
+    image_folder(task / "test", 2, 1)
+    png(task / "test" / "stranger" / "0.png", (0, 0, 0))
+    expect_data_error(cfg, "stranger", "no folder")
 
 
 # ----------------------------------------------------------------------------- check_dataset
@@ -420,10 +398,10 @@ def test_check_dataset_detects_fgvc_imagefolder_hta(tmp_path: Path) -> None:
     rep = D.check_dataset(task)
     assert rep.kind == "fgvc" and rep.ok and rep.classes == 3
     assert any("120" in w for w in rep.warnings)  # Stanford Dogs has 120 classes
-    _folder(tmp_path / "flat", 2, 5)
+    image_folder(tmp_path / "flat", 2, 5)
     rep = D.check_dataset(tmp_path / "flat")
     assert rep.kind == "imagefolder" and rep.ok and sum(rep.counts[s] for s in ("train", "val", "test")) == 10
-    _folder(tmp_path / "hta" / "svhn" / "train", 2, 5)
+    image_folder(tmp_path / "hta" / "svhn" / "train", 2, 5)
     rep = D.check_dataset(tmp_path / "hta")
     assert rep.kind == "hta" and "svhn" in rep.tasks
     assert any("test" in p for p in rep.problems)  # test/ folder missing

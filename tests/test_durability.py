@@ -70,7 +70,7 @@ def test_rerun_into_a_folder_with_another_config_is_refused(tmp_path, tiny_yaml,
 
 
 def test_run_method_refuses_a_folder_of_another_seed(tmp_path):
-    from pfnas.baselines import run_method
+    from pfnas.methods import run_method
 
     cfg = tiny_config(method={"kind": "probe"}, train={"epochs": 1})
     first = run_method(cfg, tmp_path)

@@ -16,11 +16,6 @@ from pfnas.engine import (Experiment, SearchPhase, lr_at, run_experiment, run_re
                           temperature)
 
 
-@pytest.fixture(scope="module")
-def exp():
-    return Experiment.build(tiny_config())
-
-
 def _trainable(model):
     return {k: v.clone() for k, v in model.trainable_state_dict().items()}
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import TINY_BACKBONE, tiny_config
 from pfnas import cli, load_model
-from pfnas.baselines import run_method
+from pfnas.methods import run_method
 from pfnas.config import ModelError, PfnasError
 from pfnas.engine import Experiment, evaluate
 from pfnas.export import META_FILE, WEIGHTS_FILE, PfnasModel
@@ -109,7 +109,8 @@ def test_changed_backbone_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 def test_load_model_from_mlflow_run(tmp_path: Path) -> None:
-    from pfnas.tracking import make_client, run_logged
+    from pfnas.runs import run_logged
+    from pfnas.tracking import make_client
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = _fixed_cfg(epochs=1)

@@ -10,17 +10,11 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import TINY_BACKBONE, tiny_config
+from conftest import tiny_config
 from pfnas.config import BackboneConfig, PromptConfig
 from pfnas.engine import Experiment, SearchPhase
 from pfnas.model import PromptedViT, load_backbone
 from pfnas.pae import fit_score_head, frequency_init, pooled_features
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    torch.manual_seed(0)
-    return load_backbone(BackboneConfig(**TINY_BACKBONE))
 
 
 # ----------------------------------------------------------------------------- 1. second-order gradient

@@ -4,15 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_BACKBONE
 from pfnas.config import BackboneConfig, ModelError, PromptConfig
 from pfnas.model import PromptedViT, load_backbone, load_policy, normalize_policy, save_policy
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    torch.manual_seed(0)
-    return load_backbone(BackboneConfig(**TINY_BACKBONE))
 
 
 def vpt_deep_reference(bb, prompts: torch.Tensor, head: torch.nn.Linear, img: torch.Tensor) -> torch.Tensor:

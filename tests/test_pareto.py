@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import pfnas.baselines as bl
+import pfnas.methods as bl
 from conftest import tiny_config
 from pfnas.engine import Experiment, run_search
 from pfnas.tracking import compare_runs, make_client, pareto_front

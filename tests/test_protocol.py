@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import pfnas.baselines as bl
+import pfnas.methods as bl
 from conftest import tiny_config
 from pfnas.config import ConfigError, merge_dotted
 from pfnas.data import TaskData
@@ -28,11 +28,6 @@ def reads(monkeypatch):
 
     monkeypatch.setattr(TaskData, "batches", spy)
     return seen
-
-
-@pytest.fixture(scope="module")
-def exp():
-    return Experiment.build(tiny_config())
 
 
 @pytest.mark.parametrize("method", [{"kind": "search"}, {"kind": "fixed", "op": "affine"}, {"kind": "probe"},

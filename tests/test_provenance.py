@@ -14,9 +14,8 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import yaml
-from conftest import REPO, TINY_BACKBONE, tiny_config
+from conftest import REPO, TINY_BACKBONE, tiny_config, write_space
 from rich.console import Console
-from test_tune import write_space
 
 import pfnas
 from pfnas import cli
@@ -185,7 +184,7 @@ def test_cli_runs_carry_their_verb_backbone_digest_and_dataset(tmp_path, capsys,
     import timm
     from safetensors.torch import save_file
 
-    from pfnas.export import file_sha256
+    from pfnas.sysinfo import file_sha256
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ckpt = tmp_path / "backbone.safetensors"

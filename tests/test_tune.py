@@ -13,29 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import REPO, MlflowServer, free_port, tiny_config
+from conftest import PARAMS, REPO, MlflowServer, free_port, tiny_config, write_space
 
 from pfnas.config import ConfigError, ExperimentConfig, PfnasError
 from pfnas.tracking import compare_runs, get_experiment_id, make_client
 from pfnas.tune import _CACHE, load_space, run_trial_method, run_tune
-
-PARAMS = {
-    "search.arch_lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1},
-    "train.optim.lr": {"type": "loguniform", "low": 0.1, "high": 10.0},
-    "prompts.length": {"type": "choice", "values": [2, 4, 8]},
-}
-
-
-def write_space(folder: Path, name: str = "study", **fields) -> Path:
-    """A space over the conftest tiny config (2-block 32-dim ViT, 16 px synthetic data, 2+2 epochs)."""
-    space = {"name": name, "base": tiny_config().model_dump(mode="json"), "params": PARAMS, "num_samples": 4,
-             "max_concurrent_trials": 2, "seed": 7, "startup_trials": 2, "final": {"seeds": 0}}
-    space.update(fields)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(space, sort_keys=False))
-    return path
-
 
 def trial_runs(uri: str, experiment: str):
     client = make_client(uri)

@@ -4,10 +4,10 @@ No Ray or MLflow here: the orchestration layer drives :func:`run_experiment` (or
 the ``on_epoch`` callback and the checkpoint files the engine writes. ``phases``: the training loop and its
 phases; ``selection``: the policy readouts of a searched supernet; ``experiment``: output folders and runs.
 """
+from ..runtime import autocast, resolve_device, rng_state, seed_everything, set_rng_state
 from .experiment import (Experiment, ExperimentResult, RunDirClaim, backbone_param_count, claim_run_dir,
                          inference_throughput, run_experiment, run_retrain, run_search, shared_search, waiting_lock)
-from .phases import (EpochCallback, Phase, RetrainPhase, SearchPhase, autocast, eval_logits, evaluate, fit, lr_at,
-                     resolve_device, rng_state, seed_everything, set_rng_state, temperature)
+from .phases import (EpochCallback, Phase, RetrainPhase, SearchPhase, eval_logits, evaluate, fit, lr_at, temperature)
 from .selection import (PIN_LOGIT, parsimonious_choice, parsimony_policy, perturbation_policy, select_policy)
 
 __all__ = ["EpochCallback", "Experiment", "ExperimentResult", "PIN_LOGIT", "Phase", "RetrainPhase", "RunDirClaim",

@@ -20,9 +20,12 @@ import torch.nn as nn
 from ..config import (ExperimentConfig, PfnasError, RunDirError, config_diff, config_hash, dump_config,
                       search_hash)
 from ..data import TaskData, load_task
+from ..export import export_model
 from ..model import PromptedViT, backbone_input, load_backbone, load_policy, save_policy
-from ..runtime import load_checkpoint, save_checkpoint, write_atomic
-from .phases import EpochCallback, RetrainPhase, SearchPhase, fit, resolve_device, seed_everything
+from ..pae import apply_pae
+from ..runtime import load_checkpoint, resolve_device, save_checkpoint, seed_everything, write_atomic
+from ..timing import forward_fn, time_steps
+from .phases import EpochCallback, RetrainPhase, SearchPhase, fit
 from .selection import select_policy
 
 # ----------------------------------------------------------------------------- output folders
@@ -156,8 +159,6 @@ class Experiment:
         """PAE regulariser for ``model`` (frequency init applied now), or None when disabled."""
         if not self.cfg.pae.enabled:
             return None
-        from ..pae import apply_pae
-
         return apply_pae(self.cfg.pae, model, self.data, self.device, self.cfg.seed)
 
 
@@ -204,7 +205,7 @@ def run_search(exp: Experiment, out_dir: str | Path, on_epoch: EpochCallback | N
         if done.is_file() and (out / "alpha.pt").is_file():  # selected before (a finished, resumed run)
             phase.policy = load_policy(done)
         else:
-            phase.policy = select_policy(model, exp, out)
+            phase.policy = select_policy(model, exp.cfg, exp.data, exp.device, out)
             save_policy(phase.policy, done)
             save_checkpoint(model.alpha.detach().cpu(), out / "alpha.pt")
     return phase
@@ -283,11 +284,9 @@ def inference_throughput(model: nn.Module, data: TaskData, device: torch.device,
                          steps: int = 5, warmup: int = 2) -> dict[str, Any]:
     """Measured eval-mode forward throughput of ``model``: median of ``steps`` batches of ``batch_size``
     images (from the first split, repeated to fill the batch), bracketed by device syncs."""
-    from ..bench import _forward_fn, time_steps  # the bench's own timer (device syncs, median)
-
     x = next(iter(data.batches(next(iter(data.splits)), batch_size)))[0]
     x = x.repeat(-(-batch_size // x.shape[0]), 1, 1, 1)[:batch_size].to(device)  # a full batch on small splits
-    sec = time_steps(_forward_fn(model, x, device, precision), device, steps, warmup)["ms"] / 1e3
+    sec = time_steps(forward_fn(model, x, device, precision), device, steps, warmup)["ms"] / 1e3
     return {"infer_images_per_s": batch_size / sec, "infer_ms_per_image": 1e3 * sec / batch_size,
             "infer_batch": batch_size, "infer_device": str(device)}
 
@@ -304,8 +303,6 @@ def run_retrain(exp: Experiment, policy: dict | list, out_dir: str | Path, on_ep
     if phase.epoch >= phase.epochs:  # finished: measured inference, and the self-contained model files
         phase.inference = inference_throughput(model, exp.data, exp.device, exp.cfg.precision,
                                                min(exp.cfg.data.eval_batch_size, 128))
-        from ..export import export_model
-
         last = phase.history[-1] if phase.history else {}
         score = {k: last[k] for k in (f"{phase.eval_split}_acc", f"{phase.eval_split}_loss") if k in last}
         export_model(out, model, exp.cfg, exp.data, score)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from itertools import cycle
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,56 +16,12 @@ import torch.nn.functional as F
 from ..config import ExperimentConfig, OptimConfig, PfnasError, RunFileError, TemperatureConfig, TrainingError
 from ..data import TaskData
 from ..model import PromptedViT
-from ..runtime import load_checkpoint, save_checkpoint
+from ..runtime import autocast, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .costs import op_latency_table
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
 # ----------------------------------------------------------------------------- helpers
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; anything unknown or unavailable is a PfnasError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-        raise PfnasError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PfnasError(f"device {name!r} requested but CUDA is not available")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise PfnasError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise PfnasError(f"device {name!r} requested but MPS is not available")
-    return dev
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, numpy, torch (and CUDA) RNG states as plain data and tensors, so a weights-only load restores them."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    st = {"python": random.getstate(), "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
-          "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict[str, Any]) -> None:
-    """Restore :func:`rng_state` (numpy's keys as a list, or as an array in checkpoints of older versions)."""
-    random.setstate(st["python"])
-    name, keys, pos, has_gauss, cached = st["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 def temperature(cfg: TemperatureConfig, progress: float) -> float:
     """Temperature at ``progress`` in [0, 1] of the search."""
     t = min(max(progress, 0.0), 1.0)
@@ -89,11 +43,6 @@ def lr_at(optim: OptimConfig, batch_size: int, step: int, steps_per_epoch: int, 
     if step < warm:
         return base * (step + 1) / warm
     return base * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
-
-
-def autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 def eval_logits(model: nn.Module, data: TaskData, split: str, batch_size: int, device: torch.device,
@@ -278,7 +227,6 @@ class SearchPhase(Phase):
         if s.cost == "params":
             table = self.model.param_costs()
         else:  # measured once per backbone / device / batch and cached (pfnas bench --op-latency)
-            from ..bench import op_latency_table
 
             table = op_latency_table(self.cfg, self.model, self.device, self.batch_size)
         return (table / table.max(-1).values.sum().clamp_min(1e-12)).to(self.device)

@@ -5,28 +5,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..config import ExperimentConfig
 from ..data import TaskData
 from ..model import PromptedViT
 from .phases import eval_logits
 
-if TYPE_CHECKING:
-    from .experiment import Experiment
 
 PIN_LOGIT = 1e4  # an alpha row pinned to one op: its softmax is exactly one-hot
 
 
-def select_policy(model: PromptedViT, exp: Experiment, out: Path | None = None) -> dict[int, str]:
+def select_policy(model: PromptedViT, cfg: ExperimentConfig, data: TaskData, device: torch.device,
+                  out: Path | None = None) -> dict[int, str]:
     """The discrete policy of a searched supernet by ``search.select``; parsimony writes its per-layer evidence
     to ``out/selection.json``."""
-    s = exp.cfg.search
+    s = cfg.search
     if s.select == "argmax":
         return model.discretize()
-    args = (model, exp.data, exp.device, exp.cfg.precision, exp.cfg.data.eval_batch_size)
+    args = (model, data, device, cfg.precision, cfg.data.eval_batch_size)
     if s.select == "perturb":
         return perturbation_policy(*args)
     policy, layers = parsimony_policy(*args, z=s.select_z, prefer=s.select_prefer)

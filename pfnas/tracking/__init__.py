@@ -16,13 +16,13 @@ Tags written on every pfnas run (and read back by :func:`compare_runs`):
 * provenance            ``mlflow.source.*``, ``mlflow.user``, versions, backbone and dataset (``pfnas.provenance``)
 
 Modules: ``store`` (URIs, experiments, client), ``values`` (params, labels, shared statistics),
-``logger`` (:class:`RunLogger`, :func:`run_logged`), ``compare`` (:func:`compare_runs`).
+``logger`` (:class:`RunLogger`), ``artifacts`` (``runs:/`` and ``models:/`` downloads, :func:`load_model`), ``compare`` (:func:`compare_runs`).
 """
 from __future__ import annotations
 
 from pfnas.config import config_hash
 from pfnas.tracking.compare import collect_rows, compare_runs, pareto_figure
-from pfnas.tracking.logger import FINAL_METRICS, RunLogger, alpha_heatmap, run_logged
+from pfnas.tracking.logger import FINAL_METRICS, RunLogger, alpha_heatmap
 from pfnas.tracking.store import (
     DEFAULT_TRACKING_URI,
     absolute_sqlite_url,
@@ -47,7 +47,7 @@ from pfnas.tracking.values import (
 )
 
 __all__ = [
-    "DEFAULT_TRACKING_URI", "FINAL_METRICS", "RESULT_METRICS", "TEST_NAME", "RunLogger", "run_logged", "compare_runs",
+    "DEFAULT_TRACKING_URI", "FINAL_METRICS", "RESULT_METRICS", "TEST_NAME", "RunLogger", "compare_runs",
     "collect_rows",
     "pareto_figure", "alpha_heatmap", "resolve_tracking_uri", "absolute_sqlite_url", "check_reachable",
     "get_experiment_id", "make_client", "config_hash", "config_params", "flatten", "method_label", "metric_mode",

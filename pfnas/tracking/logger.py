@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from pfnas.config import ExperimentConfig, RunFileError, config_hash
-from pfnas.provenance import dataset_info, dataset_input, dataset_tags, provenance_tags
+from pfnas.provenance import dataset_input, dataset_tags, provenance_tags
 from pfnas.runtime import write_atomic
-from pfnas.tracking.store import get_experiment_id, make_client, resolve_tracking_uri
+from pfnas.tracking.store import get_experiment_id, make_client
 from pfnas.tracking.values import config_params, finite_scalar, method_label
 
 log = logging.getLogger("pfnas.tracking")  # one logger name for the package
@@ -330,12 +330,11 @@ class RunLogger:
             self.finish(status="FAILED", error=f"{type(e).__name__}: {e}")
             raise
 
-    def _log_model(self, model_dir: str | None) -> None:
-        """The retrain's export (``model.safetensors`` + ``pfnas_model.json``) as the artifact folder ``model/``,
-        so ``pfnas.load_model("runs:/<run_id>/model")`` rebuilds the model."""
-        from pfnas.export import EXPORT_FILES
-
-        files = [Path(model_dir) / f for f in EXPORT_FILES] if model_dir else []
+    def _log_model(self, model_files: list[str] | None) -> None:
+        """The retrain's export (``model.safetensors`` + ``pfnas_model.json``, named by the result's
+        ``model_files``) as the artifact folder ``model/``, so ``pfnas.load_model("runs:/<run_id>/model")``
+        rebuilds the model."""
+        files = [Path(f) for f in model_files or ()]
         if files and all(f.is_file() for f in files):
             self._submit({"op": "artifacts", "files": [str(f) for f in files], "path": "model"})
 
@@ -355,7 +354,7 @@ class RunLogger:
                 ops = ",".join(str(v) for _, v in sorted(policy.items(), key=lambda kv: int(kv[0])))
                 self._submit({"op": "tag", "key": "pfnas.policy", "value": ops[:5000]})  # runs table: show, filter
                 self._submit({"op": "param", "key": "policy", "value": ops[:6000]})
-            self._log_model(result.get("model_dir"))
+            self._log_model(result.get("model_files"))
         if error:
             self._submit({"op": "tag", "key": "pfnas.error", "value": error[:5000]})
         self._submit({"op": "status", "status": status})
@@ -369,35 +368,3 @@ class RunLogger:
                      else "not logged")
             log.warning("MLflow at %s is unreachable: %d record(s) of run %s %s", self.tracking_uri, len(self._ops),
                         self.run_name, where)
-
-
-def run_logged(cfg: ExperimentConfig, out_dir: str | Path, *, tracking_uri: str | None = None,
-               experiment: str | None = None, progress: bool = True, source: str = "pfnas run",
-               **kw: Any) -> dict[str, Any]:
-    """``baselines.run_method`` logged as one top-level MLflow run (``pfnas.kind=run``).
-
-    The run id is kept in ``out_dir/mlflow_run_id``, so rerunning the command after a crash resumes the
-    experiment from its checkpoints and continues the same MLflow run; what MLflow could not take (server
-    down or restarting) waits in ``out_dir/mlflow_buffer.jsonl`` and is sent then. ``experiment`` defaults to
-    ``<cfg.name>-<data.task>`` (or ``cfg.name``), so seeds and methods of one task land side by side.
-    The folder is claimed first (lock, same configuration), so a refused rerun never touches the old MLflow run.
-    ``source`` (``pfnas <verb>``) is the run's ``mlflow.source.name``; the decoded task is its dataset input.
-    """
-    from pfnas.baselines import run_method
-    from pfnas.engine import Experiment, claim_run_dir
-
-    uri = resolve_tracking_uri(tracking_uri)
-    exp_name = experiment or (f"{cfg.name}-{cfg.data.task}" if cfg.data.task else cfg.name)
-    with claim_run_dir(cfg, out_dir) as claim:
-        out = claim.path
-        if claim.replaced:  # the folder's earlier try (another config) never trained: its MLflow run is not ours
-            for f in (RunLogger.RUN_ID, RunLogger.BUFFER):
-                (out / f).unlink(missing_ok=True)
-        logger = RunLogger(uri, exp_name, f"{method_label(cfg)}-seed{cfg.seed}", cfg, folder=out, source=source,
-                           tags={"pfnas.kind": "run", "pfnas.task": str(cfg.data.task or cfg.data.kind)})
-        with logger.recording():
-            exp = kw.pop("exp", None) or Experiment.build(cfg)  # what run_method would build, first
-            logger.log_dataset(dataset_info(cfg, exp.data))
-            res = run_method(cfg, out, on_epoch=logger.log_epoch, progress=progress, exp=exp, **kw)
-        logger.finish(res)
-    return res

@@ -3,7 +3,7 @@
 A *space* YAML (``search_spaces/*.yaml``, schema :class:`SpaceConfig`) names a base
 :class:`~pfnas.config.ExperimentConfig` and distributions over dotted config keys. :func:`run_tune`
 runs one Tune study per space (or one per entry of ``tasks``): every trial builds its config
-(base + ``--set`` overrides + sampled values), runs :func:`pfnas.baselines.run_method` (or the engine's
+(base + ``--set`` overrides + sampled values), runs :func:`pfnas.methods.run_method` (or the engine's
 ``run_experiment`` when baselines are absent) in its own directory, reports every epoch to Tune with a
 checkpoint of that directory (so a restored trial resumes mid-phase), and logs to a nested MLflow run
 under the study's parent run.

@@ -18,6 +18,7 @@ from ..config import (
     apply_overrides,
     merge_dotted,
     read_yaml,
+    selection_hash,
     validate,
 )
 from ..tracking import (
@@ -255,8 +256,6 @@ class StudyPlan:
         :func:`~pfnas.config.selection_hash`: e.g. a retrain-lr grid) are spread out, round robin over the groups,
         so that concurrent slots do not sit waiting on a selection another slot is running: the first of each group
         starts early, the others once it is done."""
-        from ..config import selection_hash
-
         axes = ([("variant", list(range(len(self.variants))))] if self.variants else []) + \
             [(k, list(p.values)) for k, p in self.params.items()]  # a grid takes choice params only
         points = [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]

@@ -11,7 +11,9 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..methods import run_method
 from ..config import ExperimentConfig, TrainingError, merge_dotted
+from ..engine import Experiment
 from ..provenance import dataset_info
 from ..tracking import (
     RESULT_METRICS,
@@ -138,8 +140,6 @@ def _cached_experiment(cfg: ExperimentConfig):
     Reused actors run many trials; rebuilding a hub ViT and re-decoding a data set for each is waste.
     Random-init backbones depend on the seed, so the seed is part of their key.
     """
-    from ..engine import Experiment
-
     bb = cfg.backbone
     random_init = not (bb.pretrained or bb.checkpoint)
     bkey = json.dumps([bb.model_dump(mode="json"), cfg.seed if random_init else None, cfg.device], sort_keys=True)
@@ -155,10 +155,8 @@ def _cached_experiment(cfg: ExperimentConfig):
 
 def run_trial_method(cfg: ExperimentConfig, out_dir: str | Path, on_epoch=None, on_data=None,
                      search_cache: str | None = None) -> dict[str, Any]:
-    """``baselines.run_method`` (every ``method.kind``) on the experiment cached in this worker; ``on_data`` gets the
+    """``methods.run_method`` (every ``method.kind``) on the experiment cached in this worker; ``on_data`` gets the
     decoded task (``TaskData``) first; ``search_cache``: the study's shared searches (``engine.shared_search``)."""
-    from ..baselines import run_method
-
     exp = _cached_experiment(cfg)
     if on_data is not None:
         on_data(exp.data)

@@ -1,4 +1,5 @@
-"""Discrete baselines compared with the differentiable search at the same budget.
+"""Every `method.kind` behind one entry, :func:`run_method`: the differentiable search, fixed single-op policies,
+the linear probe, and the discrete baselines compared with the search at the same budget.
 
 Budget and cost are counted in images processed by a training (forward + backward) pass:
 
@@ -42,18 +43,15 @@ import torch
 from .config import ExperimentConfig, PfnasError, config_hash, finite_scalar, merge_dotted, selection_hash
 from .engine import (EpochCallback, Experiment, Phase, backbone_param_count, claim_run_dir, evaluate, fit, lr_at,
                      rng_state, run_experiment, run_retrain, set_rng_state, waiting_lock)
+from .export import model_files
 from .model import PromptedViT
 from .runtime import write_atomic
+from .timing import steps_per_epoch, time_steps
 
 PATH_LOGIT = 1e4  # alpha value that pins a gumbel supernet to one path (softmax of the rest is exactly 0)
 
 
 # ----------------------------------------------------------------------------- budget
-def _steps_per_epoch(n: int, batch_size: int) -> int:
-    """Steps of an engine epoch on ``n`` images (drop_last when ``n >= batch_size``)."""
-    return max(n // batch_size, 1) if n >= batch_size else 1
-
-
 def _images_per_step(n: int, batch_size: int) -> int:
     return batch_size if n >= batch_size else n
 
@@ -69,8 +67,6 @@ def budget_images(cfg: ExperimentConfig, data) -> int:
 def measure_step_seconds(exp: Experiment, steps: int = 3) -> float:
     """Seconds per training image of a candidate step: a policy cycling the candidate ops, median of ``steps``
     timed steps after one warm-up step. The global RNG is restored, so the run itself is unchanged."""
-    from .bench import time_steps  # the bench's own timer (device syncs, median)
-
     state = rng_state()
     try:
         ops = list(exp.cfg.prompts.ops)
@@ -98,7 +94,7 @@ def search_cost(cfg: ExperimentConfig, data) -> dict[str, int]:
     """Images the differentiable search trains on, as :class:`~pfnas.engine.SearchPhase` draws them."""
     s, bs = cfg.search, cfg.data.batch_size
     n_train, n_val = data.num_images("train"), data.num_images("val")
-    spe, per = _steps_per_epoch(n_train, bs), _images_per_step(n_train, bs)
+    spe, per = steps_per_epoch(n_train, bs), _images_per_step(n_train, bs)
     vb = s.arch_batch_size or bs
     val_sizes = [min(vb, n_val - i) for i in range(0, n_val, vb)]  # the val list an epoch cycles through
     arch_every = s.arch_every or max(n_train // max(n_val, 1), 1)  # as SearchPhase: one alpha step per k
@@ -322,7 +318,8 @@ def _finish(exp: Experiment, out: Path, policy: dict[int, str], on_epoch: EpochC
            "tuned_params": tuned,
            "tuned_percent": 100.0 * tuned / backbone_param_count(exp.backbone),
            "retrain_history": phase.history, **(phase.inference or {}), "time_s": time.perf_counter() - t0,
-           "model_dir": str((out / "retrain").resolve())}
+           "model_dir": str((out / "retrain").resolve()),
+           "model_files": model_files(out / "retrain")}
     (out / "result.json").write_text(json.dumps(res, indent=1, default=str))
     return res
 
@@ -341,7 +338,7 @@ def _run_search(exp: Experiment, out: Path, on_epoch, progress, t0, search_cache
     res = {"method": "search", "seed": exp.cfg.seed, **r.to_json(), "select_val_acc": r.search_val_acc,
            "cost_images": cost["total"], "cost_step_s": sum(h["epoch_time_s"] for h in r.search_history), "cost_breakdown": cost, "budget_images": budget_images(exp.cfg, exp.data),
            "eval_images": exp.cfg.search.epochs * exp.data.num_images("val"), "history": r.search_history,
-           "time_s": time.perf_counter() - t0, "model_dir": str(out.resolve())}
+           "time_s": time.perf_counter() - t0, "model_dir": str(out.resolve()), "model_files": model_files(out)}
     (out / "result.json").write_text(json.dumps(res, indent=1, default=str))
     return res
 

@@ -7,17 +7,12 @@ import random
 import pytest
 import torch
 
-import pfnas.baselines as bl
+import pfnas.methods as bl
 from conftest import tiny_config
 from pfnas.config import merge_dotted
 from pfnas.engine import Experiment, SearchPhase, run_search
 
 N_TRAIN, BATCH = 39, 16  # tiny_config: 3 classes x 13 train images, batch 16
-
-
-@pytest.fixture(scope="module")
-def exp():
-    return Experiment.build(tiny_config())
 
 
 def _cfg(**method):
