@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_BACKBONE, tiny_config
+from conftest import TINY_BACKBONE, one_error_line, tiny_config
 from pfnas import cli, load_model
 from pfnas.baselines import run_method
 from pfnas.config import ModelError, PfnasError
@@ -167,3 +167,71 @@ def test_predict_cli_writes_top_k_csv(tmp_path: Path, capsys) -> None:
     rc = cli.main(["predict", "-m", str(tmp_path / "nomodel"), str(imgs)])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(err) == 1 and "nomodel" in err[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory) -> Path:
+    """One exported 2-layer model (policy add, affine) and one 16 px image, shared by the crafted-file tests."""
+    root = tmp_path_factory.mktemp("export")
+    cfg = tiny_config(method={"kind": "fixed", "policy": ["add", "affine"]}, train={"epochs": 1})
+    run_method(cfg, root / "run")
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(root / "img.png")
+    return root
+
+
+def _crafted(root: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the export whose pfnas_model.json ``edit`` changed in place."""
+    folder = tmp_path / "model"
+    shutil.copytree(root / "run" / "retrain", folder)
+    meta = json.loads((folder / META_FILE).read_text())
+    edit(meta)
+    (folder / META_FILE).write_text(json.dumps(meta))
+    return folder
+
+
+def _set(section: str | None, key: str, value):
+    def edit(meta):
+        (meta[section] if section else meta)[key] = value
+    return edit
+
+
+CRAFTED = {  # the reviewer's files: tracebacks, or gigabytes allocated, before validation
+    "policy key x": (lambda m: m["policy"].update({"x": m["policy"].pop("1")}), "layer number"),
+    "policy op unknown": (lambda m: m["policy"].update({"0": "conv"}), "policy.0"),
+    "policy one layer short": (lambda m: m["policy"].pop("1"), "2 blocks"),
+    "prompt length -1": (_set("prompts", "length", -1), "prompts.length"),
+    "prompt length huge": (_set("prompts", "length", 10**9), "prompts.length"),
+    "num_classes four": (_set(None, "num_classes", "four"), "num_classes"),
+    "num_classes 1e9": (_set(None, "num_classes", 10**9), "num_classes"),
+    "num_classes float": (_set(None, "num_classes", 3.0), "num_classes"),
+    "mean one value": (_set("preprocessing", "mean", [0.5]), "preprocessing.mean: List should have at least 3"),
+    "std zero": (_set("preprocessing", "std", [0.5, 0.0, 0.5]), "preprocessing.std"),
+    "mean NaN": (_set("preprocessing", "mean", [0.5, float("nan"), 0.5]), "preprocessing.mean"),
+    "crop_size 100000": (_set("preprocessing", "crop_size", 100000), "preprocessing.crop_size"),
+    "resize_size 30000": (_set("preprocessing", "resize_size", 30000), "preprocessing.resize_size"),
+    "crop above resize": (_set("preprocessing", "crop_size", 20), "crop_size"),
+    "crop not the backbone's": (lambda m: m["preprocessing"].update(crop_size=12, image_size=12), "16"),
+    "backbone img_size 100000": (lambda m: m["backbone"]["kwargs"].update(img_size=100000), "patches"),
+    "backbone depth x": (lambda m: m["backbone"]["kwargs"].update(depth="x"), "cannot build"),
+    "weights other file": (_set("weights", "file", "../../etc/passwd"), "weights.file"),
+    "extra field": (_set(None, "surprise", 1), "surprise"),
+    "classes too few": (_set(None, "classes", ["a"]), "classes: 1 class names"),
+    "head size differs": (lambda m: m.update(num_classes=5, classes=None), "does not fit"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_crafted_model_file_is_one_error(tiny_export: Path, tmp_path: Path, case: str, capsys) -> None:
+    edit, fragment = CRAFTED[case]
+    folder = _crafted(tiny_export, tmp_path, edit)
+    with pytest.raises(ModelError, match=None) as err:
+        load_model(folder)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    rc = cli.main(["predict", "-m", str(folder), str(tiny_export / "img.png")])
+    one_error_line(capsys.readouterr().err, fragment)
+    assert rc == 2
+
+
+def test_untouched_export_still_predicts(tiny_export: Path, tmp_path: Path, capsys) -> None:
+    folder = _crafted(tiny_export, tmp_path, lambda m: None)
+    assert cli.main(["predict", "-m", str(folder), str(tiny_export / "img.png")]) == 0, capsys.readouterr().err
