@@ -13,6 +13,7 @@ when such a URI is given; the engine side of this module never touches MLflow or
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -472,38 +473,84 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", tracking
 
 
 # ----------------------------------------------------------------------------- prediction
+def _unreachable(p: Path) -> str | None:
+    """Why ``p`` cannot be opened (symlink loop, dangling symlink, not found, permission), or None."""
+    try:
+        p.stat()
+    except FileNotFoundError:
+        return f"dangling symlink to {os.readlink(p)}" if p.is_symlink() else "not found"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop (too many levels of symbolic links)"
+        return e.strerror or type(e).__name__
+    return None
+
+
 def list_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files named by ``inputs``: files as given, folders searched recursively (sorted)."""
+    """Image files named by ``inputs``: files as given, folders searched recursively (sorted). Inside folders,
+    broken symlinks with an image name are listed too, so that predicting them reports them."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item).expanduser()
-        if p.is_file():
-            out.append(p)
-        elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS
+        problem = _unreachable(p)
+        if problem == "not found":
+            raise DataError(f"image path not found: {p}")
+        if problem:
+            raise DataError(f"image path {p}: {problem}")
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if (f.is_file() or f.is_symlink() and not f.is_dir())
+                           and f.suffix.lower() in IMAGE_EXTS
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
-                raise PfnasError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {p}")
+                raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {p}")
             out.extend(found)
         else:
-            raise PfnasError(f"image path not found: {p}")
+            out.append(p)
     if not out:
-        raise PfnasError("no images given")
+        raise DataError("no images given")
     return out
 
 
+def _decode_readable(paths: list[Path], view: View, skipped: list[tuple[Path, str]] | None
+                     ) -> tuple[list[Path], torch.Tensor | None]:
+    """Decode ``paths``; with ``skipped`` given, unreadable files go there as (path, reason) instead of raising."""
+    try:
+        return paths, decode_images(paths, view)
+    except DataError:
+        if skipped is None:
+            raise
+    good, images = [], []
+    for p in paths:
+        problem = _unreachable(p)
+        if problem:
+            skipped.append((p, f"{p}: {problem}"))
+            continue
+        try:
+            images.append(decode_images([p], view, workers=1))
+            good.append(p)
+        except DataError as e:
+            skipped.append((p, str(e)))
+    return good, (torch.cat(images) if images else None)
+
+
 @torch.no_grad()
-def predict_files(model: PfnasModel, paths: Sequence[Path], top_k: int = 5, batch_size: int = 64
-                  ) -> list[tuple[Path, list[tuple[str, float]]]]:
-    """Top-``k`` (class, probability) per image file, decoded in chunks of ``batch_size``."""
+def predict_files(model: PfnasModel, paths: Sequence[Path], top_k: int = 5, batch_size: int = 64,
+                  skipped: list[tuple[Path, str]] | None = None) -> list[tuple[Path, list[tuple[str, float]]]]:
+    """Top-``k`` (class, probability) per image file, decoded in chunks of ``batch_size``.
+
+    An unreadable file raises :class:`DataError`; with a ``skipped`` list given, it is appended there as
+    ``(path, reason)`` and left out of the results instead.
+    """
     from .engine import autocast
 
     k = max(1, min(int(top_k), len(model.classes)))
     dev = model.head.weight.device
     results = []
     for i in range(0, len(paths), batch_size):
-        chunk = list(paths[i:i + batch_size])
-        x = model.normalize(decode_images(chunk, model.view).to(dev))
+        chunk, images = _decode_readable(list(paths[i:i + batch_size]), model.view, skipped)
+        if images is None:
+            continue
+        x = model.normalize(images.to(dev))
         with autocast(dev, model.meta.get("precision", "auto")):
             logits = model(x)
         prob, idx = logits.float().softmax(-1).topk(k, dim=-1)

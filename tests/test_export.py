@@ -235,3 +235,45 @@ def test_crafted_model_file_is_one_error(tiny_export: Path, tmp_path: Path, case
 def test_untouched_export_still_predicts(tiny_export: Path, tmp_path: Path, capsys) -> None:
     folder = _crafted(tiny_export, tmp_path, lambda m: None)
     assert cli.main(["predict", "-m", str(folder), str(tiny_export / "img.png")]) == 0, capsys.readouterr().err
+
+
+def _images(folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"img{i}.png" for i in range(n)]
+    for i, p in enumerate(paths):
+        Image.new("RGB", (20 + i, 16), (40 * i, 0, 0)).save(p)
+    return paths
+
+
+def test_predict_skip_bad_writes_the_good_ones(tiny_export: Path, tmp_path: Path, capsys) -> None:
+    good = _images(tmp_path / "imgs", 3)
+    (tmp_path / "imgs" / "broken.png").write_text("not a png")
+    (tmp_path / "imgs" / "loop.jpg").symlink_to("loop.jpg")  # a symlink loop inside the folder
+    model = str(tiny_export / "run")
+    rc = cli.main(["predict", "-m", model, str(tmp_path / "imgs")])  # default: any bad file stops it
+    one_error_line(capsys.readouterr().err, "broken.png", "--skip-bad")
+    assert rc == 2
+    out = tmp_path / "pred.csv"
+    rc = cli.main(["predict", "-m", model, str(tmp_path / "imgs"), "--skip-bad", "--csv", str(out),
+                   "--batch-size", "2"])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 3, err
+    assert sorted({r["path"] for r in csv.DictReader(out.open())}) == [str(p) for p in good]
+    assert len(err) == 2 and all(ln.startswith("pfnas: skipped: ") for ln in err), err
+    assert "broken.png" in err[0] and "loop.jpg" in err[1] and "symlink loop" in err[1]
+    rc = cli.main(["predict", "-m", model, *map(str, good), "--skip-bad"])  # all good: 0
+    assert rc == 0 and capsys.readouterr().err == ""
+    rc = cli.main(["predict", "-m", model, str(tmp_path / "imgs" / "broken.png"), "--skip-bad"])  # none good: 2
+    assert rc == 2 and capsys.readouterr().err.splitlines()[-1].startswith("pfnas: error: no readable image")
+
+
+def test_predict_names_a_symlink_loop(tiny_export: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    rc = cli.main(["predict", "-m", str(tiny_export / "run"), str(tmp_path / "a.png")])
+    one_error_line(capsys.readouterr().err, "a.png", "symlink loop")
+    assert rc == 2
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    rc = cli.main(["predict", "-m", str(tiny_export / "run"), str(tmp_path / "gone.png")])
+    one_error_line(capsys.readouterr().err, "gone.png", "dangling symlink")
+    assert rc == 2
