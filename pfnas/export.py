@@ -513,22 +513,23 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
 
 def _decode_readable(paths: list[Path], view: View, skipped: list[tuple[Path, str]] | None
                      ) -> tuple[list[Path], torch.Tensor | None]:
-    """Decode ``paths``; with ``skipped`` given, unreadable files go there as (path, reason) instead of raising."""
+    """Decode ``paths``. When one fails, each is retried alone: an unreadable file (a symlink loop named as such)
+    raises :class:`DataError`, or with ``skipped`` given goes there as (path, reason) while the rest is kept."""
     try:
         return paths, decode_images(paths, view)
     except DataError:
-        if skipped is None:
-            raise
+        pass
     good, images = [], []
     for p in paths:
         problem = _unreachable(p)
-        if problem:
-            skipped.append((p, f"{p}: {problem}"))
-            continue
         try:
+            if problem:
+                raise DataError(f"unreadable image {p}: {problem}")
             images.append(decode_images([p], view, workers=1))
             good.append(p)
         except DataError as e:
+            if skipped is None:
+                raise
             skipped.append((p, str(e)))
     return good, (torch.cat(images) if images else None)
 

@@ -261,9 +261,14 @@ def test_predict_skip_bad_writes_the_good_ones(tiny_export: Path, tmp_path: Path
     assert sorted({r["path"] for r in csv.DictReader(out.open())}) == [str(p) for p in good]
     assert len(err) == 2 and all(ln.startswith("pfnas: skipped: ") for ln in err), err
     assert "broken.png" in err[0] and "loop.jpg" in err[1] and "symlink loop" in err[1]
+    (tmp_path / "imgs" / "broken.png").unlink()
+    rc = cli.main(["predict", "-m", model, str(tmp_path / "imgs")])  # a loop inside a folder is named as such
+    one_error_line(capsys.readouterr().err, "loop.jpg", "symlink loop", "--skip-bad")
+    assert rc == 2
     rc = cli.main(["predict", "-m", model, *map(str, good), "--skip-bad"])  # all good: 0
     assert rc == 0 and capsys.readouterr().err == ""
-    rc = cli.main(["predict", "-m", model, str(tmp_path / "imgs" / "broken.png"), "--skip-bad"])  # none good: 2
+    (tmp_path / "broken.png").write_text("not a png")
+    rc = cli.main(["predict", "-m", model, str(tmp_path / "broken.png"), "--skip-bad"])  # none good: 2
     assert rc == 2 and capsys.readouterr().err.splitlines()[-1].startswith("pfnas: error: no readable image")
 
 
