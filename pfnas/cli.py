@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from .config import PfnasError, StudyError, load_config
+from .config import DataError, PfnasError, StudyError, load_config
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Per-layer prompt fusion search for frozen Vision Transformers.")
@@ -166,8 +166,15 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files and/or fo
             backbone_checkpoint: Optional[Path] = typer.Option(None, "--backbone-checkpoint",
                                                                help="The backbone checkpoint, when it moved."),
             tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
-                                                       help="MLflow store for runs:/ and models:/ URIs.")):
-    """Top-k classes of images with an exported model (decoded as the training data's evaluation split)."""
+                                                       help="MLflow store for runs:/ and models:/ URIs."),
+            skip_bad: bool = typer.Option(False, "--skip-bad",
+                                          help="Predict the readable images and list each unreadable one on stderr "
+                                               "('pfnas: skipped: ...'); exit 3 when any was skipped, 2 when none "
+                                               "was readable. Without it an unreadable image stops with exit 2.")):
+    """Top-k classes of images with an exported model (decoded as the training data's evaluation split).
+
+    Exit codes: 0 every image predicted; 2 an error (bad model, missing or unreadable image); 3 with --skip-bad,
+    some images skipped (the others are predicted and written)."""
     import csv
 
     from rich.table import Table
@@ -179,7 +186,17 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files and/or fo
     paths = list_images(images)
     net = load_model(model, device=resolve_device(device), tracking_uri=tracking_uri,
                      backbone_checkpoint=backbone_checkpoint)
-    results = predict_files(net, paths, top_k=top_k, batch_size=batch_size)
+    skipped: Optional[list] = [] if skip_bad else None
+    try:
+        results = predict_files(net, paths, top_k=top_k, batch_size=batch_size, skipped=skipped)
+    except DataError as e:
+        if skip_bad:
+            raise
+        raise DataError(f"{e} (--skip-bad predicts the other images)") from None
+    for _, reason in skipped or []:
+        print(f"pfnas: skipped: {' '.join(reason.split())}", file=sys.stderr)
+    if not results:
+        raise DataError(f"no readable image among the {len(paths)} given")
     if csv_out is not None:
         csv_out.parent.mkdir(parents=True, exist_ok=True)
         with open(csv_out, "w", newline="") as f:
@@ -187,7 +204,8 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files and/or fo
             w.writerow(["path", "rank", "class", "prob"])
             for p, top in results:
                 w.writerows([str(p), r, c, f"{q:.6g}"] for r, (c, q) in enumerate(top, 1))
-    table = Table(title=f"top-{min(top_k, len(net.classes))} of {len(results)} image(s)")
+    skipped_note = f", {len(skipped)} skipped" if skipped else ""
+    table = Table(title=f"top-{min(top_k, len(net.classes))} of {len(results)} image(s){skipped_note}")
     for col in ("image", "rank", "class", "prob"):
         table.add_column(col, justify="right" if col in ("rank", "prob") else "left", overflow="fold")
     for p, top in results:
@@ -196,6 +214,8 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files and/or fo
     console.print(table)
     if csv_out is not None:
         console.print(f"wrote {csv_out}")
+    if skipped:
+        raise typer.Exit(3)
 
 
 @app.command()

@@ -13,19 +13,24 @@ when such a URI is given; the engine side of this module never touches MLflow or
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import weakref
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Literal, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
+                      field_validator, model_validator)
 
 from ._version import __version__
-from .config import BackboneConfig, ExperimentConfig, ModelError, PfnasError, PromptConfig
+from .config import (OPS, BackboneConfig, DataError, ExperimentConfig, ModelError, PfnasError, PromptConfig,
+                     format_validation_error)
 from .data import IMAGE_EXTS, TaskData, View, decode_images, eval_view, render_image
-from .model import PromptedViT, load_backbone
+from .model import FIXED_OPS, PromptedViT, load_backbone
 from .runtime import autocast, write_atomic
 from .sysinfo import file_sha256
 
@@ -36,6 +41,14 @@ META_FILE = "pfnas_model.json"
 EXPORT_FILES = (WEIGHTS_FILE, META_FILE)
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
+# bounds on what a pfnas_model.json may ask for (a crafted file must not allocate gigabytes)
+MAX_CLASSES = 100_000
+MAX_IMAGE_SIZE = 4096
+MAX_PROMPT_LENGTH = 1024
+MAX_FUSION_DIM = 4096
+MAX_LAYERS = 1024
+MAX_BACKBONE_PARAMS = 2_000_000_000
+MAX_PATCHES = 16_384
 _WEIGHT_DIGESTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
@@ -110,20 +123,171 @@ def export_model(out_dir: str | Path, model: PromptedViT, cfg: ExperimentConfig,
     return out
 
 
+# ----------------------------------------------------------------------------- the model file
+_Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+_Positive = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)]
+_Sha256 = Annotated[str, Field(strict=True, pattern=r"^[0-9a-f]{64}$")]
+_Triple = Annotated[list[_Finite], Field(min_length=3, max_length=3)]
+_PositiveTriple = Annotated[list[_Positive], Field(min_length=3, max_length=3)]
+
+
+def _layer_key(key: str) -> str:
+    if not (key.isascii() and key.isdigit() and str(int(key)) == key and int(key) < MAX_LAYERS):
+        raise ValueError(f"a policy key is a layer number 0..{MAX_LAYERS - 1}")
+    return key
+
+
+_Layer = Annotated[StrictStr, AfterValidator(_layer_key)]
+_Size = Annotated[int, Field(strict=True, ge=1, le=MAX_IMAGE_SIZE)]
+_Name = Annotated[str, Field(strict=True, max_length=1000)]
+
+
+class _MetaSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExportPrompts(_MetaSection):
+    length: StrictInt = Field(ge=1, le=MAX_PROMPT_LENGTH)
+    dropout: float = Field(strict=True, ge=0.0, lt=1.0)
+    fusion_dim: StrictInt = Field(ge=1, le=MAX_FUSION_DIM)
+    ops: list[Literal[OPS]] = Field(min_length=1, max_length=len(OPS))
+
+
+class ExportBackbone(_MetaSection):
+    name: _Name
+    pretrained: StrictBool = False
+    checkpoint: Optional[Annotated[str, Field(strict=True, max_length=4096)]] = None
+    kwargs: dict[StrictStr, Any] = Field(default_factory=dict)  # checked by a dry build on the meta device
+    mean: Optional[_Triple] = None
+    std: Optional[_PositiveTriple] = None
+    checkpoint_num_classes: Optional[StrictInt] = Field(None, ge=1, le=MAX_CLASSES)
+    checkpoint_sha256: Optional[_Sha256] = None
+    init_seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63)
+    weights_sha256: Optional[_Sha256] = None
+
+    def config(self) -> BackboneConfig:
+        fields = {k: getattr(self, k) for k in BackboneConfig.model_fields}
+        return BackboneConfig.model_validate({**fields, "mean": self.mean and tuple(self.mean),
+                                              "std": self.std and tuple(self.std)})
+
+
+class ExportPreprocessing(_MetaSection):
+    image_size: _Size
+    mean: _Triple
+    std: _PositiveTriple
+    resize: Literal["square", "shorter_side"]
+    resize_size: _Size
+    crop_size: _Size
+    interpolation: Literal["bicubic"] = "bicubic"
+    data_kind: Optional[_Name] = None
+
+    @model_validator(mode="after")
+    def _crop_inside(self) -> "ExportPreprocessing":
+        if self.crop_size > self.resize_size or self.crop_size != self.image_size:
+            raise ValueError(f"crop_size {self.crop_size} must equal image_size ({self.image_size}) and be at most "
+                             f"resize_size ({self.resize_size})")
+        return self
+
+
+class ExportWeights(_MetaSection):
+    file: Literal[WEIGHTS_FILE]
+    sha256: _Sha256
+    tensors: Optional[StrictInt] = Field(None, ge=0)
+
+
+class ExportMeta(_MetaSection):
+    """``pfnas_model.json``, validated: strict types, known ops, bounded sizes (see the ``MAX_*`` constants)."""
+
+    format: Literal[FORMAT]
+    format_version: StrictInt = Field(ge=1, le=FORMAT_VERSION)
+    versions: dict[StrictStr, StrictStr] = Field(default_factory=dict)
+    task: Optional[_Name] = None
+    seed: Optional[StrictInt] = None
+    stage: Optional[Literal["select", "final"]] = None
+    epochs: Optional[StrictInt] = Field(None, ge=0)
+    metrics: dict[StrictStr, Annotated[float, Field(strict=True)]] = Field(default_factory=dict)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    policy: dict[_Layer, Literal[FIXED_OPS]] = Field(min_length=1, max_length=MAX_LAYERS)
+    prompts: ExportPrompts
+    backbone: ExportBackbone
+    num_classes: StrictInt = Field(ge=1, le=MAX_CLASSES)
+    classes: Optional[list[_Name]] = None
+    preprocessing: ExportPreprocessing
+    weights: ExportWeights
+
+    @field_validator("policy")
+    @classmethod
+    def _every_layer(cls, policy: dict[str, str]) -> dict[str, str]:
+        layers = sorted(int(k) for k in policy)
+        if layers != list(range(len(layers))):
+            raise ValueError(f"policy must name layers 0..{len(layers) - 1} once each, got {layers[:8]}")
+        return policy
+
+    @field_validator("classes")
+    @classmethod
+    def _one_name_per_class(cls, classes: list[str] | None, info) -> list[str] | None:
+        n = info.data.get("num_classes")
+        if classes is not None and n is not None and len(classes) != n:
+            raise ValueError(f"{len(classes)} class names for num_classes {n}")
+        return classes
+
+
+def validate_meta(raw: Any, source: str | Path = META_FILE) -> ExportMeta:
+    """``raw`` (the parsed json) as an :class:`ExportMeta`, or a one-line :class:`ModelError` naming the field."""
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ModelError(f"{source} is not a pfnas model file (no \"format\": \"{FORMAT}\")")
+    version = raw.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise ModelError(f"{source} has format_version {version!r}; this pfnas reads 1 to {FORMAT_VERSION}")
+    try:
+        return ExportMeta.model_validate(raw)
+    except ValidationError as e:
+        raise ModelError(f"{source}: {format_validation_error(e)}") from None
+
+
+def _dry_build(spec: ExportMeta, source: Path) -> None:
+    """Build the backbone on the meta device (no memory, no download) and refuse it before the real build when it
+    is too big or does not fit the policy and preprocessing of ``spec``."""
+    import timm
+
+    bb = spec.backbone
+    if not timm.is_model(bb.name):
+        raise ModelError(f"{source}: unknown timm model {bb.name!r} in backbone.name")
+    try:
+        with torch.device("meta"):
+            net = timm.create_model(bb.name, pretrained=False, num_classes=0, **bb.kwargs)
+        params = sum(p.numel() for p in net.parameters())
+        patches = int(net.patch_embed.num_patches)
+        depth = len(net.blocks)
+        size = net.patch_embed.img_size
+    except Exception as e:  # noqa: BLE001 - untrusted kwargs: whatever timm raises is a refusal
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ModelError(f"{source}: cannot build {bb.name} with backbone.kwargs: {first}") from None
+    if params > MAX_BACKBONE_PARAMS or patches > MAX_PATCHES:
+        raise ModelError(f"{source}: backbone {bb.name} with these kwargs has {params:,} parameters and {patches:,} "
+                         f"patches (at most {MAX_BACKBONE_PARAMS:,} and {MAX_PATCHES:,})")
+    if len(spec.policy) != depth:
+        raise ModelError(f"{source}: policy names {len(spec.policy)} layers, backbone {bb.name} has {depth} blocks")
+    crop = spec.preprocessing.crop_size
+    if not getattr(net, "dynamic_img_size", False) and tuple(size) != (crop, crop):
+        raise ModelError(f"{source}: preprocessing.crop_size {crop} does not fit backbone input {tuple(size)}")
+
+
 # ----------------------------------------------------------------------------- the loaded model
 class PfnasModel(PromptedViT):
     """A :class:`PromptedViT` rebuilt from an export: ``policy``, ``classes`` (names, or class indices as
     strings), ``preprocessing`` (the json's dict), ``meta`` (the whole json) and :meth:`preprocess`."""
 
-    def __init__(self, backbone: nn.Module, meta: dict[str, Any]):
-        super().__init__(backbone, int(meta["num_classes"]), PromptConfig.model_validate(meta["prompts"]),
-                         {int(k): v for k, v in meta["policy"].items()})
-        self.meta = meta
-        n = int(meta["num_classes"])
-        self.classes = list(meta["classes"]) if meta.get("classes") else [str(i) for i in range(n)]
-        pre = meta["preprocessing"]
-        self.preprocessing = dict(pre)
-        self.view = View(int(pre["resize_size"]), int(pre["crop_size"]), pre["resize"] == "square")
+    def __init__(self, backbone: nn.Module, meta: dict[str, Any] | ExportMeta):
+        spec = meta if isinstance(meta, ExportMeta) else validate_meta(meta)
+        super().__init__(backbone, spec.num_classes, PromptConfig.model_validate(spec.prompts.model_dump()),
+                         {int(k): v for k, v in spec.policy.items()})
+        self.meta = spec.model_dump(mode="json")
+        n = spec.num_classes
+        self.classes = list(spec.classes) if spec.classes else [str(i) for i in range(n)]
+        pre = spec.preprocessing
+        self.preprocessing = pre.model_dump(mode="json")
+        self.view = View(pre.resize_size, pre.crop_size, pre.resize == "square")
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, 3, S, S]`` -> float32 normalised, the arithmetic of ``TaskData.batches``."""
@@ -161,20 +325,12 @@ class PfnasModel(PromptedViT):
         return self.normalize(u8.to(self.head.weight.device))
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def _read_meta(path: Path) -> ExportMeta:
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PfnasError(f"cannot read {path}: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise PfnasError(f"{path} is not a pfnas model file (no \"format\": \"{FORMAT}\")")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise PfnasError(f"{path} has format_version {version!r}; this pfnas reads up to {FORMAT_VERSION}")
-    missing = [k for k in ("policy", "prompts", "backbone", "num_classes", "preprocessing", "weights") if k not in meta]
-    if missing:
-        raise PfnasError(f"{path} lacks field(s) {', '.join(missing)}")
-    return meta
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ModelError(f"cannot read {path}: {' '.join(str(e).split())[:300]}") from None
+    return validate_meta(raw, path)
 
 
 def find_export(path: str | Path) -> Path:
@@ -204,14 +360,18 @@ def _timm_version() -> str:
 def _load_folder(folder: Path, device: str | torch.device, backbone_checkpoint: str | Path | None) -> PfnasModel:
     from safetensors.torch import load_file
 
-    meta = _read_meta(folder / META_FILE)
+    spec = _read_meta(folder / META_FILE)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise PfnasError(f"{folder}: {WEIGHTS_FILE} is missing next to {META_FILE}")
-    if file_sha256(weights) != meta["weights"].get("sha256"):
+    if file_sha256(weights) != spec.weights.sha256:
         raise ModelError(f"{weights} does not match the sha256 in {META_FILE} (files from two different exports?)")
-    ref = dict(meta["backbone"])
-    bcfg = BackboneConfig.model_validate({k: ref[k] for k in BackboneConfig.model_fields if k in ref})
+    _dry_build(spec, folder / META_FILE)
+    ref = spec.backbone
+    try:
+        bcfg = ref.config()
+    except ValidationError as e:
+        raise ModelError(f"{folder / META_FILE}: {format_validation_error(e, 'backbone.')}") from None
     if backbone_checkpoint is not None:
         bcfg = bcfg.model_copy(update={"checkpoint": str(Path(backbone_checkpoint).expanduser())})
     if bcfg.checkpoint:
@@ -219,7 +379,7 @@ def _load_folder(folder: Path, device: str | torch.device, backbone_checkpoint: 
         if not ck.is_file():
             raise ModelError(f"backbone checkpoint not found: {ck} (pass backbone_checkpoint= / --backbone-checkpoint "
                              "with the file the model was trained on)")
-        want = ref.get("checkpoint_sha256")
+        want = ref.checkpoint_sha256
         got = file_sha256(ck)
         if want and got != want:
             raise ModelError(f"backbone checkpoint {ck} has sha256 {got[:16]}..., the model was trained on "
@@ -229,18 +389,22 @@ def _load_folder(folder: Path, device: str | torch.device, backbone_checkpoint: 
     except Exception as e:  # noqa: BLE001 - truncated or foreign file
         raise PfnasError(f"cannot read {weights}: {e}") from None
     with torch.random.fork_rng(devices=[]):  # rebuilding must not move the caller's RNG
-        if ref.get("init_seed") is not None:
-            torch.manual_seed(int(ref["init_seed"]))
+        if ref.init_seed is not None:
+            torch.manual_seed(ref.init_seed)
         backbone = load_backbone(bcfg)
-        want = ref.get("weights_sha256")
+        want = ref.weights_sha256
         if want and weights_sha256(backbone) != want:
             source = (f"checkpoint {bcfg.checkpoint}" if bcfg.checkpoint else
-                      "hub weights" if bcfg.pretrained else f"init seed {ref.get('init_seed')}")
+                      "hub weights" if bcfg.pretrained else f"init seed {ref.init_seed}")
             raise ModelError(f"backbone {bcfg.name} from {source} has other weights than the model was trained on "
-                             f"(trained with timm {meta.get('versions', {}).get('timm', '?')}, this is timm {_timm_version()}); "
+                             f"(trained with timm {spec.versions.get('timm', '?')}, this is timm {_timm_version()}); "
                              "refusing to load")
-        model = PfnasModel(backbone, meta)
-    model.load_trainable_state_dict(sd)
+        model = PfnasModel(backbone, spec)
+    try:
+        model.load_trainable_state_dict(sd)
+    except RuntimeError as e:  # shapes: a json whose prompts / classes were changed after the export
+        first = (str(e).strip().splitlines() or [""])[-1].strip()[:200]
+        raise ModelError(f"{weights} does not fit the model {META_FILE} describes: {first}") from None
     return model.to(device).eval()
 
 
@@ -257,37 +421,84 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu",
 
 
 # ----------------------------------------------------------------------------- prediction
+def _unreachable(p: Path) -> str | None:
+    """Why ``p`` cannot be opened (symlink loop, dangling symlink, not found, permission), or None."""
+    try:
+        p.stat()
+    except FileNotFoundError:
+        return f"dangling symlink to {os.readlink(p)}" if p.is_symlink() else "not found"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop (too many levels of symbolic links)"
+        return e.strerror or type(e).__name__
+    return None
+
+
 def list_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files named by ``inputs``: files as given, folders searched recursively (sorted)."""
+    """Image files named by ``inputs``: files as given, folders searched recursively (sorted). Inside folders,
+    broken symlinks with an image name are listed too, so that predicting them reports them."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item).expanduser()
-        if p.is_file():
-            out.append(p)
-        elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS
+        problem = _unreachable(p)
+        if problem == "not found":
+            raise DataError(f"image path not found: {p}")
+        if problem:
+            raise DataError(f"image path {p}: {problem}")
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if (f.is_file() or f.is_symlink() and not f.is_dir())
+                           and f.suffix.lower() in IMAGE_EXTS
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
-                raise PfnasError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {p}")
+                raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {p}")
             out.extend(found)
         else:
-            raise PfnasError(f"image path not found: {p}")
+            out.append(p)
     if not out:
-        raise PfnasError("no images given")
+        raise DataError("no images given")
     return out
 
 
+def _decode_readable(paths: list[Path], view: View, skipped: list[tuple[Path, str]] | None
+                     ) -> tuple[list[Path], torch.Tensor | None]:
+    """Decode ``paths``. When one fails, each is retried alone: an unreadable file (a symlink loop named as such)
+    raises :class:`DataError`, or with ``skipped`` given goes there as (path, reason) while the rest is kept."""
+    try:
+        return paths, decode_images(paths, view)
+    except DataError:
+        pass
+    good, images = [], []
+    for p in paths:
+        problem = _unreachable(p)
+        try:
+            if problem:
+                raise DataError(f"unreadable image {p}: {problem}")
+            images.append(decode_images([p], view, workers=1))
+            good.append(p)
+        except DataError as e:
+            if skipped is None:
+                raise
+            skipped.append((p, str(e)))
+    return good, (torch.cat(images) if images else None)
+
+
 @torch.no_grad()
-def predict_files(model: PfnasModel, paths: Sequence[Path], top_k: int = 5, batch_size: int = 64
-                  ) -> list[tuple[Path, list[tuple[str, float]]]]:
-    """Top-``k`` (class, probability) per image file, decoded in chunks of ``batch_size``."""
+def predict_files(model: PfnasModel, paths: Sequence[Path], top_k: int = 5, batch_size: int = 64,
+                  skipped: list[tuple[Path, str]] | None = None) -> list[tuple[Path, list[tuple[str, float]]]]:
+    """Top-``k`` (class, probability) per image file, decoded in chunks of ``batch_size``.
+
+    An unreadable file raises :class:`DataError`; with a ``skipped`` list given, it is appended there as
+    ``(path, reason)`` and left out of the results instead.
+    """
 
     k = max(1, min(int(top_k), len(model.classes)))
     dev = model.head.weight.device
     results = []
     for i in range(0, len(paths), batch_size):
-        chunk = list(paths[i:i + batch_size])
-        x = model.normalize(decode_images(chunk, model.view).to(dev))
+        chunk, images = _decode_readable(list(paths[i:i + batch_size]), model.view, skipped)
+        if images is None:
+            continue
+        x = model.normalize(images.to(dev))
         with autocast(dev, model.meta.get("precision", "auto")):
             logits = model(x)
         prob, idx = logits.float().softmax(-1).topk(k, dim=-1)
