@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import tiny_config
 from pfnas import cli
-from pfnas.baselines import run_method
+from pfnas.methods import run_method
 from pfnas.config import OPS, ConfigError, load_config
 from pfnas.export import META_FILE
 
