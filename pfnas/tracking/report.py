@@ -7,8 +7,8 @@ search), never ranked by a score. Accuracies are in percent.
 
 * a row is a method, named by :func:`method_name` from the params of the trial a final finalises (tag
   ``pfnas.selected_trial`` of the same ``pfnas.study``): a final's own params are ``method.kind=fixed`` with the
-  selected policy, so they do not tell the method. Variant overrides that ``method_name`` does not express
-  (``search.centered``, ``method.samples``...) are appended in brackets, so ablation arms stay apart;
+  selected policy, so they do not tell the method. When two variants of a study get the same name, the overrides
+  the name does not express follow in brackets (``search-gdas [centered=True]``), so ablation arms stay apart;
 * a cell is mean ± sample std (n) of the method's finals on that task (n: finals, one per seed); the task of a
   final is its ``data.task`` param (else its ``pfnas.dataset`` tag);
 * columns: VTAB-1k tasks in the order of :data:`VTAB_GROUPS`, then other tasks alphabetically; the means of the
@@ -73,22 +73,33 @@ def _same(a: Any, b: Any) -> bool:
 
 def method_name(params: dict[str, str], variants: list[dict[str, Any]] | None = None) -> str:
     """Display name of the method a (trial) run's params describe: :func:`method_label`'s name with fixed ops as
-    ``all-<op>`` (``all-prepend (VPT-deep)``), the probe as ``linear probe``; plus, in brackets, the overrides of
-    the run's variant (of ``variants``, its study's) that the name leaves out."""
+    ``all-<op>`` (``all-prepend (VPT-deep)``), the probe as ``linear probe``. When other ``variants`` of its study
+    (the parent's ``variant.*`` params) get the same name, the overrides of the run's own variant that the name
+    leaves out follow in brackets (``search-gdas [centered=True]``), so ablation arms stay apart."""
+    name = _base_name(params)
+    mine = _own_variant(params, variants or [])
+    if mine is None:
+        return name
+    twins = [v for v in variants or [] if _base_name({**params, **{k: json.dumps(x) for k, x in flatten(v).items()}})
+             == name]
+    extra = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in mine.items() if k not in _NAMED_BY_LABEL)
+    return f"{name} [{extra}]" if len(twins) > 1 and extra else name
+
+
+def _base_name(params: dict[str, str]) -> str:
     method = {k.split(".", 1)[1]: _param_value(v) for k, v in params.items()
               if k.startswith("method.") and k.count(".") == 1}
     try:
-        cfg = ExperimentConfig.model_validate({"method": method, "search": {"mode": params.get("search.mode",
-                                                                                              "softmax")}})
+        cfg = ExperimentConfig.model_validate({"method": method,
+                                               "search": {"mode": _param_value(params.get("search.mode"))
+                                                          or "softmax"}})
         label = method_label(cfg)
     except Exception:  # noqa: BLE001 - params of another pfnas version: the kind is still shown
         label = str(method.get("kind") or "unknown")
     policy = method.get("policy") if isinstance(method.get("policy"), list) else None
     if label == "fixed:policy" and policy and len(set(policy)) == 1:
         label = f"fixed:{policy[0]}"
-    name = display_name(label)
-    extra = _variant_extra(params, variants or [])
-    return f"{name} [{extra}]" if extra else name
+    return display_name(label)
 
 
 def display_name(label: str) -> str:
@@ -103,15 +114,15 @@ def display_name(label: str) -> str:
     return "all-" + label.split(":", 1)[1] if label.startswith("fixed:") else label
 
 
-def _variant_extra(params: dict[str, str], variants: list[dict[str, Any]]) -> str:
-    """``key=value`` of the overrides of the most specific variant the params match, less those the name shows."""
+def _own_variant(params: dict[str, str], variants: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The flattened overrides of the most specific variant the params match (None: no variant matches)."""
     best: dict[str, Any] | None = None
     for v in variants:
         flat = flatten(v)
         if all(k in params and _same(_param_value(params[k]), val) for k, val in flat.items()):
             if best is None or len(flat) > len(best):
                 best = flat
-    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in (best or {}).items() if k not in _NAMED_BY_LABEL)
+    return best
 
 
 @dataclass
