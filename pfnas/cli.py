@@ -232,6 +232,37 @@ def compare(experiment: Optional[str] = typer.Option(None, "--experiment", help=
                  pareto=pareto)
 
 
+REPORT_FORMATS = ("markdown", "csv", "latex")
+
+
+@app.command()
+def report(experiment: Optional[List[str]] = typer.Option(None, "--experiment", help="MLflow experiment of the "
+                                                          "studies (repeatable)."),
+           experiment_prefix: Optional[str] = typer.Option(None, "--experiment-prefix",
+                                                           help="Every MLflow experiment whose name starts with this."),
+           tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
+           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write report.md, .csv, .tex and .png here."),
+           fmt: Optional[str] = typer.Option(None, "--format", help="Print markdown, csv or latex instead of the "
+                                                                     "terminal table."),
+           log_to_parent: bool = typer.Option(True, "--log-to-parent/--no-log-to-parent",
+                                              help="Log the report files on each study's MLflow parent run.")):
+    """Results table of studies' finals: methods x tasks (test mean ± std (n)), VTAB group means, params, cost."""
+    from .tracking.report import build_report, write_report
+
+    if fmt is not None and fmt not in REPORT_FORMATS:
+        raise PfnasError(f"--format {fmt!r}: choose from {', '.join(REPORT_FORMATS)}")
+    rep = build_report(tracking_uri, experiment, experiment_prefix)
+    files = write_report(rep, out, log_to_parent)
+    if fmt is None:
+        console.print(rep.rich_table())
+    else:
+        sys.stdout.write({"markdown": rep.markdown, "csv": rep.csv, "latex": rep.latex}[fmt]())
+    if fmt is None and files:
+        console.print(f"wrote {', '.join(str(f) for f in files)}")
+    if fmt is None and log_to_parent and rep.parent_run_ids:
+        console.print(f"logged report/ on {len(rep.parent_run_ids)} study parent run(s)")
+
+
 @app.command()
 def bench(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
           batch_size: int = typer.Option(32, "--batch-size"), steps: int = typer.Option(10, "--steps"),

@@ -16,7 +16,8 @@ Tags written on every pfnas run (and read back by :func:`compare_runs`):
 * provenance            ``mlflow.source.*``, ``mlflow.user``, versions, backbone and dataset (``pfnas.provenance``)
 
 Modules: ``store`` (URIs, experiments, client), ``values`` (params, labels, shared statistics),
-``logger`` (:class:`RunLogger`), ``artifacts`` (``runs:/`` and ``models:/`` downloads, :func:`load_model`), ``compare`` (:func:`compare_runs`).
+``logger`` (:class:`RunLogger`), ``artifacts`` (``runs:/`` and ``models:/`` downloads, :func:`load_model`), ``compare`` (:func:`compare_runs`),
+``report`` (:func:`~pfnas.tracking.report.build_report`: the methods x tasks table of ``pfnas report``).
 """
 from __future__ import annotations
 
