@@ -7,9 +7,10 @@ from typing import Any
 
 from .methods import run_method
 from .config import ExperimentConfig
+from .errors import PfnasError
 from .engine import Experiment, claim_run_dir
 from .provenance import dataset_info
-from .tracking import RunLogger, method_label, resolve_tracking_uri
+from .tracking import RunLogger, make_client, method_label, resolve_tracking_uri
 
 
 def run_logged(cfg: ExperimentConfig, out_dir: str | Path, *, tracking_uri: str | None = None,
@@ -25,11 +26,17 @@ def run_logged(cfg: ExperimentConfig, out_dir: str | Path, *, tracking_uri: str 
     ``source`` (``pfnas <verb>``) is the run's ``mlflow.source.name``; the decoded task is its dataset input.
     """
     uri = resolve_tracking_uri(tracking_uri)
+    try:
+        make_client(uri)  # a new sqlite store is created now; one that is not a database is refused before training
+    except PfnasError:
+        raise
+    except Exception:  # noqa: BLE001 - a store that is down: the logger keeps the records and says so
+        pass
     exp_name = experiment or (f"{cfg.name}-{cfg.data.task}" if cfg.data.task else cfg.name)
     with claim_run_dir(cfg, out_dir) as claim:
         out = claim.path
         if claim.replaced:  # the folder's earlier try (another config) never trained: its MLflow run is not ours
-            for f in (RunLogger.RUN_ID, RunLogger.BUFFER):
+            for f in (RunLogger.RUN_ID, RunLogger.BUFFER, RunLogger.REJECTED):
                 (out / f).unlink(missing_ok=True)
         logger = RunLogger(uri, exp_name, f"{method_label(cfg)}-seed{cfg.seed}", cfg, folder=out, source=source,
                            tags={"pfnas.kind": "run", "pfnas.task": str(cfg.data.task or cfg.data.kind)})

@@ -31,6 +31,8 @@ from pfnas.tracking.store import (
     get_experiment_id,
     make_client,
     resolve_tracking_uri,
+    sqlite_corruption,
+    sqlite_store_lock,
 )
 from pfnas.tracking.values import (
     RESULT_METRICS,
@@ -51,6 +53,6 @@ __all__ = [
     "DEFAULT_TRACKING_URI", "FINAL_METRICS", "RESULT_METRICS", "TEST_NAME", "RunLogger", "compare_runs",
     "collect_rows",
     "pareto_figure", "alpha_heatmap", "resolve_tracking_uri", "absolute_sqlite_url", "check_reachable",
-    "get_experiment_id", "make_client", "config_hash", "config_params", "flatten", "method_label", "metric_mode",
+    "get_experiment_id", "make_client", "sqlite_store_lock", "sqlite_corruption", "config_hash", "config_params", "flatten", "method_label", "metric_mode",
     "reads_test", "pareto_front", "policy_agreement", "format_value", "finite_scalar", "mean_std",
 ]

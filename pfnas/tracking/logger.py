@@ -57,12 +57,19 @@ class RunLogger:
     replay never adds a point twice; a run reopened on resume skips metric points at steps it already has.
     The run id is kept in ``<folder>/mlflow_run_id``.
 
+    The buffer file is not trusted: a record that is not one of ours, an artifact file outside the run folder,
+    or a record that fails ``BAD_TRIES`` times while MLflow answers is set aside in
+    ``<folder>/mlflow_buffer.rejected.jsonl`` (one warning naming it) and the records after it are sent.
+
     Pass ``run_id`` to continue an existing run (a resumed trial), or ``reuse_tags`` to continue the run
     under the same parent whose tags match (a trial retried before its first checkpoint).
     """
 
     BUFFER = "mlflow_buffer.jsonl"
+    REJECTED = "mlflow_buffer.rejected.jsonl"  # the dead letters: records MLflow will never take, with the reason
     RUN_ID = "mlflow_run_id"
+    KINDS = ("metrics", "tag", "dict", "heatmap", "artifacts", "dataset", "param", "status")
+    BAD_TRIES = 3  # a record that fails this often while MLflow answers is set aside
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, cfg: ExperimentConfig | None = None,
                  *, parent_run_id: str | None = None, run_id: str | None = None, tags: dict[str, str] | None = None,
@@ -86,6 +93,8 @@ class RunLogger:
         self._journaled = False
         self._paused_until = 0.0
         self._warned = False
+        self._last_error = ""  # first line of the latest MLflow error
+        self._rejected = 0  # records set aside
         self._alpha: list[list[float]] | None = None
         self._heatmap_logged = False
         self._throughput: dict[str, list[float]] = {}
@@ -117,11 +126,11 @@ class RunLogger:
 
     def _fail(self, what: str, err: BaseException) -> None:
         self._paused_until = time.monotonic() + self.retry_s
+        self._last_error = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         if not self._warned:
             self._warned = True
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             log.warning("MLflow %s failed for run %s (%s); training continues, logging retries later",
-                        what, self.run_name, first)
+                        what, self.run_name, self._last_error)
 
     def _call(self, what: str, fn) -> bool:
         """Run ``fn()`` (which may use ``self.client``/``self.run_id``) unless MLflow is paused; not buffered."""
@@ -261,22 +270,76 @@ class RunLogger:
         elif kind == "status":
             self.client.set_terminated(self.run_id, op["status"])
 
+    def _refusal(self, op: Any) -> str | None:
+        """Why a (maybe hand-edited) backlog record must not be sent, or None: not one of ours, or artifact
+        files outside the run folder (only the run's own files are uploaded)."""
+        if not isinstance(op, dict) or op.get("op") not in self.KINDS:
+            return "not a pfnas MLflow record"
+        if op["op"] == "artifacts":
+            files = op.get("files")
+            if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+                return "malformed artifacts record"
+            if self.folder is not None:
+                root = self.folder.resolve()
+                outside = [f for f in files if not Path(f).resolve().is_relative_to(root)]
+                if outside:
+                    return f"file(s) outside the run folder {root}: {', '.join(outside)}"
+        return None
+
+    def _bad_record(self, op: dict[str, Any], err: BaseException) -> str | None:
+        """After ``op`` raised: the reason to set it aside when it is the record that fails (MLflow still answers,
+        and this record failed ``BAD_TRIES`` times, counted across reruns), else None (MLflow is failing: wait)."""
+        try:
+            self.client.get_run(self.run_id)
+        except Exception:  # noqa: BLE001 - MLflow itself is failing: keep the record
+            return None
+        tries = op.get("tries")
+        op["tries"] = (tries if isinstance(tries, int) else 0) + 1
+        if op["tries"] < self.BAD_TRIES:
+            return None
+        return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+    def _set_aside(self, op: Any, reason: str) -> None:
+        """Move a record MLflow must not or will not take to the dead-letter file; one warning naming it."""
+        self._rejected += 1
+        where = "dropped"
+        if self.folder is not None:
+            path = self.folder / self.REJECTED
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a") as f:
+                    f.write(json.dumps({"reason": reason, "record": op}) + "\n")
+                where = f"set aside in {path}"
+            except OSError as e:
+                log.debug("cannot write %s: %s", path, e)
+        if self._rejected == 1:
+            log.warning("MLflow record of run %s not sent (%s); %s", self.run_name, " ".join(reason.split())[:300],
+                        where)
+
     def _drain(self, force: bool = False) -> bool:
-        """Send the backlog in order. False when MLflow failed: the rest stays queued (and on disk)."""
+        """Send the backlog in order. False when MLflow failed: the rest stays queued (and on disk). A record that
+        must not or cannot be sent is set aside, so the ones after it still go."""
         if not self._ops:
             return True
         if not self._ensure_run(force):
             self._journal_write()
             return False
-        sent, ok = 0, True
-        try:
-            for op in self._ops:
-                self._apply(op)
-                sent += 1
-        except Exception as e:  # noqa: BLE001 - tracking must never stop training
-            self._fail(f"{self._ops[sent].get('op', '?')} logging", e)
-            ok = False
-        del self._ops[:sent]
+        done, ok = 0, True
+        for op in self._ops:
+            reason = self._refusal(op)
+            if reason is None:
+                try:
+                    self._apply(op)
+                except Exception as e:  # noqa: BLE001 - tracking must never stop training
+                    reason = self._bad_record(op, e)
+                    if reason is None:
+                        self._fail(f"{op.get('op', '?')} logging", e)
+                        ok = False
+                        break
+            if reason is not None:
+                self._set_aside(op, reason)
+            done += 1
+        del self._ops[:done]
         self._journal_write()
         return ok
 
@@ -366,5 +429,5 @@ class RunLogger:
         if self._ops:
             where = (f"kept in {self.buffer_path}; rerun the same command to send them" if self.buffer_path
                      else "not logged")
-            log.warning("MLflow at %s is unreachable: %d record(s) of run %s %s", self.tracking_uri, len(self._ops),
-                        self.run_name, where)
+            log.warning("MLflow at %s failed (%s): %d record(s) of run %s %s", self.tracking_uri, self._last_error,
+                        len(self._ops), self.run_name, where)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pfnas.config import PfnasError
@@ -36,6 +38,46 @@ def absolute_sqlite_url(url: str, base: str | Path | None = None) -> str:
 
 def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:////") else None
+
+
+@contextmanager
+def sqlite_store_lock(url: str) -> Iterator[None]:
+    """Exclusive ``flock`` on ``<file>.lock`` beside the file of a ``sqlite:///`` URL, waiting for a holder (the
+    kernel drops it when the holder dies): MLflow and Optuna create and migrate a new sqlite store in several
+    statements, which two processes must not run at once. No lock for other URLs, or where none can be created
+    (a read-only folder, no ``fcntl`` on this platform)."""
+    rest = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+    fd = None
+    if rest and rest != ":memory:":
+        db = Path(rest).expanduser()
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)  # the store would create it anyway
+            fd = os.open(db.with_name(db.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the flock
+
+
+def sqlite_corruption(url: str, err: BaseException, hint: str = "") -> PfnasError | None:
+    """The error for a sqlite store whose file is not (or no longer) a database, naming sqlite's cause
+    (``file is not a database``, ``database disk image is malformed``); None for any other error (a locked
+    database, a server that is down): those may pass."""
+    import sqlite3
+
+    seen, depth = err, 0
+    while seen is not None and depth < 10:
+        for e in (seen, getattr(seen, "orig", None)):
+            if type(e) is sqlite3.DatabaseError:  # its subclasses: locked (Operational), constraints (Integrity)...
+                return PfnasError(f"{url} is not a valid database ({e}){hint}")
+        seen, depth = seen.__cause__ or seen.__context__, depth + 1
+    return None
 
 
 def get_experiment_id(client, name: str, tracking_uri: str) -> str:
@@ -82,8 +124,17 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def make_client(tracking_uri: str):
+    """An ``MlflowClient``; a new sqlite store is created (tables, migrations) here, one process at a time, and a
+    sqlite file that is not a database is a PfnasError naming the cause."""
     from mlflow import MlflowClient
 
     for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # schema set-up chatter on a new sqlite file
         logging.getLogger(name).setLevel(logging.WARNING)
-    return MlflowClient(tracking_uri=tracking_uri)
+    with sqlite_store_lock(tracking_uri):
+        try:
+            return MlflowClient(tracking_uri=tracking_uri)  # builds (and caches) the store: creates a new sqlite db
+        except Exception as e:
+            corrupt = sqlite_corruption(tracking_uri, e, "; move it aside or pass another --tracking-uri")
+            if corrupt is None:
+                raise
+            raise corrupt from None

@@ -25,6 +25,8 @@ from ..tracking import (
     get_experiment_id,
     make_client,
     resolve_tracking_uri,
+    sqlite_corruption,
+    sqlite_store_lock,
 )
 from .space import SpaceConfig, StudyPlan, load_space
 from .summary import (
@@ -111,27 +113,37 @@ def default_optuna_storage(tracking_uri: str, storage_root: str) -> str | None:
     return None
 
 
-def _rdb(url: str | None):
+def open_optuna_storage(url: str | None):
+    """Optuna's RDBStorage at ``url``; a new sqlite file is created (tables, version) one process at a time, and
+    one that is not a database is a PfnasError naming the cause."""
     if not url:
         return None
     import optuna
 
     kw = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if url.startswith("sqlite:") else {}
-    if url.startswith("sqlite:////"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(url, **kw)
+    with sqlite_store_lock(url):
+        try:
+            return optuna.storages.RDBStorage(url, **kw)
+        except Exception as e:
+            corrupt = sqlite_corruption(f"Optuna storage {url}", e, "; move it aside or pass another --optuna-storage")
+            if corrupt is None:
+                raise
+            raise corrupt from None
 
 
-def _optuna_study_name(url: str, name: str) -> str | None:
+def _optuna_study_name(url: str, name: str) -> str:
     """``name``, or ``name-2``, ``name-3``... when the storage already holds a study of that name (a fresh study never
-    continues another's sampler history). None (with a warning) when the storage cannot be opened."""
+    continues another's sampler history). A storage that cannot be opened is a PfnasError (the study would lose
+    the sampler history it was asked to keep)."""
     import optuna
 
     try:
-        taken = set(optuna.study.get_all_study_names(_rdb(url)))
-    except Exception as e:  # noqa: BLE001 - a bad URL or driver: the study runs with an in-memory sampler
-        log.warning("cannot open Optuna storage %s (%s); the study's sampler stays in memory", url, _error_line(e))
-        return None
+        taken = set(optuna.study.get_all_study_names(open_optuna_storage(url)))
+    except PfnasError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver, a server that is down
+        raise PfnasError(f"cannot open Optuna storage {url}: {_error_line(e)}; pass --optuna-storage none to keep "
+                         "the study in memory") from None
     k, out = 1, name
     while out in taken:
         k += 1
@@ -212,7 +224,7 @@ def _tuner(plan: StudyPlan, space: SpaceConfig, trainable, storage: str, num_sam
     sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
     searcher = PfnasOptunaSearch(space={key: p.distribution() for key, p in plan.params.items()},
                                  metric=space.metric, mode=space.mode, sampler=sampler,  # str, or lists
-                                 points_to_evaluate=plan.points or None, storage=_rdb(optuna_storage),
+                                 points_to_evaluate=plan.points or None, storage=open_optuna_storage(optuna_storage),
                                  study_name=optuna_study if optuna_storage else None)
     if space.sync_batches:
         searcher = ConcurrencyLimiter(searcher, max_concurrent=k, batch=True)
