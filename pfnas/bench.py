@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .config import ConfigError, ExperimentConfig, TrainingError, merge_dotted
 from .data import Split, TaskData
-from .engine import Experiment, RetrainPhase, SearchPhase, backbone_param_count, run_experiment
+from .engine import Experiment, OneShotPhase, RetrainPhase, SearchPhase, backbone_param_count, run_experiment
 from .engine.costs import device_name
 from .runtime import autocast, resolve_device, seed_everything, uses_bf16
 from .model import backbone_input, load_backbone, load_policy, normalize_policy
@@ -287,10 +287,20 @@ def _bench_rows(cfg: ExperimentConfig, device: torch.device, batch_size: int, st
         specs.append({"key": key, "label": label, "tuned_params": model.tuned_parameter_count(),
                       "fn": lambda lap: search_step(phase, xt, yt, xv, yv, lap), "compile": [model]})
 
+    def oneshot(key: str, label: str, paths: str) -> None:
+        exp = Experiment(cfg, backbone, data, device)
+        model = exp.supernet(per_op_prompts=True)
+        phase = OneShotPhase(cfg, model, data, device, 1, paths)
+        model.train()
+        specs.append({"key": key, "label": label, "tuned_params": model.tuned_parameter_count(),
+                      "images_per_step": phase.passes * batch_size,  # K passes on the batch: K training images each
+                      "fn": lambda lap: phase._weight_step(xt, yt), "compile": [model]})
+
     plain()
     fixed("vpt_deep", "VPT-deep", ["prepend"] * depth)
     search("search_softmax", "search soft", "softmax")
     search("search_gumbel", "search 1-path", "gumbel")
+    oneshot("oneshot_fair", "one-shot fair", "fair")
     fixed("retrain_mixed", "retrain mixed", mixed)
     for op in ("add", "affine", "cross_attn"):
         fixed(f"retrain_{op}", f"retrain {op}", [op] * depth)
@@ -314,7 +324,8 @@ def _bench_rows(cfg: ExperimentConfig, device: torch.device, batch_size: int, st
                          "tuned_percent": 100.0 * s["tuned_params"] / bb_params})
             continue
         gflop = s["gflop_per_step"]
-        row = {**s, "images_per_s": batch_size / (t["ms"] / 1e3), "ms": t["ms"], "mean_ms": t["mean_ms"],
+        row = {**s, "images_per_s": s.get("images_per_step", batch_size) / (t["ms"] / 1e3), "ms": t["ms"],
+               "mean_ms": t["mean_ms"],
                "tflops": gflop / t["ms"] if gflop is not None else None,  # 1e9 flop / (1e-3 s) / 1e12
                "tuned_percent": 100.0 * s["tuned_params"] / bb_params, "peak_mem_mib": t["peak_mib"]}
         if s["key"].startswith("search_"):
@@ -438,7 +449,8 @@ def _print_bench(result: dict[str, Any], console) -> None:
              f"batch {result['batch_size']}, {result['precision']}, median of {result['steps']} steps"
              + (", torch.compile" if result.get("torch_compile") else ""))
     caption = (f"{result['device']} | torch {result['torch']} | timm {result['timm']}\n"
-               f"img/s: train images per step (a search step also runs a val batch)\n"
+               f"img/s: train images per step (a search step also runs a val batch; a one-shot fair step "
+               f"counts each of its K passes)\n"
                f"xVPT / xplain: img/s over pfnas VPT-deep / over plain timm VPT-deep; GF/img: counted FLOPs per step "
                f"/ batch; TFLOP/s: FLOPs per step / median step time\n"
                f"@1/{k}: xVPT of search with an arch step every {k} weight steps (engine cadence); "
@@ -463,7 +475,7 @@ def _print_bench(result: dict[str, Any], console) -> None:
                     num(r["ratio_vpt"], ".2f"), num(r["ratio_plain"], ".2f"),
                     num(ms, ".1f" if ms is not None and ms < 1000 else ",.0f"),
                     num(r["amortised_ratio_vpt"], ".2f") if "amortised_ratio_vpt" in r else "",
-                    num(gflop / result["batch_size"] if gflop is not None else None, ".3g"),
+                    num(gflop / r.get("images_per_step", result["batch_size"]) if gflop is not None else None, ".3g"),
                     num(r.get("tflops"), ".3g"), f"{r['tuned_params']:,}", f"{r['tuned_percent']:.2f}",
                     *([num(r.get("peak_mem_mib"), ",.0f")] if cuda else []), target)
     console.print(tab)

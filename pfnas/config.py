@@ -174,16 +174,33 @@ class PAEConfig(_Strict):
 class MethodConfig(_Strict):
     """What an experiment runs: the differentiable search or a discrete baseline under its budget."""
 
-    kind: Literal["search", "fixed", "probe", "random", "evolution"] = "search"
+    kind: Literal["search", "fixed", "probe", "random", "evolution", "oneshot"] = "search"
     op: str = "prepend"  # kind=fixed: the op used on every layer (prepend = VPT-deep)
     samples: int = Field(8, ge=1)  # kind=random: policies sampled
     weight_sharing: bool = False  # kind=random: rank samples inside one trained supernet
-    population: int = Field(6, ge=2)  # kind=evolution
+    population: int = Field(6, ge=2, le=10_000)  # kind=evolution; kind=oneshot: policies per generation
     sample_size: int = Field(3, ge=1)  # kind=evolution: tournament size S
     budget_multiplier: float = Field(1.0, gt=0)  # x the search's own cost in training images (methods.search_cost)
     budget_images: int | None = Field(None, ge=1)  # explicit budget in training images (replaces the search's cost)
     budget_seconds: float | None = Field(None, gt=0)  # or in training-step seconds, converted with a measured step
     policy: list[str] | None = None  # kind=fixed: one op per layer (overrides ``op``); a study's finals use it
+    # kind=oneshot (FairNAS / SPOS / NOAH): a supernet trained on train through single paths, an evolution of
+    # policies scored on val with its inherited weights, the top-k and the single-op policies retrained alone
+    # under successive halving and picked on val
+    supernet: Literal["fair", "uniform"] = "fair"  # fair: every op of every layer once per step; uniform: one path
+    supernet_epochs: int | None = Field(None, ge=1, le=10_000)  # None: what the budget leaves after verification
+    generations: int = Field(4, ge=0, le=1000)  # evolution generations after the initial population
+    mutation_prob: float = Field(0.1, gt=0, le=1)  # per layer, of a mutated child
+    crossover: int | None = Field(None, ge=0, le=10_000)  # children by crossover per generation; None: population//2
+    eval_images: int | None = Field(None, ge=1)  # val forward images of the evolution; None: every planned policy
+    top_k: int = Field(3, ge=1, le=64)  # inherited-weight winners that go to verification (plus the single ops)
+    rungs: list[int] = Field(default_factory=lambda: [5, 15, 30])  # epochs per successive-halving rung (capped
+    # by train.epochs)
+    eta: int = Field(2, ge=2, le=4)  # each rung keeps ceil(n / eta) candidates
+    select_folds: int | None = Field(None, ge=2, le=20)  # the last rung scored by K-fold CV over train+val
+    tau_policies: int = Field(16, ge=0, le=512)  # random policies trained alone for the Kendall tau (0: off)
+    tau_supernets: list[Literal["fair", "uniform", "darts"]] = Field(
+        default_factory=lambda: ["fair", "uniform", "darts"])  # supernets whose inherited ranking tau measures
 
     @field_validator("op")
     @classmethod
@@ -197,6 +214,20 @@ class MethodConfig(_Strict):
         if self.budget_images is not None and self.budget_seconds is not None:
             raise ValueError("give method.budget_images or method.budget_seconds, not both")
         return self
+
+    @field_validator("rungs")
+    @classmethod
+    def _increasing_rungs(cls, v: list[int]) -> list[int]:
+        if not v or len(v) > 8 or any(r < 1 or r > 10_000 for r in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("1 to 8 strictly increasing epoch counts (1 to 10000)")
+        return v
+
+    @field_validator("tau_supernets")
+    @classmethod
+    def _distinct_supernets(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("tau_supernets has duplicates")
+        return v
 
     @field_validator("policy")
     @classmethod
@@ -329,7 +360,10 @@ def merge_dotted(cfg: ExperimentConfig, params: dict[str, Any]) -> ExperimentCon
 _HASH_EXCLUDE = ("name", "output_dir", "device")
 _BUDGET = ("budget_multiplier", "budget_images", "budget_seconds")
 _METHOD_FIELDS = {"search": (), "fixed": ("op", "policy"), "probe": (), "random": ("samples", "weight_sharing", *_BUDGET),
-                  "evolution": ("samples", "population", "sample_size", *_BUDGET)}
+                  "evolution": ("samples", "population", "sample_size", *_BUDGET),
+                  "oneshot": ("supernet", "supernet_epochs", "population", "generations", "mutation_prob", "crossover",
+                              "eval_images", "top_k", "rungs", "eta", "select_folds", "tau_policies", "tau_supernets",
+                              *_BUDGET)}
 
 
 def result_fields(cfg: ExperimentConfig, include_seed: bool = True) -> dict[str, Any]:
@@ -369,8 +403,9 @@ def search_hash(cfg: ExperimentConfig) -> str:
 
 
 def selection_hash(cfg: ExperimentConfig) -> str | None:
-    """Hash of what a method's selection reads: :func:`search_hash` for a search; for random search and evolution
-    the search recipe (their budget) and the method's own fields, without the retrain. Runs that share it (a
+    """Hash of what a method's selection reads: :func:`search_hash` for a search; for random search, evolution and
+    one-shot the search recipe (their budget) and the method's own fields, without the retrain (one-shot keeps
+    train.epochs, which caps its rungs). Runs that share it (a
     retrain-lr grid) select the same policy and run the selection once. None for fixed policies and the probe."""
     import hashlib
     import json
@@ -381,7 +416,9 @@ def selection_hash(cfg: ExperimentConfig) -> str | None:
     if kind in ("fixed", "probe"):
         return None
     d = result_fields(cfg, include_seed=True)
-    d.pop("train", None)
+    train = d.pop("train", None)
+    if kind == "oneshot":  # its rungs are capped by the retrain's epochs
+        d["train_epochs"] = train["epochs"]
     return f"{kind}-" + hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -40,11 +40,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .config import ExperimentConfig, PfnasError, config_hash, finite_scalar, merge_dotted, selection_hash
-from .engine import (EpochCallback, Experiment, Phase, backbone_param_count, claim_run_dir, evaluate, fit, lr_at,
-                     rng_state, run_experiment, run_retrain, set_rng_state, waiting_lock)
+from .config import ExperimentConfig, PfnasError, config_hash, merge_dotted, selection_hash
+from .engine import (EpochCallback, Experiment, OneShotPhase, Phase, backbone_param_count, claim_run_dir, evaluate,
+                     fit, inherited_score, lr_at, rng_state, run_experiment, run_retrain, run_search, set_rng_state,
+                     waiting_lock)
 from .export import model_files
 from .model import PromptedViT
+from .oneshot import (fold_task, halving_schedule, keep_top, kendall_tau, layer_preference, next_generation,
+                      oneshot_plan, policy_key, val_rank_key)
 from .runtime import write_atomic
 from .timing import steps_per_epoch, time_steps
 
@@ -290,10 +293,7 @@ def _train_candidate(exp: Experiment, policy: dict[int, str], folder: Path, step
 def _best(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Highest ``val_acc``; ties (val200 scores move in steps of half a point) go to the lower ``val_loss``,
     then to the earliest record."""
-    def loss(r: dict[str, Any]) -> float:
-        return float(r["val_loss"]) if finite_scalar(r.get("val_loss")) else math.inf
-
-    return max(records, key=lambda r: (r["val_acc"], -loss(r)))
+    return max(records, key=val_rank_key)
 
 
 def _emit(on_epoch: EpochCallback | None, metrics: dict[str, Any]) -> None:
@@ -458,6 +458,224 @@ def _select_evolution(exp: Experiment, out: Path, on_epoch, progress, cycles: in
             "final_population": list(pop), "history": members}
 
 
+# ----------------------------------------------------------------------------- one-shot (FairNAS / SPOS / NOAH)
+def _alone(exp: Experiment, out: Path, st: dict[str, Any], policy: dict[int, str], epochs: int,
+           fold: tuple[int, Experiment] | None = None) -> tuple[dict[str, Any], bool]:
+    """``policy`` trained alone from scratch on ``train`` for ``epochs`` epochs and scored on ``val`` (``fold``:
+    (index, experiment on that fold's task)); kept in ``st["alone"]``, so a policy met again (a tau sample that is
+    also a candidate, a resumed run) is trained once. Returns (record, trained now)."""
+    folds = exp.cfg.method.select_folds
+    name = (hashlib.sha1(json.dumps(_policy_json(policy)).encode()).hexdigest()[:10] + f"-e{epochs}"
+            + (f"-fold{fold[0]}of{folds}" if fold is not None else ""))
+    done = st.setdefault("alone", {})
+    if name in done:
+        return done[name], False
+    e = fold[1] if fold is not None else exp
+    steps = epochs * steps_per_epoch(e.data.num_images("train"), exp.cfg.data.batch_size)
+    done[name] = {"name": name, "n_val": e.data.num_images("val"), **_train_candidate(e, policy, out / "alone" / name,
+                                                                                    steps)}
+    _save_state(out, st)
+    return done[name], True
+
+
+def _train_supernet(exp: Experiment, folder: Path, paths: str, epochs: int, on_epoch, progress) -> OneShotPhase:
+    """A one-shot supernet (each op its own prompts) trained on ``train`` in ``folder`` (checkpointed, resumable)."""
+    model = exp.supernet(per_op_prompts=True)
+    phase = OneShotPhase(exp.cfg, model, exp.data, exp.device, epochs, paths)
+    folder.mkdir(parents=True, exist_ok=True)
+    fit(phase, folder / "supernet.pt", on_epoch, folder / "log.jsonl", progress)
+    return phase
+
+
+def _inherited(exp: Experiment, model: PromptedViT, policy: dict, rec_id: int) -> dict[str, Any]:
+    idx = [model.candidates.index(policy[l]) for l in range(model.depth)]
+    ev = inherited_score(model, idx, exp.data, "val", exp.cfg.data.eval_batch_size, exp.device, exp.cfg.precision)
+    return {"id": rec_id, "policy": _policy_json(policy), "val_acc": ev["acc"], "val_loss": ev["loss"]}
+
+
+def _inherited_evolution(exp: Experiment, model: PromptedViT, out: Path, st: dict[str, Any], eval_budget: int,
+                         on_epoch) -> list[dict[str, Any]]:
+    """Evolution of policies scored on ``val`` with the supernet's inherited weights (forward only): a random
+    population, then ``method.generations`` generations of crossover and mutation children of the best half of
+    everything scored; a policy is scored once; stops before ``eval_budget`` val images would be exceeded.
+    The generation being scored is kept in ``st["pending"]``, so a resumed run continues it."""
+    cfg, mc = exp.cfg, exp.cfg.method
+    ops, depth, n_val = list(cfg.prompts.ops), model.depth, exp.data.num_images("val")
+    recs = st.setdefault("inherited", [])
+    while not st.get("evolution_done"):
+        if "pending" not in st:
+            g = st.get("generation", -1) + 1
+            if g == 0:
+                pols = sample_policies(min(mc.population, len(ops) ** depth), depth, ops,
+                                       random.Random(f"pfnas-oneshot-init-{cfg.seed}"))
+            elif g <= mc.generations:
+                seen = {policy_key(r["policy"]) for r in recs}
+                crossovers = mc.population // 2 if mc.crossover is None else mc.crossover
+                pols = next_generation([r["policy"] for r in keep_top(recs, max(2, mc.population // 2))],
+                                       mc.population, crossovers, mc.mutation_prob, ops,
+                                       random.Random(f"pfnas-oneshot-gen-{cfg.seed}-{g}"), seen)
+            else:
+                pols = []
+            if not pols:
+                st["evolution_done"] = True
+                break
+            st["pending"] = {"generation": g, "policies": [_policy_json(p) for p in pols]}
+            _save_state(out, st)
+        g, pols = st["pending"]["generation"], st["pending"]["policies"]
+        scored = [r for r in recs if r["generation"] == g]
+        for p in pols[len(scored):]:
+            if (len(recs) + 1) * n_val > eval_budget:
+                st["evolution_done"] = True
+                break
+            recs.append({**_inherited(exp, model, _policy_int(p), len(recs)), "generation": g})
+            _save_state(out, st)
+        gen = [r for r in recs if r["generation"] == g]
+        if gen:
+            _emit(on_epoch, {"phase": "oneshot_evolution", "epoch": g, "generation": g, "policies": len(gen),
+                             "mean_val_acc": statistics.fmean(r["val_acc"] for r in gen),
+                             "best_val_acc": _best(recs)["val_acc"], "eval_images": len(recs) * n_val,
+                             "eval_budget_images": eval_budget})
+        st.pop("pending")
+        st["generation"] = g
+        _save_state(out, st)
+    return recs
+
+
+def _verify(exp: Experiment, out: Path, st: dict[str, Any], candidates: list[dict[int, str]], rungs: list[int],
+            on_epoch, spent: int, budget: int) -> list[dict[str, Any]]:
+    """Successive halving over ``candidates``, each trained alone at each rung; the last trained rung is scored by
+    K-fold cross-validation over train+val when ``method.select_folds`` is set. Returns every rung's records."""
+    cfg, mc = exp.cfg, exp.cfg.method
+    sched = halving_schedule(len(candidates), rungs, mc.eta)
+    folds = {}
+    if mc.select_folds:
+        folds = {k: Experiment(cfg, exp.backbone, fold_task(exp.data, k, mc.select_folds, cfg.seed), exp.device)
+                 for k in range(mc.select_folds)}
+    alive, history, counted = list(range(len(candidates))), [], {}  # run name -> its training images
+    for r, n in enumerate(sched):
+        last, epochs, rung = r == len(sched) - 1, rungs[r], []
+        for i in alive[:n]:
+            policy = candidates[i]
+            parts = ([_alone(exp, out, st, policy, epochs, (k, folds[k])) for k in sorted(folds)] if last and folds
+                     else [_alone(exp, out, st, policy, epochs)])
+            recs = [p[0] for p in parts]
+            rec = {"candidate": i, "rung": r, "epochs": epochs, "policy": _policy_json(policy),
+                   "val_acc": statistics.fmean(x["val_acc"] for x in recs),
+                   "val_loss": statistics.fmean(x["val_loss"] for x in recs),
+                   "images": sum(x["images"] for x in recs), "time_s": sum(x["time_s"] for x in recs),
+                   "eval_images": sum(x["n_val"] for x in recs), "runs": [x["name"] for x in recs],
+                   **({"folds": len(recs), "fold_val_acc": [x["val_acc"] for x in recs]} if last and folds else {})}
+            rung.append(rec)
+            counted.update((x["name"], x["images"]) for x in recs)
+            if any(p[1] for p in parts):
+                _emit(on_epoch, {"phase": "oneshot_verify", "candidate": len(history) + len(rung) - 1, "rung": r,
+                                 "epochs": epochs, "val_acc": rec["val_acc"], "val_loss": rec["val_loss"],
+                                 "cost_images": spent + sum(counted.values()),
+                                 "budget_images": budget})
+        history += rung
+        alive = [rec["candidate"] for rec in keep_top(rung, math.ceil(n / mc.eta))]
+    return history
+
+
+def _tau_diagnostic(exp: Experiment, out: Path, st: dict[str, Any], own: PromptedViT, epochs: int, rung_epochs: int,
+                    on_epoch, progress) -> dict[str, Any]:
+    """Kendall tau between inherited-weight and standalone val accuracy of ``method.tau_policies`` random policies
+    (each trained alone for the first rung's epochs) for every supernet of ``method.tau_supernets`` (the method's
+    own is reused; the others are trained here for the same epochs; ``darts`` is the differentiable search's
+    supernet of ``search.*``). A diagnostic: it never feeds the choice."""
+    cfg, mc = exp.cfg, exp.cfg.method
+    ops, depth = list(cfg.prompts.ops), own.depth
+    tau_st = st.setdefault("tau", {"inherited": {}})
+    if "policies" not in tau_st:
+        pols = sample_policies(min(mc.tau_policies, len(ops) ** depth), depth, ops,
+                               random.Random(f"pfnas-oneshot-tau-{cfg.seed}"))
+        tau_st["policies"] = [_policy_json(p) for p in pols]
+        _save_state(out, st)
+    policies = [_policy_int(p) for p in tau_st["policies"]]
+    alone = [_alone(exp, out, st, p, rung_epochs)[0] for p in policies]
+    taus, extra_images, extra_s = {}, 0, 0.0
+    for kind in mc.tau_supernets:
+        if kind not in tau_st["inherited"]:
+            def relay(m, kind=kind):
+                _emit(on_epoch, {k: v for k, v in {**m, "phase": f"tau_{kind}"}.items() if k not in ("alpha", "policy")})
+
+            if kind == mc.supernet:
+                model = own
+            elif kind == "darts":
+                model = run_search(exp, out / "tau_darts", relay, progress).model
+            else:
+                model = _train_supernet(exp, out / f"tau_{kind}", kind, epochs, relay, progress).model
+            tau_st["inherited"][kind] = [_inherited(exp, model, p, i) for i, p in enumerate(policies)]
+            _save_state(out, st)
+        if kind != mc.supernet:  # a diagnostic's own training, reported apart from the method's cost
+            log = out / f"tau_{kind}" / "log.jsonl"
+            hist = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
+            extra_s += sum(h.get("epoch_time_s", 0.0) for h in hist)
+            extra_images += (search_cost(cfg, exp.data)["total"] if kind == "darts"
+                             else sum(h.get("images", 0) for h in hist[-1:]))
+        taus[kind] = kendall_tau([r["val_acc"] for r in tau_st["inherited"][kind]], [r["val_acc"] for r in alone])
+    return {"kendall_tau_by_supernet": taus, "tau_policies": len(policies), "tau_rung_epochs": rung_epochs,
+            "tau_standalone": [{"policy": r["policy"], "val_acc": r["val_acc"], "val_loss": r["val_loss"]}
+                               for r in alone],
+            "tau_inherited": tau_st["inherited"], "tau_runs": [r["name"] for r in alone],
+            "tau_supernet_images": extra_images, "tau_supernet_step_s": extra_s}
+
+
+def _select_oneshot(exp: Experiment, out: Path, on_epoch, progress, cycles=None) -> dict[str, Any]:
+    """``method.kind: oneshot`` (see :mod:`pfnas.oneshot`): supernet, evolution on inherited weights, verification
+    by successive halving, diagnostics. Cost: the supernet's training images (a fair step on B images counts K * B)
+    + the verification's; ``eval_images``: val forward images (inherited scores and the verification's scores)."""
+    cfg, data, mc = exp.cfg, exp.data, exp.cfg.method
+    ops, depth, n_val = list(cfg.prompts.ops), len(exp.backbone.blocks), data.num_images("val")
+    st = _load_state(out, _fingerprint(cfg))
+    budget = resolve_budget(exp, st)
+    plan = oneshot_plan(cfg, data, budget)
+    eval_budget = mc.eval_images or min(mc.population, len(ops) ** depth) * (mc.generations + 1) * n_val
+    if eval_budget < n_val:
+        raise PfnasError(f"method.eval_images {eval_budget} is less than one pass over val ({n_val} images)")
+    sup = _train_supernet(exp, out / "supernet", mc.supernet, plan["supernet_epochs"],
+                          lambda m: _emit(on_epoch, {**m, "budget_images": budget}), progress)
+    model = sup.model
+    inherited = _inherited_evolution(exp, model, out, st, eval_budget, on_epoch)
+    candidates, seen = [], set()
+    for p in [r["policy"] for r in keep_top(inherited, mc.top_k)] + [{l: op for l in range(depth)} for op in ops]:
+        if policy_key(p) not in seen:
+            seen.add(policy_key(p))
+            candidates.append(_policy_int(p))
+    history = _verify(exp, out, st, candidates, plan["rungs"], on_epoch, sup.images, budget)
+    last_rung = max(h["rung"] for h in history)
+    winner = _best([h for h in history if h["rung"] == last_rung])
+    runs = {name for h in history for name in h["runs"]}
+    verify_images = sum(st["alone"][n]["images"] for n in runs)
+    res = {"policy": winner["policy"], "supernet": mc.supernet, "select_val_acc": winner["val_acc"],
+           "select_val_loss": winner["val_loss"], "selected": winner["candidate"],
+           "cost_images": sup.images + verify_images,
+           "cost_step_s": sum(h["epoch_time_s"] for h in sup.history) + sum(st["alone"][n]["time_s"] for n in runs),
+           "cost_breakdown": {"supernet_images": sup.images, "verification_images": verify_images,
+                              "supernet_epochs": plan["supernet_epochs"], "supernet_passes": plan["supernet_passes"]},
+           "budget_images": budget, "eval_budget_images": eval_budget, "inherited_eval_images": len(inherited) * n_val,
+           "eval_images": len(inherited) * n_val + sum(h["eval_images"] for h in history),
+           "rungs": plan["rungs"], "candidates": [_policy_json(c) for c in candidates], "history": history,
+           "inherited": inherited, "supernet_history": sup.history, "kendall_tau": None, "kendall_tau_by_supernet": {}}
+    pref_records = list(inherited)
+    if mc.tau_policies:
+        diag = _tau_diagnostic(exp, out, st, model, plan["supernet_epochs"], plan["rungs"][0], on_epoch, progress)
+        res.update(diag, kendall_tau=diag["kendall_tau_by_supernet"].get(mc.supernet))
+        tau_only = set(diag["tau_runs"]) - runs
+        res["diagnostic_images"] = sum(st["alone"][n]["images"] for n in tau_only) + diag["tau_supernet_images"]
+        known = {policy_key(r["policy"]) for r in pref_records}
+        pref_records += [r for r in diag["tau_inherited"].get(mc.supernet, []) if policy_key(r["policy"]) not in known]
+    res["layer_preference"] = layer_preference(pref_records, depth, ops)
+    diag_metrics = {f"kendall_tau_{k}": v for k, v in res["kendall_tau_by_supernet"].items() if v is not None}
+    for l, row in res["layer_preference"].items():
+        for op, v in row.items():
+            diag_metrics.update({f"pref_l{l}_{op}": v["mean"], f"pref_l{l}_{op}_se": v["se"]})
+    _emit(on_epoch, {"phase": "oneshot", "epoch": 0, "select_val_acc": winner["val_acc"],
+                     "cost_images": res["cost_images"], "eval_images": res["eval_images"], **diag_metrics})
+    _say(progress, f"one-shot: {winner['policy']} val acc {winner['val_acc']:.4f}; kendall tau {res['kendall_tau']}")
+    return res
+
+
 Selector = Callable[..., dict[str, Any]]  # (exp, out, on_epoch, progress, cycles) -> the loop's record
 
 
@@ -503,13 +721,13 @@ def _shared_selection(exp: Experiment, out: Path, cache: Path, select: Selector,
 def run_method(cfg: ExperimentConfig, out_dir: str | Path, on_epoch: EpochCallback | None = None,
                progress: bool = False, *, exp: Experiment | None = None, cycles: int | None = None,
                search_cache: str | Path | None = None) -> dict[str, Any]:
-    """Run ``cfg.method.kind`` (search, fixed, probe, random, evolution) into ``out_dir``; resumable.
+    """Run ``cfg.method.kind`` (search, fixed, probe, random, evolution, oneshot) into ``out_dir``; resumable.
 
     Returns the dict also written to ``out_dir/result.json``: method, seed, policy, val_acc,
     test_acc, tuned_params, tuned_percent, cost_images, budget_images, eval_images, history, ...
     ``cycles`` caps the evolution cycles on top of the budget (None: budget only). ``search_cache``: a folder where
-    runs that differ only in the retrain share their selection (a search: ``engine.shared_search``; random search
-    and evolution: :func:`_shared_selection`).
+    runs that differ only in the retrain share their selection (a search: ``engine.shared_search``; random search,
+    evolution and one-shot: :func:`_shared_selection`).
 
     ``out_dir`` is locked for the call (a second process is refused with :class:`~pfnas.config.RunDirError`), and a
     folder holding a run of another configuration is refused rather than resumed (see ``engine.claim_run_dir``).
@@ -533,8 +751,8 @@ def _run_method(cfg: ExperimentConfig, out: Path, on_epoch: EpochCallback | None
             return _finish(exp, out, dict(enumerate(cfg.method.policy)), on_epoch, progress, {"op": "policy"}, t0)
         op = "none" if kind == "probe" else cfg.method.op
         return _finish(exp, out, {l: op for l in range(depth)}, on_epoch, progress, {"op": op}, t0)
-    if kind in ("random", "evolution"):
-        select = _select_random if kind == "random" else _select_evolution
+    if kind in ("random", "evolution", "oneshot"):
+        select = {"random": _select_random, "evolution": _select_evolution, "oneshot": _select_oneshot}[kind]
         if search_cache is not None:
             res = _shared_selection(exp, out, Path(search_cache), select, on_epoch, progress, cycles)
         else:
@@ -545,6 +763,7 @@ def _run_method(cfg: ExperimentConfig, out: Path, on_epoch: EpochCallback | None
 
 # ----------------------------------------------------------------------------- CLI entry points
 _SUMMARY_KEYS = ("method", "op", "seed", "stage", "weight_sharing", "samples", "population", "sample_size", "cycles",
+                 "supernet", "kendall_tau",
                  "policy", "select_val_acc", "val_acc", "test_acc", "tuned_params", "tuned_percent", "cost_images", "budget_images",
                  "time_s")
 

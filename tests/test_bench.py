@@ -17,7 +17,7 @@ from pfnas.config import ConfigError, merge_dotted
 from pfnas.model import PromptedViT, load_backbone
 
 ROWS = {"frozen_forward", "plain_vpt_deep", "vpt_deep", "search_softmax", "search_gumbel", "retrain_mixed", "retrain_add",
-        "retrain_affine", "retrain_cross_attn", "linear_probe"}
+        "retrain_affine", "retrain_cross_attn", "linear_probe", "oneshot_fair"}
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +52,8 @@ def test_run_bench_rows_ratios_params_and_json(tmp_path):
         r = rows[key]
         assert r["arch_ms"] > 0 and r["weight_ms"] > 0 and r["amortised_images_per_s"] > r["images_per_s"]
     assert rows["retrain_mixed"]["policy"] == ["prepend", "add"]  # layers cycle through prompts.ops
+    fair = rows["oneshot_fair"]  # a fair step runs the batch once per op: 4 ops x 4 images = 16 training images
+    assert fair["images_per_step"] == 16 and fair["images_per_s"] == pytest.approx(16 / (fair["ms"] / 1e3))
     assert rows["search_gumbel"]["check"] in ("pass", "below")
     assert [t["check"] in ("pass", "below") for t in res["targets"]] == [True] * 4
     assert res["targets"][-1]["vs"] == "plain VPT-deep" and res["targets"][-1]["target"] == 0.95

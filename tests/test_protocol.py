@@ -32,7 +32,9 @@ def reads(monkeypatch):
 
 @pytest.mark.parametrize("method", [{"kind": "search"}, {"kind": "fixed", "op": "affine"}, {"kind": "probe"},
                                     {"kind": "random", "samples": 2},
-                                    {"kind": "evolution", "population": 2, "sample_size": 1}])
+                                    {"kind": "evolution", "population": 2, "sample_size": 1},
+                                    {"kind": "oneshot", "budget_images": 2000, "rungs": [1, 2], "top_k": 1,
+                                     "population": 3, "generations": 1, "tau_policies": 2, "select_folds": 2}])
 def test_select_stage_never_reads_test(exp, reads, tmp_path, method):
     cfg = tiny_config(method=method, train={"stage": "select", "epochs": 2})
     res = bl.run_method(cfg, tmp_path, exp=Experiment(cfg, exp.backbone, exp.data, exp.device))

@@ -146,10 +146,11 @@ class Experiment:
                              device=device if cfg.data.resident else "cpu", seed=cfg.seed)
         return cls(cfg, backbone, data, device)
 
-    def supernet(self) -> PromptedViT:
+    def supernet(self, per_op_prompts: bool | None = None) -> PromptedViT:
+        """The search supernet; ``per_op_prompts`` None: ``search.per_op_prompts``."""
         seed_everything(self.cfg.seed)
-        return PromptedViT(self.backbone, self.data.num_classes, self.cfg.prompts, None, self.cfg.search.mode,
-                           self.cfg.search.per_op_prompts)
+        per_op = self.cfg.search.per_op_prompts if per_op_prompts is None else per_op_prompts
+        return PromptedViT(self.backbone, self.data.num_classes, self.cfg.prompts, None, self.cfg.search.mode, per_op)
 
     def fixed(self, policy: dict | list) -> PromptedViT:
         seed_everything(self.cfg.seed + 1)

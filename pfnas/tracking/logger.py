@@ -22,7 +22,7 @@ log = logging.getLogger("pfnas.tracking")  # one logger name for the package
 # score that selected its policy inside the method (search's supernet val, random/evolution's best candidate)
 FINAL_METRICS = ("test_acc", "val_acc", "select_val_acc", "tuned_params", "tuned_percent", "cost_images",
                  "search_time_s", "retrain_time_s", "time_s", "cost_step_s", "infer_images_per_s",
-                 "infer_ms_per_image")
+                 "infer_ms_per_image", "eval_images", "kendall_tau")  # kendall_tau: one-shot's supernet diagnostic
 
 
 def alpha_heatmap(alpha: list[list[float]], ops: list[str], title: str = "softmax(alpha)"):

@@ -37,6 +37,8 @@ def method_label(cfg: ExperimentConfig) -> str:
         return "fixed:policy" if m.policy else f"fixed:{m.op}"
     if m.kind == "random":
         return "random" + ("+ws" if m.weight_sharing else "")
+    if m.kind == "oneshot":
+        return "oneshot" + ("-uniform" if m.supernet == "uniform" else "")
     return m.kind
 
 

@@ -102,6 +102,8 @@ def _short_method(cfg: ExperimentConfig) -> str:
         return "policy" if m.policy else m.op
     if m.kind == "random":
         return "random" + ("+ws" if m.weight_sharing else "")
+    if m.kind == "oneshot":
+        return "spos" if m.supernet == "uniform" else "fairnas"
     return {"evolution": "evo"}.get(m.kind, m.kind)
 
 

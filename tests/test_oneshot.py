@@ -1,0 +1,268 @@
+"""method.kind oneshot: the fair supernet step, evolution on inherited weights, successive halving, K-fold, Kendall
+tau, the budget plan, and the method end to end with resume."""
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+import pfnas.methods as bl
+from conftest import one_error_line, tiny_config
+from pfnas.config import ConfigError, PfnasError, load_config, merge_dotted, selection_hash
+from pfnas.data import TaskData
+from pfnas.engine import Experiment, OneShotPhase
+from pfnas.model import PromptLayer
+from pfnas.tracking import RunLogger, make_client
+from pfnas.oneshot import (fold_assignment, fold_task, halving_schedule, keep_top, kendall_tau, next_generation,
+                           oneshot_plan, policy_key)
+
+OPS = ["prepend", "add", "affine", "cross_attn"]
+
+
+def _exp(exp, **method):
+    cfg = tiny_config(method={"kind": "oneshot", **method}, train={"stage": "select", "epochs": 2})
+    return Experiment(cfg, exp.backbone, exp.data, exp.device)
+
+
+def _phase(e, paths="fair"):
+    model = e.supernet(per_op_prompts=True)
+    return OneShotPhase(e.cfg, model, e.data, e.device, 1, paths)
+
+
+def _batch(e):
+    return next(iter(e.data.batches("train", 16)))
+
+
+def test_fair_step_gradient_is_the_sum_of_single_path_gradients(exp):
+    """Prompt dropout is 0 in tiny_config: the K passes are deterministic and their gradients add up."""
+    e = _exp(exp)
+    phase = _phase(e)
+    model, (x, y) = phase.model, _batch(e)
+    assert all(layer.per_op for layer in model.layers)  # each candidate op holds its own prompts
+    paths = phase.step_paths()
+    assert len(paths) == 4 and all(sorted(p[l] for p in paths) == [0, 1, 2, 3] for l in range(model.depth))
+    params = model.weight_parameters()
+    want = [torch.zeros_like(p) for p in params]
+    for path in paths:
+        model.path = path
+        grads = torch.autograd.grad(phase._loss(x, y)[0], params, allow_unused=True)
+        want = [w + (g if g is not None else 0) for w, g in zip(want, grads)]
+    model.path = None
+    phase.opt.zero_grad(set_to_none=True)
+    phase.accumulate(x, y, paths)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.grad if p.grad is not None else torch.zeros_like(p), w)
+    for layer in model.layers:  # every op trained: prepend's and add's own prompts, the zero-initialised maps of
+        # affine (up) and cross_attn (o), which pass no gradient to their prompts yet
+        g = layer.prompts.grad
+        assert float(g[0].abs().sum()) > 0 and float(g[1].abs().sum()) > 0
+        assert float(layer.ops[2].up.grad.abs().sum()) > 0 and float(layer.ops[3].o.weight.grad.abs().sum()) > 0
+    phase._weight_step(x, y)
+    assert phase.images == 4 * 16 and phase.step == 1  # K passes on 16 images count 64 training images
+
+
+def test_fair_step_runs_every_op_of_every_layer_once_and_uniform_one_path(exp, monkeypatch):
+    calls: list[tuple[int, int]] = []
+    real = PromptLayer.run_op
+
+    def counting(self, i, *a, **kw):
+        calls.append((id(self), i))
+        return real(self, i, *a, **kw)
+
+    monkeypatch.setattr(PromptLayer, "run_op", counting)
+    e = _exp(exp)
+    for paths, per_layer in (("fair", 4), ("uniform", 1)):
+        phase = _phase(e, paths)
+        x, y = _batch(e)
+        for _ in range(3):
+            calls.clear()
+            phase._weight_step(x, y)
+            count = Counter(calls)
+            layers = {id(layer) for layer in phase.model.layers}
+            assert {k[0] for k in count} == layers
+            for lid in layers:
+                ops = [i for (l, i) in calls if l == lid]
+                assert len(ops) == per_layer and len(set(ops)) == per_layer  # fair: each op exactly once
+        assert phase.images == 3 * per_layer * 16
+
+
+def test_next_generation_makes_new_valid_policies():
+    parents = [{0: "prepend", 1: "add", 2: "affine"}, {0: "cross_attn", 1: "cross_attn", 2: "add"}]
+    seen = {policy_key(p) for p in parents}
+    kids = next_generation(parents, 6, 3, 0.5, OPS, random.Random(0), seen)
+    assert len(kids) == 6 and len({policy_key(k) for k in kids}) == 6
+    assert all(set(k) == {0, 1, 2} and set(k.values()) <= set(OPS) for k in kids)
+    assert all(policy_key(k) in seen and policy_key(k) not in map(policy_key, parents) for k in kids)
+    for k in kids[:3]:  # crossover children take every layer from one of the two parents
+        assert all(k[l] in (parents[0][l], parents[1][l]) for l in k)
+    assert next_generation(parents, 5, 5, 0.5, ["add"], random.Random(0), set()) != []  # one op: copies only once
+    assert next_generation(parents[:1], 5, 5, 0.5, ["add"], random.Random(0), {("prepend", "add", "affine")}) == []
+
+
+def test_inherited_evolution_respects_the_val_image_budget(exp, tmp_path, monkeypatch):
+    e = _exp(exp, population=3, generations=5)
+    phase = _phase(e)
+    x, y = _batch(e)
+    phase._weight_step(x, y)
+    reads = []
+    real = TaskData.batches
+    monkeypatch.setattr(TaskData, "batches", lambda self, split, *a, **kw: reads.append(split) or real(self, split,
+                                                                                                      *a, **kw))
+    n_val = e.data.num_images("val")
+    events: list[dict] = []
+    recs = bl._inherited_evolution(e, phase.model, tmp_path, {}, 5 * n_val + n_val - 1, events.append)
+    assert len(recs) == 5 and reads == ["val"] * 5  # the sixth would pass the budget: never scored
+    assert [r["generation"] for r in recs] == [0, 0, 0, 1, 1]
+    assert len({policy_key(r["policy"]) for r in recs}) == 5
+    assert all(sorted(r["policy"]) == ["0", "1"] and set(r["policy"].values()) <= set(OPS) for r in recs)
+    assert [m["eval_images"] for m in events] == [3 * n_val, 5 * n_val]
+    st = json.loads((tmp_path / "state.json").read_text())
+    assert st["evolution_done"] and "pending" not in st and st["inherited"] == recs
+
+
+def test_successive_halving_keeps_the_best_by_val_acc_then_lower_val_loss(exp, tmp_path, monkeypatch):
+    assert halving_schedule(5, [1, 2, 3], 2) == [5, 3, 2] and halving_schedule(5, [1, 2, 3], 3) == [5, 2, 1]
+    assert halving_schedule(4, [1, 2, 3], 2) == [4, 2, 1] and halving_schedule(1, [1, 2], 2) == [1]
+    recs = [{"val_acc": 0.5, "val_loss": 0.9}, {"val_acc": 0.7, "val_loss": 0.8}, {"val_acc": 0.5, "val_loss": 0.4},
+            {"val_acc": 0.7, "val_loss": 0.2}]
+    assert keep_top(recs, 3) == [recs[3], recs[1], recs[2]]
+    scores = {  # (op of layer 0, epochs) -> (val_acc, val_loss): ties on acc at rung 0 decided by the loss
+        ("prepend", 1): (0.6, 1.0), ("add", 1): (0.6, 0.5), ("affine", 1): (0.4, 0.1), ("cross_attn", 1): (0.6, 0.7),
+        ("add", 2): (0.5, 0.3), ("cross_attn", 2): (0.5, 0.2)}
+    trained = []
+
+    def fake_alone(exp_, out, st, policy, epochs, fold=None):
+        trained.append((policy[0], epochs))
+        acc, loss = scores[(policy[0], epochs)]
+        return {"name": f"{policy[0]}-{epochs}", "val_acc": acc, "val_loss": loss, "images": 1, "time_s": 0.0,
+                "n_val": 9}, True
+
+    monkeypatch.setattr(bl, "_alone", fake_alone)
+    cands = [{0: op, 1: op} for op in OPS]
+    hist = bl._verify(_exp(exp), tmp_path, {}, cands, [1, 2], None, 0, 100)
+    assert trained == [(op, 1) for op in OPS] + [("add", 2), ("cross_attn", 2)]  # 4 -> ceil(4/2) = 2
+    last = [h for h in hist if h["rung"] == 1]
+    assert bl._best(last)["policy"]["0"] == "cross_attn"  # equal accuracy, lower loss
+
+
+def test_kfold_splits_train_and_val_only_stratified(exp):
+    data = exp.data
+    n_tr, n_va = data.num_images("train"), data.num_images("val")
+    labels = torch.cat([data.split("train").labels, data.split("val").labels])
+    assign = fold_assignment(labels, 3, 0)
+    assert sorted(Counter(assign.tolist()).values()) == [16, 16, 16]
+    for c in labels.unique():  # each class spread over the folds (at most one apart)
+        per = Counter(assign[labels == c].tolist())
+        assert max(per.values()) - min(per.values()) <= 1
+    sizes = 0
+    for k in range(3):
+        t = fold_task(data, k, 3, 0)
+        assert set(t.splits) == {"train", "val"}  # no test in it
+        assert t.num_images("train") + t.num_images("val") == n_tr + n_va
+        sizes += t.num_images("val")
+    assert sizes == n_tr + n_va
+    with pytest.raises(PfnasError, match="exceeds"):
+        fold_assignment(labels, 100, 0)
+
+
+def test_kendall_tau_b_by_hand():
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    # 4 concordant, 0 discordant, one pair tied in x only, one in y only: 4 / sqrt(5 * 5)
+    assert kendall_tau([1, 2, 2, 3], [1, 3, 2, 3]) == pytest.approx(0.8)
+    assert kendall_tau([1, 1, 2], [1, 2, 2]) == pytest.approx(0.5)  # 1 / sqrt(2 * 2)
+    assert kendall_tau([1, 2, 3], [3, 1, 1]) == pytest.approx(-2 / math.sqrt(6))  # 2 discordant, one y tie
+    assert kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)  # 5 C, 1 D
+    assert kendall_tau([0.5, 0.5], [1, 2]) is None and kendall_tau([1], [2]) is None
+    with pytest.raises(PfnasError, match="paired"):
+        kendall_tau([1, 2], [1])
+
+
+def test_budget_plan_and_config_bounds(exp, tmp_path, capsys):
+    cfg = tiny_config(method={"kind": "oneshot", "rungs": [1, 2, 5], "top_k": 1}, train={"epochs": 2})
+    # rungs capped by train.epochs: [1, 2]; 5 candidates at most: 5 x 1 + 3 x 2 epochs of 32 images = 352;
+    # a fair supernet epoch: 4 ops x 2 steps x 16 = 128 images; budget 1000 -> 5 epochs
+    plan = oneshot_plan(cfg, exp.data, 1000)
+    assert plan["rungs"] == [1, 2] and plan["verification_images_max"] == 352
+    assert plan["supernet_epochs"] == 5 and plan["supernet_epoch_images"] == 128
+    with pytest.raises(PfnasError, match="cannot train the one-shot plan"):
+        oneshot_plan(cfg, exp.data, 400)
+    for bad in ({"rungs": [3, 2]}, {"rungs": []}, {"top_k": 0}, {"select_folds": 1}, {"tau_supernets": ["fair", "fair"]},
+                {"mutation_prob": 0}, {"supernet": "darts"}):
+        with pytest.raises(ConfigError):
+            load_config(None, ["method.kind=oneshot"] + [f"method.{k}={json.dumps(v)}" for k, v in bad.items()])
+    from pfnas.cli import main
+
+    rc = main(["run", "--set", "method.kind=oneshot", "--set", "method.rungs=[3,2]", "-o", str(tmp_path / "o")])
+    assert rc == 2
+    one_error_line(capsys.readouterr().err, "method.rungs")
+
+
+def test_oneshot_end_to_end_costs_diagnostics_and_resume(exp, tmp_path, monkeypatch):
+    method = {"kind": "oneshot", "budget_images": 1000, "rungs": [1, 2], "top_k": 1, "population": 3,
+              "generations": 1, "tau_policies": 3, "tau_supernets": ["fair", "uniform", "darts"]}
+    e = _exp(exp, **method)
+    seen: list[dict] = []
+    uri = f"sqlite:///{tmp_path}/m.db"
+    lg = RunLogger(uri, "oneshot", "run", e.cfg, retry_s=0.0)
+    ref = bl.run_method(e.cfg, tmp_path / "ref", lambda m: seen.append(m) or lg.log_epoch(m), exp=e)
+    lg.finish(ref)
+    client = make_client(uri)
+    metrics = client.get_run(lg.run_id).data.metrics
+    assert len(client.get_metric_history(lg.run_id, "supernet/train_loss")) == ref["cost_breakdown"]["supernet_epochs"]
+    assert len(client.get_metric_history(lg.run_id, "oneshot_verify/val_acc")) == len(ref["history"])
+    assert metrics["cost_images"] == ref["cost_images"] and metrics["eval_images"] == ref["eval_images"]
+    assert ("kendall_tau" in metrics) == (ref["kendall_tau"] is not None)  # undefined on a constant ranking
+    assert any(k.startswith("oneshot/pref_l0_") for k in metrics) and "oneshot_evolution/best_val_acc" in metrics
+    assert set(ref["policy"]) == {"0", "1"} and ref["policy"] in ref["candidates"]
+    assert len(ref["candidates"]) in (4, 5)  # the top-1 inherited policy and the single-op policies
+    last = [h for h in ref["history"] if h["rung"] == max(h["rung"] for h in ref["history"])]
+    assert ref["select_val_acc"] == bl._best(last)["val_acc"] and 0 <= ref["val_acc"] <= 1
+    cb = ref["cost_breakdown"]
+    assert cb["supernet_images"] == cb["supernet_epochs"] * 128 and cb["supernet_passes"] == 4
+    assert ref["cost_images"] == cb["supernet_images"] + cb["verification_images"] <= ref["budget_images"] == 1000
+    assert ref["inherited_eval_images"] <= ref["eval_budget_images"] and ref["cost_step_s"] > 0
+    assert set(ref["kendall_tau_by_supernet"]) == {"fair", "uniform", "darts"} and ref["tau_rung_epochs"] == 1
+    assert ref["kendall_tau"] == ref["kendall_tau_by_supernet"]["fair"] and ref["tau_policies"] == 3
+    assert (tmp_path / "ref" / "tau_uniform" / "supernet.pt").is_file() and (tmp_path / "ref" / "tau_darts").is_dir()
+    pref = ref["layer_preference"]["0"]
+    assert set(pref) == set(OPS) and sum(v["n"] for v in pref.values()) >= 3
+    phases = {m["phase"] for m in seen}
+    assert {"supernet", "oneshot_evolution", "oneshot_verify", "oneshot", "retrain"} <= phases
+    assert json.loads((tmp_path / "ref" / "result.json").read_text())["policy"] == ref["policy"]
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_second_candidate(m):
+        if m["phase"] == "oneshot_verify" and m["candidate"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        bl.run_method(e.cfg, tmp_path / "run", stop_at_second_candidate, exp=e)
+    trained = []
+    real = bl._train_candidate
+    monkeypatch.setattr(bl, "_train_candidate", lambda *a: trained.append(a[2].name) or real(*a))
+    res = bl.run_method(e.cfg, tmp_path / "run", exp=e)
+    assert len(trained) == len(set(trained)) and not any(n in trained for n in ref["history"][0]["runs"])
+    drop = ("time_s",)
+    for key in ("policy", "select_val_acc", "val_acc", "cost_images", "kendall_tau_by_supernet", "inherited"):
+        assert res[key] == ref[key], key
+    assert [{k: v for k, v in h.items() if k not in drop} for h in res["history"]] == \
+        [{k: v for k, v in h.items() if k not in drop} for h in ref["history"]]
+
+
+def test_a_retrain_lr_grid_shares_one_oneshot_selection(exp, tmp_path):
+    e = _exp(exp, budget_images=1000, rungs=[1, 2], top_k=1, population=3, generations=1, tau_policies=0)
+    b = Experiment(merge_dotted(e.cfg, {"train.optim.lr": 2.0}), exp.backbone, exp.data, exp.device)
+    ra = bl.run_method(e.cfg, tmp_path / "a", exp=e, search_cache=tmp_path / "cache")
+    rb = bl.run_method(b.cfg, tmp_path / "b", exp=b, search_cache=tmp_path / "cache")
+    (slot,) = (tmp_path / "cache").iterdir()
+    assert slot.name.startswith("oneshot-") and (tmp_path / "b" / "state.json").is_file()
+    assert rb["history"] == ra["history"] and rb["policy"] == ra["policy"] and ra["kendall_tau"] is None
+    other = merge_dotted(e.cfg, {"train.epochs": 1})  # caps the rungs: another selection
+    assert selection_hash(other) != selection_hash(e.cfg) == selection_hash(b.cfg)
