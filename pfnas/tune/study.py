@@ -500,7 +500,7 @@ def _retries(saved: list | None) -> dict[str, tuple[int, str | None]]:
         n = int(getattr(t, "num_failures", 0) or 0) - (t.status == "ERROR")
         if n > 0:
             try:
-                why = _error_line(t.get_error())
+                why = _error_line(t.get_error()).split(". ")[0].rstrip(".")  # its first sentence (Ray's run on)
             except Exception:  # noqa: BLE001 - the error file is gone: the count stands alone
                 why = None
             out[t.trial_id] = (n, why)
