@@ -12,10 +12,34 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import (ConfigError, DataError, ModelError, PfnasError, RunDirError, RunFileError,  # noqa: F401
-                     StudyError, TrainingError)  # re-exported: pfnas.config has always exported them
+from .errors import (BadNameError, ConfigError, DataError, ModelError, PfnasError, RunDirError,  # noqa: F401
+                     RunFileError, StudyError, TrainingError)  # re-exported: pfnas.config has always exported them
 
 OPS: tuple[str, ...] = ("prepend", "add", "affine", "cross_attn")
+
+
+NAME_CHARS = "letters, digits and . _ -"
+NAME_MAX = 200  # a folder name holds 255 bytes; room for the suffixes pfnas adds (-final, -retrain, -<task>)
+
+
+def check_name(kind: str, value: str) -> str:
+    """``value`` when it is safe as one folder name: letters, digits and ``._-``, not starting with ``.`` or ``-``
+    (so no ``..``, path separator, absolute path, empty or NUL). Else :class:`BadNameError` (a :class:`ConfigError`):
+    ``<kind> '<value>' is not a plain folder name (<why>); ...``. ``kind`` names where it came from (``--experiment``,
+    ``tasks[0]``); empty inside a pydantic field (its location is shown already)."""
+    if not isinstance(value, str):
+        raise BadNameError(f"{kind + ' ' if kind else ''}{value!r} is not a name (a string)")
+    bad = next((c for c in value if not (c.isascii() and (c.isalnum() or c in "._-"))), None)
+    why = ("it is empty" if not value else
+           "it holds a NUL byte" if "\0" in value else
+           f"it holds the path separator {bad!r}" if bad in ("/", "\\") else
+           f"it holds {bad!r}" if bad is not None else
+           f"it starts with {value[0]!r}" if value[0] in ".-" else
+           f"longer than {NAME_MAX} characters" if len(value) > NAME_MAX else None)
+    if why is not None:
+        raise BadNameError(f"{kind + ' ' if kind else ''}{value!r} is not a plain folder name ({why}); "
+                           f"use {NAME_CHARS}, not starting with . or -")
+    return value
 
 
 class _Strict(BaseModel):
@@ -253,6 +277,11 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     pae: PAEConfig = Field(default_factory=PAEConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:  # it names the run's folder under output_dir
+        return check_name("", v)
 
     @model_validator(mode="after")
     def _pae_needs_shared_prompts(self) -> "ExperimentConfig":

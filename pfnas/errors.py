@@ -43,5 +43,10 @@ class RunDirError(PfnasError):
     """An output folder that holds another configuration's run, or is in use by another process."""
 
 
+class BadNameError(ConfigError, ValueError):
+    """A name that becomes a folder (study, experiment, task, run) but could leave its parent folder. A ValueError
+    too, so a pydantic validator reports it as the field's own message."""
+
+
 class RunFileError(PfnasError):
     """A run file that cannot be written (disk full) or read back (truncated, changed, or not plain data)."""

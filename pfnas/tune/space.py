@@ -16,6 +16,7 @@ from ..config import (
     ConfigError,
     ExperimentConfig,
     apply_overrides,
+    check_name,
     merge_dotted,
     read_yaml,
     selection_hash,
@@ -142,7 +143,7 @@ class SpaceConfig(_Strict):
     and Tune does not combine ``grid_search`` with Optuna.
     """
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str  # the study's folder (and ``<name>-<task>`` per task): a plain folder name (config.check_name)
     base: dict[str, Any] | None = None
     base_config: str | None = None
     tasks: list[str] | None = None
@@ -166,6 +167,18 @@ class SpaceConfig(_Strict):
     # Optuna study storage (RDB URL; a relative sqlite file resolves against this YAML; "none": in memory).
     # Default: optuna.db next to a sqlite MLflow db, else in the Tune storage folder. --optuna-storage overrides.
     optuna_storage: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        return check_name("", v)
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_are_folder_names(cls, v: list[str] | None) -> list[str] | None:
+        for task in v or []:  # each names a study folder, <name>-<task>
+            check_name("", task)
+        return v
 
     @field_validator("scheduler", mode="before")
     @classmethod
@@ -328,7 +341,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None,
     if not params and not variants:
         raise ConfigError("params: every tuned parameter is pinned by --set; nothing left to search")
     points = [{k: v for k, v in p.items() if k in params} for p in space.points_to_evaluate]
-    name = study_name or space.name
+    name = space.name if study_name is None else check_name("--experiment", study_name)  # a folder of the storage
     if not space.tasks:
         return space, [StudyPlan(name, base.data.task, base, params, points, variants)]
     plans = []

@@ -2,12 +2,14 @@
 Optuna storage, the finals, and :func:`run_tune`."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import yaml
 from ray.tune.search.optuna import OptunaSearch
 
-from ..config import ConfigError, DataError, ExperimentConfig, PfnasError, merge_dotted
+from ..config import ConfigError, DataError, ExperimentConfig, PfnasError, RunDirError, check_name, merge_dotted
 from ..data import check_data_paths
 from ..provenance import provenance_tags
 from ..tracking import (
@@ -47,6 +49,75 @@ log = logging.getLogger(__name__)
 
 
 STATE_FILE = "pfnas_study.json"
+OWNED_FILE = ".pfnas-owned"  # in every folder pfnas makes and may later replace (a study's finals): only those go
+FINALS_SELECTION = "selected_trials.txt"  # a finals folder's chosen trials (an older pfnas's only mark of its own)
+RESUME_HINT = "rerun with --resume to continue (finished trials are kept)"
+
+
+def _write_file(path: Path, text: str, then: str = RESUME_HINT) -> None:
+    """Write one of a study's own files; a write the OS refuses (disk full, permissions) is one line naming it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as e:
+        raise PfnasError(f"cannot write {path}: {e.strerror or e}; fix that, then {then}") from None
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse a folder pfnas would replace but did not make (no :data:`OWNED_FILE`, no finals selection, not empty)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir() and not path.is_symlink() and (
+            (path / OWNED_FILE).is_file() or (path / FINALS_SELECTION).is_file() or not any(path.iterdir())):
+        return
+    raise ConfigError(f"{path} exists and was not made by pfnas, which would replace it; move it away or pick "
+                      "another --experiment or --storage")
+
+
+def _fresh_owned_dir(path: Path) -> None:
+    """``path`` empty but for its :data:`OWNED_FILE`: an earlier one removed only when pfnas made it."""
+    _check_replaceable(path)
+    try:
+        if path.exists():
+            shutil.rmtree(path)
+    except OSError as e:
+        raise PfnasError(f"cannot remove the old {path}: {e.strerror or e}") from None
+    _write_file(path / OWNED_FILE, "made by pfnas tune: replaced whole when its study selects other trials\n")
+
+
+def _lock_path(storage_root: str, study: str) -> Path:
+    """The lock file of a local study: beside its folder, so a refused study leaves no folder behind."""
+    return Path(storage_root) / f".{study}.pfnas-lock"
+
+
+@contextmanager
+def _study_lock(storage_root: str, study: str):
+    """Hold study ``study`` of a local Tune storage for this ``run_tune``: an exclusive ``flock`` (the kernel drops it
+    when the holder dies, so a killed study leaves no stale lock); a second ``pfnas tune`` of it is refused in one
+    line naming the folder and the holder's pid (as run folders are, ``pfnas.engine.claim_run_dir``)."""
+    path = _lock_path(storage_root, study)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: no lock
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                raise RunDirError(f"study {Path(storage_root) / study} is in use by another pfnas tune"
+                                  f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it to end, or pick "
+                                  "another --experiment or --storage") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 class PfnasOptunaSearch(OptunaSearch):
@@ -74,6 +145,8 @@ def _parent_run(client, exp_id: str, plan: StudyPlan, space: SpaceConfig, space_
     if previous:
         try:
             client.update_run(previous, status="RUNNING")
+            if "pfnas.error" in client.get_run(previous).data.tags:  # what stopped the earlier try: over now
+                client.delete_tag(previous, "pfnas.error")
             return previous
         except Exception as e:  # noqa: BLE001 - e.g. another tracking store: start a new parent
             log.warning("cannot reopen MLflow parent run %s (%s); starting a new one", previous, _error_line(e))
@@ -181,6 +254,10 @@ def _fit(tuner, what: str):
         return tuner.fit()
     except PfnasError:
         raise
+    except OSError as e:  # the driver's own files (experiment state, a full disk): continuing by itself cannot help
+        log.debug("%s stopped", what, exc_info=True)
+        raise PfnasError(f"{what} stopped: cannot write {e.filename or 'its Tune files'}: {e.strerror or e}; fix that, "
+                         f"then {RESUME_HINT}") from None
     except Exception as e:  # noqa: BLE001 - Tune catches a trial's errors itself: this one stopped the whole run
         log.debug("Ray stopped %s", what, exc_info=True)
         raise RayStopped(what, _error_line(e)) from None
@@ -276,130 +353,170 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
         raise
     except Exception as e:  # noqa: BLE001
         raise PfnasError(f"cannot use MLflow at {tracking_uri}: {_error_line(e)}") from None
-    ctx = TrialContext(study=plan.name, base=plan.base.model_dump(mode="json"), tracking_uri=tracking_uri,
-                       experiment=mlflow_experiment, parent_run_id=parent, param_keys=plan.param_keys,
-                       variants=plan.variants, search_cache=f"{exp_path}/search-cache" if local else None)
-    resources = {"cpu": space.resources.cpu, **({"gpu": space.resources.gpu} if space.resources.gpu else {})}
-    trainable = tune.with_resources(tune.with_parameters(pfnas_trial, ctx=ctx), resources)
-    if state_path is not None:
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        state_path.write_text(json.dumps({"study": plan.name, "parent_run_id": parent, "tracking_uri": tracking_uri,
-                                          "mlflow_experiment": mlflow_experiment, "digest": digest,
-                                          "space": str(space_path), "optuna_storage": optuna_storage if optuna_study
-                                          else None, "optuna_study": optuna_study}, indent=1))
-    if restoring:  # the search state (OptunaSearch with its RDB study) comes back from Tune's experiment folder
-        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
-    else:
-        tuner = _tuner(plan, space, trainable, storage, num_samples, verbose=verbose,
-                       optuna_storage=optuna_storage if optuna_study else None, optuna_study=optuna_study,
-                       progress=_Progress(f"study {plan.name}", space.metrics[0], ctx,
-                                          _n_trials(space, plan, num_samples), space.modes[0]))
-    results = _fit(tuner, f"study {plan.name}")
-    interrupted = _interrupted(results)
+    try:  # from here an error closes the parent run FAILED (--resume reopens it)
+        ctx = TrialContext(study=plan.name, base=plan.base.model_dump(mode="json"), tracking_uri=tracking_uri,
+                           experiment=mlflow_experiment, parent_run_id=parent, param_keys=plan.param_keys,
+                           variants=plan.variants, search_cache=f"{exp_path}/search-cache" if local else None)
+        resources = {"cpu": space.resources.cpu, **({"gpu": space.resources.gpu} if space.resources.gpu else {})}
+        trainable = tune.with_resources(tune.with_parameters(pfnas_trial, ctx=ctx), resources)
+        if state_path is not None:
+            _write_file(state_path, json.dumps({
+                "study": plan.name, "parent_run_id": parent, "tracking_uri": tracking_uri,
+                "mlflow_experiment": mlflow_experiment, "digest": digest, "space": str(space_path),
+                "optuna_storage": optuna_storage if optuna_study else None, "optuna_study": optuna_study}, indent=1),
+                then="rerun the command")
+        if restoring:  # the search state (OptunaSearch with its RDB study) comes back from Tune's experiment folder
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+        else:
+            tuner = _tuner(plan, space, trainable, storage, num_samples, verbose=verbose,
+                           optuna_storage=optuna_storage if optuna_study else None, optuna_study=optuna_study,
+                           progress=_Progress(f"study {plan.name}", space.metrics[0], ctx,
+                                              _n_trials(space, plan, num_samples), space.modes[0]))
+        results = _fit(tuner, f"study {plan.name}")
+        saved = _saved_trials(results)
+        interrupted = _interrupted(results, saved)
 
-    recs = _records(results, space.metrics, plan.param_keys)
-    primary, primary_mode = space.metrics[0], space.modes[0]
-    best = None if interrupted else _best(recs, primary_mode, primary)  # an interrupted study selects nothing yet
-    front = _front(recs, space.modes) if len(space.metrics) > 1 and not interrupted else []
-    best_path, best_cfg, finals = None, None, None
-    group_finals: list[FinalsRecord] = []  # a grid's variants, or a Pareto study's front: each point finalised
-    groups: list[tuple[str, TrialRecord]] = []
-    if space.final.per_variant:
-        for i, overrides in enumerate(plan.variants):
-            vbest = _best([r for r in recs if r.params.get("variant") == i], primary_mode, primary)
-            if vbest is not None:
-                groups.append((" ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()), vbest))
-    for point in front:
-        groups.append(("front " + " ".join(f"{m}={format_value(v)}" for m, v in zip(space.metrics, point.values)),
-                       point))
-    if best is not None:
-        final_cfg, _ = _final_context(ctx, plan, best, primary)
-        best_cfg = final_cfg.model_dump(mode="json")
-        if space.final.seeds:  # the selected trial and every group's pick: one Tune run, every slot kept busy
-            chosen = list({r.trial_id: r for r in [best] + [g for _, g in groups]}.values())
-            done, interrupted = _run_finals(ctx, plan, chosen, space, storage, trainable_resources=resources,
-                                            verbose=verbose)
-            if not interrupted:
-                finals = done[best.trial_id]
-                group_finals = [replace(done[g.trial_id], label=label) for label, g in groups]
-    for r in recs:  # show a grid variant as its overrides, not its index
-        if plan.variants and isinstance(r.params.get("variant"), int):
-            r.params["variant"] = " ".join(f"{k.split('.')[-1]}={v}" for k, v in plan.variants[r.params["variant"]].items())
-    if best_cfg is not None and local:
-        best_path = Path(exp_path) / "best_config.yaml"
-        head = f"# selected: trial {best.trial_id} of study {plan.name}, {primary}={best.value:.6g} (validation)\n"
-        if finals is not None and finals.test_accs:
-            head += f"# final: {finals.describe()}\n"
-        best_path.write_text(head + "# rerun the final: pfnas run -c best_config.yaml --set seed=N\n"
-                             + yaml.safe_dump(best_cfg, sort_keys=False))
-    if interrupted:
-        notes.append("interrupted: rerun with --resume to continue (finished trials and finals are kept)")
-    elif any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none":
-        notes.append("some trials did not finish; rerun with --resume to continue them")
-    if not any(r.value is not None for r in recs) and any(r.status == "TERMINATED" for r in recs):
-        keys = sorted({k for r in recs for k in r.metrics if "/" not in k})
-        notes.append(f"warning: no trial reported metric {primary!r} (final keys: {', '.join(keys)})")
-    try:
-        from mlflow.entities import Metric
-
-        table = [{"index": r.index, "trial_id": r.trial_id, "status": r.status, "params": r.params,
-                  **dict(zip(space.metrics, r.values or [r.value])), "error": r.error,
-                  "pareto": any(r is p for p in front)} for r in recs]
-        client.log_dict(parent, {"trials": table}, "trials.json")
-        if front:  # the front as a table and a plot (first objective against the second)
-            from ..tracking import pareto_figure
-
-            pts = [r for r in recs if r.values is not None]
-            client.log_dict(parent, {"objectives": space.metrics, "modes": space.modes,
-                                     "front": [{"trial_id": r.trial_id, "params": r.params,
-                                                **dict(zip(space.metrics, r.values))} for r in front]},
-                            "pareto_front.json")
-            fig = pareto_figure([(r.values[1], r.values[0]) for r in pts], [pts.index(r) for r in front],
-                                [r.trial_id for r in pts], space.metrics[1], space.metrics[0],
-                                f"study {plan.name}: Pareto front")
-            client.log_figure(parent, fig, "pareto_front.png")
-        metrics = [Metric("n_trials", len(recs), 0, 0),
-                   Metric("n_errored", sum(r.status == "ERROR" for r in recs), 0, 0)]
+        recs = _records(results, space.metrics, plan.param_keys, _retries(saved))
+        primary, primary_mode = space.metrics[0], space.modes[0]
+        best = None if interrupted else _best(recs, primary_mode, primary)  # an interrupted study selects nothing yet
+        front = _front(recs, space.modes) if len(space.metrics) > 1 and not interrupted else []
+        best_path, best_cfg, finals = None, None, None
+        group_finals: list[FinalsRecord] = []  # a grid's variants, or a Pareto study's front: each point finalised
+        groups: list[tuple[str, TrialRecord]] = []
+        if space.final.per_variant:
+            for i, overrides in enumerate(plan.variants):
+                vbest = _best([r for r in recs if r.params.get("variant") == i], primary_mode, primary)
+                if vbest is not None:
+                    groups.append((" ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()), vbest))
+        for point in front:
+            groups.append(("front " + " ".join(f"{m}={format_value(v)}" for m, v in zip(space.metrics, point.values)),
+                           point))
         if best is not None:
-            metrics.append(Metric(f"best_{primary}", best.value, 0, 0))
-            client.set_tag(parent, "pfnas.best_trial", best.trial_id)
-            client.log_dict(parent, best_cfg, "best_config.yaml")
-        if finals is not None and finals.test_accs:
-            mean, std = finals.mean_std()
-            metrics += [Metric("final_test_acc_mean", mean, 0, 0), Metric("final_test_acc_std", std, 0, 0),
-                        Metric("final_n", len(finals.test_accs), 0, 0)]
-        client.log_batch(parent, metrics=metrics)
-        unfinished = interrupted or (any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none")
-        orphans = _close_orphans(client, exp_id, parent)
-        if orphans:
-            notes.append(f"closed {orphans} MLflow trial run(s) left RUNNING by an interrupted, unresumed trial")
-        client.set_terminated(parent, "KILLED" if unfinished else "FINISHED")
-    except Exception as e:  # noqa: BLE001 - the study itself is done; say so instead of failing
-        notes.append(f"warning: could not finish the MLflow parent run: {_error_line(e)}")
-    for rec in {f.trial_id: f for f in [finals, *group_finals] if f is not None}.values():
-        notes += [f"final seed {seed} of trial {rec.trial_id} failed: {err}" for seed, err in rec.errors]
-    return StudySummary(plan.name, primary, primary_mode, plan.param_keys, recs, best, best_path, exp_path,
-                        tracking_uri, mlflow_experiment, parent, notes, finals, group_finals,
-                        objectives=space.metrics, front=front, optuna_storage=optuna_storage if optuna_study else None,
-                        optuna_study=optuna_study, interrupted=interrupted)
+            final_cfg, _ = _final_context(ctx, plan, best, primary)
+            best_cfg = final_cfg.model_dump(mode="json")
+            if space.final.seeds:  # the selected trial and every group's pick: one Tune run, every slot kept busy
+                chosen = list({r.trial_id: r for r in [best] + [g for _, g in groups]}.values())
+                done, interrupted = _run_finals(ctx, plan, chosen, space, storage, trainable_resources=resources,
+                                                verbose=verbose)
+                if not interrupted:
+                    finals = done[best.trial_id]
+                    group_finals = [replace(done[g.trial_id], label=label) for label, g in groups]
+        for r in recs:  # show a grid variant as its overrides, not its index
+            if plan.variants and isinstance(r.params.get("variant"), int):
+                r.params["variant"] = " ".join(f"{k.split('.')[-1]}={v}"
+                                               for k, v in plan.variants[r.params["variant"]].items())
+        if best_cfg is not None and local:
+            best_path = Path(exp_path) / "best_config.yaml"
+            head = f"# selected: trial {best.trial_id} of study {plan.name}, {primary}={best.value:.6g} (validation)\n"
+            if finals is not None and finals.test_accs:
+                head += f"# final: {finals.describe()}\n"
+            _write_file(best_path, head + "# rerun the final: pfnas run -c best_config.yaml --set seed=N\n"
+                        + yaml.safe_dump(best_cfg, sort_keys=False))
+        if interrupted:
+            notes.append("interrupted: rerun with --resume to continue (finished trials and finals are kept)")
+        elif any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none":
+            notes.append("some trials did not finish; rerun with --resume to continue them")
+        if not any(r.value is not None for r in recs) and any(r.status == "TERMINATED" for r in recs):
+            keys = sorted({k for r in recs for k in r.metrics if "/" not in k})
+            notes.append(f"warning: no trial reported metric {primary!r} (final keys: {', '.join(keys)})")
+        try:
+            from mlflow.entities import Metric
+
+            table = [{"index": r.index, "trial_id": r.trial_id, "status": r.status, "params": r.params,
+                      **dict(zip(space.metrics, r.values or [r.value])), "error": r.error, "retries": r.retries,
+                      "pareto": any(r is p for p in front)} for r in recs]
+            client.log_dict(parent, {"trials": table}, "trials.json")
+            if front:  # the front as a table and a plot (first objective against the second)
+                from ..tracking import pareto_figure
+
+                pts = [r for r in recs if r.values is not None]
+                client.log_dict(parent, {"objectives": space.metrics, "modes": space.modes,
+                                         "front": [{"trial_id": r.trial_id, "params": r.params,
+                                                    **dict(zip(space.metrics, r.values))} for r in front]},
+                                "pareto_front.json")
+                fig = pareto_figure([(r.values[1], r.values[0]) for r in pts], [pts.index(r) for r in front],
+                                    [r.trial_id for r in pts], space.metrics[1], space.metrics[0],
+                                    f"study {plan.name}: Pareto front")
+                client.log_figure(parent, fig, "pareto_front.png")
+            metrics = [Metric("n_trials", len(recs), 0, 0),
+                       Metric("n_errored", sum(r.status == "ERROR" for r in recs), 0, 0),
+                       Metric("n_retried", sum(r.retries > 0 for r in recs), 0, 0),  # trials Tune retried
+                       Metric("n_retries", sum(r.retries for r in recs), 0, 0)]  # their retries in all
+            if best is not None:
+                metrics.append(Metric(f"best_{primary}", best.value, 0, 0))
+                client.set_tag(parent, "pfnas.best_trial", best.trial_id)
+                client.log_dict(parent, best_cfg, "best_config.yaml")
+            if finals is not None and finals.test_accs:
+                mean, std = finals.mean_std()
+                metrics += [Metric("final_test_acc_mean", mean, 0, 0), Metric("final_test_acc_std", std, 0, 0),
+                            Metric("final_n", len(finals.test_accs), 0, 0)]
+            client.log_batch(parent, metrics=metrics)
+            unfinished = interrupted or (any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none")
+            orphans = _close_orphans(client, exp_id, parent)
+            if orphans:
+                notes.append(f"closed {orphans} MLflow trial run(s) left RUNNING by an interrupted, unresumed trial")
+            client.set_terminated(parent, "KILLED" if unfinished else "FINISHED")
+        except Exception as e:  # noqa: BLE001 - the study itself is done; say so instead of failing
+            notes.append(f"warning: could not finish the MLflow parent run: {_error_line(e)}")
+        for rec in {f.trial_id: f for f in [finals, *group_finals] if f is not None}.values():
+            notes += [f"final seed {seed} of trial {rec.trial_id} failed: {err}" for seed, err in rec.errors]
+        return StudySummary(plan.name, primary, primary_mode, plan.param_keys, recs, best, best_path, exp_path,
+                            tracking_uri, mlflow_experiment, parent, notes, finals, group_finals,
+                            objectives=space.metrics, front=front,
+                            optuna_storage=optuna_storage if optuna_study else None, optuna_study=optuna_study,
+                            interrupted=interrupted)
+    except BaseException as e:
+        _close_parent(client, parent, e)
+        raise
 
 
-def _interrupted(results) -> bool:
-    """Whether Tune returned with trials left to run (Ctrl-C): the experiment state it saved for a resume still
-    lists them pending or running. (The returned grid cannot tell: Tune stops those trials before returning,
-    which marks them terminated.)"""
+def _close_parent(client, parent: str, err: BaseException) -> None:
+    """Close the MLflow parent run of a study that ``err`` stopped: FAILED (KILLED for Ctrl-C) with ``err`` as its
+    ``pfnas.error`` tag, so it does not stay RUNNING; ``--resume`` reopens it."""
+    try:
+        client.set_tag(parent, "pfnas.error", _error_line(err) if not isinstance(err, PfnasError) else str(err)[:500])
+        client.set_terminated(parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+    except Exception as e:  # noqa: BLE001 - MLflow may be what failed: the error itself is what the user sees
+        log.warning("could not close MLflow parent run %s: %s", parent, _error_line(e))
+
+
+def _saved_trials(results) -> list | None:
+    """The trials in the experiment state Tune saved for a resume (statuses, failure counts); None if unreadable."""
     from ray.tune import ExperimentAnalysis
 
     quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "failed to fetch metrics" of trials that never started
     try:
-        saved = ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem).trials
-    except Exception:  # noqa: BLE001 - no saved state to read: judge by what Tune returned
-        return len(results) > results.num_terminated + results.num_errors
+        return ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem).trials
+    except Exception:  # noqa: BLE001 - no saved state to read
+        return None
     finally:
         quiet.setLevel(level)
+
+
+def _interrupted(results, saved: list | None) -> bool:
+    """Whether Tune returned with trials left to run (Ctrl-C): the experiment state it saved for a resume
+    (``saved``, :func:`_saved_trials`) still lists them pending or running. (The returned grid cannot tell: Tune
+    stops those trials before returning, which marks them terminated.)"""
+    if saved is None:  # judge by what Tune returned
+        return len(results) > results.num_terminated + results.num_errors
     return any(t.status not in ("TERMINATED", "ERROR") for t in saved)
+
+
+def _retries(saved: list | None) -> dict[str, tuple[int, str | None]]:
+    """Trial id -> (times Tune retried it after a failure, e.g. its worker killed; that failure's line). A trial
+    that ended in an error was not retried after its last failure."""
+    out = {}
+    for t in saved or []:
+        n = int(getattr(t, "num_failures", 0) or 0) - (t.status == "ERROR")
+        if n > 0:
+            try:
+                why = _error_line(t.get_error()).split(". ")[0].rstrip(".")  # its first sentence (Ray's run on)
+            except Exception:  # noqa: BLE001 - the error file is gone: the count stands alone
+                why = None
+            out[t.trial_id] = (n, why)
+    return out
 
 
 def _final_context(ctx: TrialContext, plan: StudyPlan, best: TrialRecord,
@@ -440,17 +557,16 @@ def _run_finals(ctx: TrialContext, plan: StudyPlan, chosen: list[TrialRecord], s
     mctx = TrialContext(study=ctx.study, base=contexts[0].base, tracking_uri=ctx.tracking_uri,
                         experiment=ctx.experiment, parent_run_id=ctx.parent_run_id, param_keys=["seed"],
                         kind="final", finals=contexts)
-    marker = Path(path) / "selected_trials.txt" if "://" not in storage else None
+    selection = Path(path) / FINALS_SELECTION if "://" not in storage else None
     ids = "\n".join(r.trial_id for r in chosen)
     trainable = tune.with_resources(tune.with_parameters(pfnas_trial, ctx=mctx), trainable_resources)
-    same = marker is not None and marker.is_file() and marker.read_text().strip() == ids
+    same = selection is not None and selection.is_file() and selection.read_text().strip() == ids
     if same and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
-        if marker is not None:
-            shutil.rmtree(path, ignore_errors=True)
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(ids)
+        if selection is not None:  # another selection's finals: replaced, if pfnas made that folder
+            _fresh_owned_dir(selection.parent)
+            _write_file(selection, ids)
         title = f"finals of trial {chosen[0].trial_id}" if len(chosen) == 1 else f"finals of {len(chosen)} configs"
         tuner = tune.Tuner(
             trainable, param_space={"final": tune.grid_search(runs)},
@@ -475,7 +591,7 @@ def _run_finals(ctx: TrialContext, plan: StudyPlan, chosen: list[TrialRecord], s
         else:
             why = r.error if r.error is not None else (r.metrics or {}).get("error")
             rec.errors.append((seed, _error_line(why) if why else "no test_acc reported"))
-    return out, _interrupted(grid)
+    return out, _interrupted(grid, _saved_trials(grid))
 
 
 class _Quiet:
@@ -648,58 +764,64 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
     from ray import tune
 
     paths = {p.name: f"{root.rstrip('/')}/{p.name}" for p in plans}
-    existing = [n for n, path in paths.items() if tune.Tuner.can_restore(path)]
-    if resume and not existing:
-        raise ConfigError(f"nothing to resume: no Tune study at {' or '.join(paths.values())}")
-    if not resume and existing:
-        raise ConfigError(f"study {paths[existing[0]]} already exists; pass --resume to continue it, or pick "
-                          "another --experiment name or --storage")
+    with ExitStack() as held:  # each local study held by this call: a second pfnas tune of it is refused
+        if "://" not in root:
+            for name in paths:
+                held.enter_context(_study_lock(root, name))
+                if space.final.seeds:  # never replace a finals folder pfnas did not make
+                    _check_replaceable(Path(root) / f"{name}-final")
+        existing = [n for n, path in paths.items() if tune.Tuner.can_restore(path)]
+        if resume and not existing:
+            raise ConfigError(f"nothing to resume: no Tune study at {' or '.join(paths.values())}")
+        if not resume and existing:
+            raise ConfigError(f"study {paths[existing[0]]} already exists; pass --resume to continue it, or pick "
+                              "another --experiment name or --storage")
 
-    import ray
+        import ray
 
-    quiet = _Quiet(not verbose)
-    started = False
-    if not ray.is_initialized():
-        _check_ray_address(address)
-        ray.init(address=address, ignore_reinit_error=True, **quiet.init_kwargs())
-        started = True
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    # a checkpoint per epoch with num_to_keep forces frequent state snapshots (wanted, for resume): no warning
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    strict = os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # the study metric only appears once it is real
-    if not verbose:
-        _DISPLAY.append(LiveTable(console))
-    try:
-        _check_trial_fits(space, local=address is None)
-        if address is not None:  # a cluster study: the data must be there on every node a trial may land on
-            check_data_on_nodes(data_cfgs)
-        samples = num_samples or space.num_samples or (1 if space.algorithm == "grid" else 8)
-        studies = []
-        for p in plans:
-            again = resume and p.name in existing
-            for restart in range(RAY_RESTARTS + 1):
-                try:
-                    studies.append(_run_study(p, space, space_path, storage=root, tracking_uri=uri,
-                                              mlflow_experiment=mlflow_experiment, resume=again, num_samples=samples,
-                                              verbose=verbose, optuna_storage=ostore))
-                    break
-                except RayStopped as e:  # what --resume would do, done here: the run's state is in Tune's folder
-                    if restart == RAY_RESTARTS or not tune.Tuner.can_restore(paths[p.name]):
-                        raise
-                    log.warning("%s; continuing it from its saved state in %.0f s (restart %d of %d)",
-                                e.stopped, RAY_RESTART_WAIT_S, restart + 1, RAY_RESTARTS)
-                    time.sleep(RAY_RESTART_WAIT_S)
-                    again = True
-    finally:
+        quiet = _Quiet(not verbose)
+        started = False
+        if not ray.is_initialized():
+            _check_ray_address(address)
+            ray.init(address=address, ignore_reinit_error=True, **quiet.init_kwargs())
+            started = True
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        # a checkpoint per epoch with num_to_keep forces frequent state snapshots (wanted, for resume): no warning
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        strict = os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # the study metric only appears once it is real
         if not verbose:
-            _DISPLAY.pop().close()
-        quiet.restore()
-        if strict is None:
-            os.environ.pop("TUNE_DISABLE_STRICT_METRIC_CHECKING", None)
-        else:
-            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = strict
-        if started:
-            ray.shutdown()
-    return TuneSummary(studies)
+            _DISPLAY.append(LiveTable(console))
+        try:
+            _check_trial_fits(space, local=address is None)
+            if address is not None:  # a cluster study: the data must be there on every node a trial may land on
+                check_data_on_nodes(data_cfgs)
+            samples = num_samples or space.num_samples or (1 if space.algorithm == "grid" else 8)
+            studies = []
+            for p in plans:
+                again = resume and p.name in existing
+                for restart in range(RAY_RESTARTS + 1):
+                    try:
+                        studies.append(_run_study(p, space, space_path, storage=root, tracking_uri=uri,
+                                                  mlflow_experiment=mlflow_experiment, resume=again,
+                                                  num_samples=samples, verbose=verbose, optuna_storage=ostore))
+                        break
+                    except RayStopped as e:  # what --resume would do, done here: the run's state is in Tune's folder
+                        if restart == RAY_RESTARTS or not tune.Tuner.can_restore(paths[p.name]):
+                            raise
+                        log.warning("%s; continuing it from its saved state in %.0f s (restart %d of %d)",
+                                    e.stopped, RAY_RESTART_WAIT_S, restart + 1, RAY_RESTARTS)
+                        time.sleep(RAY_RESTART_WAIT_S)
+                        again = True
+        finally:
+            if not verbose:
+                _DISPLAY.pop().close()
+            quiet.restore()
+            if strict is None:
+                os.environ.pop("TUNE_DISABLE_STRICT_METRIC_CHECKING", None)
+            else:
+                os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = strict
+            if started:
+                ray.shutdown()
+        return TuneSummary(studies)

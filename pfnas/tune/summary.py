@@ -49,6 +49,8 @@ class TrialRecord:
     metrics: dict[str, Any]
     error: str | None = None
     values: list[float] | None = None  # every objective, when all are finite
+    retries: int = 0  # times Tune retried it after a failure (a killed worker), from its last checkpoint
+    retry_error: str | None = None  # the failure it was last retried after
 
 
 @dataclass
@@ -157,8 +159,10 @@ class StudySummary:
         from rich.text import Text
 
         counts = {s: sum(t.status == s for t in self.trials) for s in ("TERMINATED", "STOPPED", "ERROR")}
+        retried = sum(t.retries > 0 for t in self.trials)
         title = (f"study {self.name}: {len(self.trials)} trials ({counts['TERMINATED']} finished, "
-                 f"{counts['STOPPED']} stopped, {counts['ERROR']} errored)")
+                 f"{counts['STOPPED']} stopped, {counts['ERROR']} errored"
+                 + (f", {retried} retried)" if retried else ")"))
         t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
         for col in ["#", "trial", "state"]:
             t.add_column(col, no_wrap=True)
@@ -196,6 +200,8 @@ class StudySummary:
         t = _FitTable(self._table)
         lines = ["policy per layer: pre=prepend add=add aff=affine xat=cross_attn; * best trial"]
         lines += [f"trial {r.trial_id} failed: {r.error}" for r in self.trials if r.error]
+        lines += [f"trial {r.trial_id} retried {r.retries}x from its last checkpoint"
+                  + (f" after: {r.retry_error}" if r.retry_error else "") for r in self.trials if r.retries]
         if self.best is not None:
             lines.append(f"selected on validation: trial {self.best.trial_id} {self.metric}={self.best.value:.4f}, "
                          f"policy {self.best.metrics.get('policy', '?')}; config -> {self.best_config_path}")
@@ -250,7 +256,9 @@ class TuneSummary:
         return buf.getvalue()
 
 
-def _records(results, objectives: list[str], param_keys: list[str]) -> list[TrialRecord]:
+def _records(results, objectives: list[str], param_keys: list[str],
+             retries: dict[str, tuple[int, str | None]] | None = None) -> list[TrialRecord]:
+    """One record per Tune result; ``retries``: trial id -> (times retried after a failure, that failure's line)."""
     recs = []
     for r in results:
         name = Path(str(r.path)).name
@@ -267,7 +275,9 @@ def _records(results, objectives: list[str], param_keys: list[str]) -> list[Tria
         ok = status != "ERROR" and all(finite_scalar(v) for v in vals)
         val = float(vals[0]) if status != "ERROR" and finite_scalar(vals[0]) else None
         params = {k: (r.config or {}).get(k) for k in param_keys}
-        recs.append(TrialRecord(idx, tid, status, params, val, metrics, err, [float(v) for v in vals] if ok else None))
+        n, why = (retries or {}).get(tid, (0, None))
+        recs.append(TrialRecord(idx, tid, status, params, val, metrics, err, [float(v) for v in vals] if ok else None,
+                                n, why))
     return sorted(recs, key=lambda x: (x.index, x.trial_id))
 
 
