@@ -43,7 +43,20 @@ def check_name(kind: str, value: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # every float finite
+
+
+# Upper bounds of the numeric fields: far above any recipe (VPT's lr grid tops out at 50, batch 128, 100 epochs),
+# low enough that a typo (``lr=1e30``, ``batch_size=1e9``) fails validation instead of training to NaN or OOM.
+MAX_LR = 1e3  # SGD base lr (x batch/256) and the unrolled step
+MAX_ARCH_LR = 10.0  # Adam on alpha moves each logit by about lr per step; beyond ~10 softmax is one-hot at once
+MAX_WEIGHT_DECAY = 1.0
+MAX_EPOCHS = 100_000
+MAX_BATCH = 1_048_576
+MAX_TAU = 1e3
+MIN_TAU = 1e-3  # far below GDAS's 0.1; smaller only makes softmax(alpha / tau) one-hot, without a gradient
+MAX_PROMPT_LENGTH = 1024
+MAX_LOSS_WEIGHT = 1e3  # entropy, cost, Koopman and Lyapunov weights
 
 
 class BackboneConfig(_Strict):
@@ -56,6 +69,8 @@ class BackboneConfig(_Strict):
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     checkpoint_num_classes: int | None = None  # classes of the head stored in ``checkpoint`` (dropped)
+    resample: bool = False  # let a checkpoint of another image or patch size be resampled to the config's;
+    # False: such a checkpoint is refused (timm would interpolate its position/patch embeddings silently)
 
 
 # The embedded offline default (used only when a config has no ``backbone`` section): a 4-block random-init
@@ -71,12 +86,15 @@ class DataConfig(_Strict):
     kind: Literal["vtab", "fgvc", "hta", "imagefolder", "synthetic"] = "synthetic"
     root: str | None = None
     task: str | None = None
-    batch_size: int = Field(64, ge=1)
-    eval_batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    eval_batch_size: int = Field(256, ge=1, le=MAX_BATCH)
     augment: bool | None = None  # None: FGVC-style crop+flip for fgvc/hta, none for vtab (VPT recipe)
     resident: bool = True  # decode once and keep uint8 tensors on the training device
-    synthetic_classes: int = Field(4, ge=2)
-    synthetic_per_class: int = Field(64, ge=4)
+    synthetic_classes: int = Field(4, ge=2, le=10_000)
+    synthetic_per_class: int = Field(64, ge=4, le=1_000_000)
+    split_seed: int = Field(0, ge=0)  # draws the splits pfnas makes (flat ImageFolder 70/10/20, HTA/ImageFolder
+    # train/val) and the synthetic images: fixed for a whole study, never the training seed, so finals of
+    # several seeds train and test on the same images
 
     @model_validator(mode="after")
     def _root_needed(self) -> "DataConfig":
@@ -93,9 +111,9 @@ class DataConfig(_Strict):
 class PromptConfig(_Strict):
     """Per-layer prompts and the candidate fusion operators."""
 
-    length: int = Field(10, ge=1)
+    length: int = Field(10, ge=1, le=MAX_PROMPT_LENGTH)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    fusion_dim: int = Field(8, ge=1)  # reduced dim of the affine / cross_attn projections
+    fusion_dim: int = Field(8, ge=1, le=65_536)  # reduced dim of the affine / cross_attn projections
     ops: list[str] = Field(default_factory=lambda: list(OPS))
 
     @field_validator("ops")
@@ -112,48 +130,56 @@ class PromptConfig(_Strict):
 class OptimConfig(_Strict):
     """SGD recipe for prompts + head (VPT: momentum 0.9, cosine decay, linear warmup)."""
 
-    lr: float = Field(0.5, gt=0)  # base lr for batch 256, scaled by batch_size/256
-    weight_decay: float = Field(1e-4, ge=0)
+    lr: float = Field(0.5, gt=0, le=MAX_LR)  # base lr for batch 256, scaled by batch_size/256
+    weight_decay: float = Field(1e-4, ge=0, le=MAX_WEIGHT_DECAY)
     momentum: float = Field(0.9, ge=0, lt=1)
-    warmup_epochs: int = Field(1, ge=0)
-    grad_clip: float | None = 5.0
+    warmup_epochs: int = Field(1, ge=0, le=MAX_EPOCHS)
+    grad_clip: float | None = Field(5.0, ge=0)  # max gradient norm; 0 or None: no clipping
 
 
 class TemperatureConfig(_Strict):
-    start: float = Field(1.0, gt=0)
-    end: float = Field(1.0, gt=0)
+    start: float = Field(1.0, ge=MIN_TAU, le=MAX_TAU)
+    end: float = Field(1.0, ge=MIN_TAU, le=MAX_TAU)
     schedule: Literal["constant", "linear", "cosine", "exponential"] = "constant"
 
 
 class SearchConfig(_Strict):
     """Bilevel DARTS/GDAS search over the per-layer fusion operators."""
 
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, le=MAX_EPOCHS)
     mode: Literal["softmax", "gumbel", "sigmoid"] = "softmax"  # sigmoid: independent gates on each op's change
     order: Literal[1, 2] = 1
-    arch_lr: float = Field(3e-4, gt=0)
+    arch_lr: float = Field(3e-4, gt=0, le=MAX_ARCH_LR)
     arch_betas: tuple[float, float] = (0.5, 0.999)
-    arch_weight_decay: float = Field(1e-3, ge=0)
+    arch_weight_decay: float = Field(1e-3, ge=0, le=MAX_WEIGHT_DECAY)
     arch_warmup_epochs: int = Field(0, ge=0)  # epochs of weight-only training before alpha moves
     warmup_paths: Literal["mixture", "fair"] = "mixture"  # warm-up trains the uniform mixture, or one op per layer
     # per step, each op once in every n_ops steps (strict fairness, as FairNAS), as a standalone path
     arch_every: int | None = Field(None, ge=1)  # weight steps per arch step; None: |train| // |val|,
     # so one epoch uses the val split once (VTAB-1k: every 4th step, search cost ~1.25x VPT-deep)
-    arch_batch_size: int | None = Field(None, ge=1)  # val images per alpha step; None: data.batch_size.
+    arch_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)  # val images per alpha step; None: batch_size.
     # (larger: less batch noise; on the proxy 200 = all of val200 did not make alpha decisive, README)
-    unrolled_lr: float | None = None  # xi of the second-order step; None: current prompt lr
-    entropy_weight: float = 0.0  # >0 pushes alpha to be decisive, <0 keeps it spread
+    unrolled_lr: float | None = Field(None, gt=0, le=MAX_LR)  # xi of the second-order step; None: current prompt lr
+    entropy_weight: float = Field(0.0, ge=-MAX_LOSS_WEIGHT, le=MAX_LOSS_WEIGHT)  # >0: alpha decisive, <0: spread
     centered: bool = False  # gumbel: alpha's gradient from the op's change to the block, not the whole stream
     per_op_prompts: bool = False  # supernet: each candidate op trains its own prompts (False: one set shared)
     select: Literal["argmax", "perturb", "parsimony"] = "argmax"  # perturb: per-layer val accuracy of each pinned
     # op; parsimony: per-layer val loss of each pinned op, the cheapest op within select_z paired SEs of the best
-    select_z: float = Field(2.0, ge=0)
+    select_z: float = Field(2.0, ge=0, le=100)
     select_prefer: str | None = None  # parsimony: the op kept where it ties (e.g. the val-best single op), then
     # the cheapest; None: the cheapest
-    cost_weight: float = Field(0.0, ge=0)  # lambda of the resource-aware arch loss: + lambda * E_alpha[cost]
+    cost_weight: float = Field(0.0, ge=0, le=MAX_LOSS_WEIGHT)  # lambda of the resource-aware arch loss:
+    # + lambda * E_alpha[cost]
     cost: Literal["params", "latency"] = "params"  # per-op cost: deployed numbers, or measured step latency
     tau: TemperatureConfig = Field(default_factory=TemperatureConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+
+    @field_validator("arch_betas")
+    @classmethod
+    def _adam_betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"Adam betas must lie in [0, 1), got {list(v)}")
+        return v
 
     @model_validator(mode="after")
     def _fair_needs_warmup(self) -> "SearchConfig":
@@ -175,7 +201,7 @@ class TrainConfig(_Strict):
     ``test`` once, after the last epoch. A per-epoch test curve is opt-in (``test_every``), for plots only.
     """
 
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, le=MAX_EPOCHS)
     stage: Literal["final", "select"] = "final"
     eval_every: int = Field(1, ge=1)  # select stage: val evaluation every N epochs (and after the last)
     test_every: int | None = Field(None, ge=1)  # final stage: opt-in test curve every N epochs (never selects)
@@ -187,12 +213,12 @@ class PAEConfig(_Strict):
 
     enabled: bool = False
     freq_init: bool = True
-    n_bands: int = Field(8, ge=1)  # sliding radial band masks scored on the centred FFT
+    n_bands: int = Field(8, ge=1, le=1024)  # sliding radial band masks scored on the centred FFT
     band_width: float = Field(0.25, gt=0, le=1)  # as a fraction of the max radius
-    score_batch: int = Field(64, ge=1)
-    koopman_weight: float = Field(0.1, ge=0)
-    lyapunov_weight: float = Field(0.01, ge=0)
-    latent_dim: int = Field(32, ge=1)
+    score_batch: int = Field(64, ge=1, le=MAX_BATCH)
+    koopman_weight: float = Field(0.1, ge=0, le=MAX_LOSS_WEIGHT)
+    lyapunov_weight: float = Field(0.01, ge=0, le=MAX_LOSS_WEIGHT)
+    latent_dim: int = Field(32, ge=1, le=65_536)
 
 
 class MethodConfig(_Strict):

@@ -49,16 +49,69 @@ def _checkpoint_head_classes(path: Path) -> int | None:
         raise ModelError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
 
 
-def _load_checkpoint_strict(model: nn.Module, path: Path, name: str) -> None:
-    """Load every backbone weight of ``path`` into ``model``; keys and shapes must match, ``head.*`` is ignored."""
+# names of the patch-embedding kernel and the position embedding in timm, DINOv2/OpenCLIP (prefixed), CLIP and
+# big_vision (.npz) checkpoints
+_PATCH_KEYS = ("patch_embed.proj.weight", "conv1.weight", "embedding/kernel")
+_POS_KEYS = ("pos_embed", "positional_embedding", "posembed_input/pos_embedding")
+
+
+def _named(keys: Iterable[str], names: tuple[str, ...]) -> str | None:
+    """The first of ``keys`` that is one of ``names`` or ends in ``.name`` / ``/name``."""
+    return next((k for k in keys if any(k == n or k.endswith(("." + n, "/" + n)) for n in names)), None)
+
+
+def _geometry(model: nn.Module, kernel: tuple[int, ...], tokens: int | None) -> str:
+    """``32 px, patch 4`` for a patch kernel and a count of position tokens, as ``model`` lays them out."""
+    grid_tokens = (tokens or 0) - (0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens)
+    side = math.isqrt(max(grid_tokens, 0))
+    patch = "x".join(str(k) for k in kernel) if len(set(kernel)) > 1 else str(kernel[0])
+    if tokens is None or side * side != grid_tokens or len(set(kernel)) > 1:
+        return f"patch {patch}" + (f" with {tokens} position tokens" if tokens is not None else "")
+    return f"{side * kernel[0]} px, patch {patch}"
+
+
+def _refuse_other_geometry(model: nn.Module, path: Path, shapes: dict[str, tuple[int, ...]], npz: bool) -> None:
+    """ModelError when the checkpoint's patch kernel or position embedding differs from ``model``'s: timm would
+    resample them to fit, which changes what the backbone computes (``backbone.resample: true`` allows it)."""
+    patch_key, pos_key = _named(shapes, _PATCH_KEYS), _named(shapes, _POS_KEYS)
+    if patch_key is None or len(shapes[patch_key]) != 4:
+        return  # not a ViT patch embedding: the strict key check reports it
+    kernel = tuple(shapes[patch_key][:2] if npz else shapes[patch_key][-2:])
+    tokens = shapes[pos_key][-2] if pos_key is not None and len(shapes[pos_key]) in (2, 3) else None
+    own_kernel = tuple(model.patch_embed.proj.weight.shape[-2:])
+    own_pos = getattr(model, "pos_embed", None)
+    own_tokens = int(own_pos.shape[1]) if own_pos is not None else None
+    if kernel != own_kernel or (tokens is not None and own_tokens is not None and tokens != own_tokens):
+        raise ModelError(f"checkpoint {path} is {_geometry(model, kernel, tokens)} but the config builds "
+                         f"{_geometry(model, own_kernel, own_tokens)}: match backbone.kwargs img_size/patch_size "
+                         "to the checkpoint, or set backbone.resample true to resample its embeddings")
+
+
+def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes of the patch kernel and position embedding of a big_vision ``.npz`` (only those arrays are read)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as z:
+        keys = [k for k in (_named(z.files, _PATCH_KEYS), _named(z.files, _POS_KEYS)) if k is not None]
+        return {k: tuple(z[k].shape) for k in keys}
+
+
+def _load_checkpoint_strict(model: nn.Module, path: Path, name: str, resample: bool = False) -> None:
+    """Load every backbone weight of ``path`` into ``model``; keys and shapes must match, ``head.*`` is ignored.
+    A checkpoint of another image or patch size is refused unless ``resample`` (timm then resamples it)."""
     import sys
 
     from timm.models import load_state_dict
 
     if path.suffix.lower() in (".npz", ".npy"):  # JAX/big_vision weights: timm's own ViT converter
+        if not resample and path.suffix.lower() == ".npz":
+            _refuse_other_geometry(model, path, _npz_shapes(path), npz=True)
         model.load_pretrained(str(path))
         return
     sd = {k: v for k, v in load_state_dict(str(path)).items() if not k.startswith("head.")}
+    if not resample:
+        _refuse_other_geometry(model, path, {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")},
+                               npz=False)
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:  # timm-format conversions (pos_embed resampling, old key names)
         try:
@@ -104,7 +157,7 @@ def load_backbone(cfg: BackboneConfig) -> nn.Module:
     try:
         model = timm.create_model(cfg.name, pretrained=pretrained, num_classes=0, **kwargs)
         if cfg.checkpoint:
-            _load_checkpoint_strict(model, path, cfg.name)
+            _load_checkpoint_strict(model, path, cfg.name, cfg.resample)
     except PfnasError:
         raise
     except (RuntimeError, OSError, ValueError, TypeError) as e:

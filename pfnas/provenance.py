@@ -78,15 +78,16 @@ def dataset_info(cfg: ExperimentConfig, data: Any) -> dict[str, Any]:
     """Name, source, split sizes, class count and digest of a decoded task (``pfnas.data.TaskData``).
 
     The digest hashes what defines the data (kind, root, task, image size, for synthetic and ImageFolder sets the
-    seed that draws them) and every split's labels: cheap (no image bytes), and it changes when a split changes.
+    ``data.split_seed`` that draws them, never the training seed) and every split's labels: cheap (no image bytes),
+    and it changes when a split changes.
     """
     d = cfg.data
     ident = {"kind": d.kind, "root": str(Path(d.root).expanduser().resolve()) if d.root else None, "task": d.task,
              "img_size": int(data.img_size), "num_classes": int(data.num_classes)}
     if d.kind == "synthetic":
-        ident.update(classes=d.synthetic_classes, per_class=d.synthetic_per_class, seed=cfg.seed)
-    elif d.kind == "imagefolder":
-        ident["seed"] = cfg.seed
+        ident.update(classes=d.synthetic_classes, per_class=d.synthetic_per_class, seed=d.split_seed)
+    elif d.kind in ("imagefolder", "hta"):  # HTA draws its train/val split too
+        ident["seed"] = d.split_seed
     h = hashlib.sha256(json.dumps(ident, sort_keys=True).encode())
     splits = {}
     for name in sorted(data.splits):

@@ -25,6 +25,10 @@ VTAB_PROXY = SHARED / "data" / "vtab-proxy"
 
 TINY_BACKBONE = {"name": "vit_tiny_patch16_224", "pretrained": False,
                  "kwargs": {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2}}
+# A backbone whose forward overflows (LayerScale 1e30): every loss is non-finite from the first step. Learning
+# rates are bounded (config.MAX_LR), so an absurd lr no longer makes a run diverge.
+OVERFLOW = 1.0e30
+DIVERGING_BACKBONE = {**TINY_BACKBONE, "kwargs": {**TINY_BACKBONE["kwargs"], "init_values": OVERFLOW}}
 
 
 def tiny_config(**sections):

@@ -170,8 +170,8 @@ def test_fgvc_eval_preprocessing_matches_torchvision(tmp_path: Path) -> None:
 
 def test_imagefolder_flat_split_70_10_20_deterministic(tmp_path: Path) -> None:
     image_folder(tmp_path / "flat")
-    cfg = DataConfig(kind="imagefolder", root=str(tmp_path / "flat"))
-    d = D.load_task(cfg, img_size=8, mean=MEAN, std=STD, seed=3)
+    cfg = DataConfig(kind="imagefolder", root=str(tmp_path / "flat"), split_seed=3)
+    d = D.load_task(cfg, img_size=8, mean=MEAN, std=STD)
     assert d.classes == ["class_0", "class_1", "class_2"] and d.num_classes == 3
     assert {s: d.num_images(s) for s in D.SPLITS} == {"train": 21, "val": 3, "trainval": 24, "test": 6}
     for s in D.SPLITS:  # class c has red value 50*c
@@ -181,8 +181,8 @@ def test_imagefolder_flat_split_70_10_20_deterministic(tmp_path: Path) -> None:
         im = t.splits[split].images
         return sorted(zip(im[:, 0, 0, 0].tolist(), im[:, 1, 0, 0].tolist()))
 
-    again = D.load_task(cfg, img_size=8, mean=MEAN, std=STD, seed=3)
-    other = D.load_task(cfg, img_size=8, mean=MEAN, std=STD, seed=4)
+    again = D.load_task(cfg, img_size=8, mean=MEAN, std=STD)
+    other = D.load_task(cfg.model_copy(update={"split_seed": 4}), img_size=8, mean=MEAN, std=STD)
     assert keys(d, "test") == keys(again, "test")
     assert keys(d, "test") != keys(other, "test")
     assert len(set(keys(d, "test") + keys(d, "trainval"))) == 30  # disjoint parts that cover every file
@@ -443,9 +443,9 @@ def test_synthetic_is_learnable_by_nearest_class_mean() -> None:
 
 
 def test_load_task_synthetic_defaults() -> None:
-    cfg = DataConfig(synthetic_classes=3, synthetic_per_class=10)
-    d = D.load_task(cfg, img_size=16, mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0), seed=5)
+    cfg = DataConfig(synthetic_classes=3, synthetic_per_class=10, split_seed=5)
+    d = D.load_task(cfg, img_size=16, mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0))
     assert d.num_classes == 3 and d.augment is False and d.img_size == 16 and d.mean == (0.1, 0.2, 0.3)
     assert d.num_images("trainval") == 30 and d.num_images("test") == 30
-    d2 = D.load_task(cfg.model_copy(update={"augment": True}), img_size=16, mean=MEAN, std=STD, seed=5)
+    d2 = D.load_task(cfg.model_copy(update={"augment": True}), img_size=16, mean=MEAN, std=STD)
     assert d2.augment is True and torch.equal(d2.splits["test"].images, d.splits["test"].images)

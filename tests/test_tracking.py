@@ -154,11 +154,12 @@ def test_cli_run_logs_a_diverged_run_as_failed(tmp_path, capsys):
     from pfnas.cli import main
 
     uri = f"sqlite:///{tmp_path}/m.db"
-    code = main(["run", "--set", "search.optim.lr=1e30", "--set", "search.epochs=1", "--set", "train.epochs=1",
+    code = main(["run", "--set", "backbone.kwargs.init_values=1.0e+30",  # LayerScale 1e30: every loss non-finite
+                 "--set", "search.epochs=1", "--set", "train.epochs=1",
                  "--tracking-uri", uri, "--experiment", "nan", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "non-finite loss" in err[0]
     client = make_client(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
     assert run.info.status == "FAILED" and "non-finite loss" in run.data.tags["pfnas.error"]
-    assert run.data.tags["pfnas.kind"] == "run" and run.data.params["search.optim.lr"] == "1e+30"
+    assert run.data.tags["pfnas.kind"] == "run" and run.data.params["backbone.kwargs.init_values"] == "1e+30"

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import PARAMS, REPO, MlflowServer, free_port, tiny_config, write_space
+from conftest import DIVERGING_BACKBONE, OVERFLOW, PARAMS, REPO, MlflowServer, free_port, tiny_config, write_space
 
 from pfnas.config import ConfigError, ExperimentConfig, PfnasError
 from pfnas.tracking import compare_runs, get_experiment_id, make_client
@@ -199,16 +199,16 @@ def test_diverging_trial_fails_alone(ray_session, tmp_path, tracking):
     """A NaN loss fails the same way on every try: the trial ends as an error once, without Ray's retries."""
     base = tiny_config().model_dump(mode="json")
     base["search"]["optim"]["grad_clip"] = None
+    key = "backbone.kwargs.init_values"  # LayerScale: OVERFLOW makes every loss non-finite, 1.0 and 0.5 train
     space = write_space(tmp_path, "nan", base=base, num_samples=3, max_failures=2, max_concurrent_trials=1,
-                        params={"search.optim.lr": {"type": "choice", "values": [1.0e30, 1.0, 2.0]}},
-                        points_to_evaluate=[{"search.optim.lr": 1.0e30}, {"search.optim.lr": 1.0},
-                                            {"search.optim.lr": 2.0}])
+                        params={key: {"type": "choice", "values": [OVERFLOW, 1.0, 0.5]}},
+                        points_to_evaluate=[{key: OVERFLOW}, {key: 1.0}, {key: 0.5}])
     uri = tracking
     s = run_tune(space, storage=str(tmp_path / "ray"), tracking_uri=uri).studies[0]
     assert [t.status for t in s.trials] == ["ERROR", "TERMINATED", "TERMINATED"]
     bad = s.trials[0]
-    assert bad.params["search.optim.lr"] == 1.0e30 and "non-finite loss" in bad.error
-    assert s.best is not None and s.best.params["search.optim.lr"] in (1.0, 2.0)
+    assert bad.params[key] == OVERFLOW and "non-finite loss" in bad.error
+    assert s.best is not None and s.best.params[key] in (1.0, 0.5)
     assert "1 errored" in str(s.__rich__().renderables[0].title)
     _, _, runs = trial_runs(uri, "nan")
     status = {r.data.tags["pfnas.trial_id"]: r.info.status for r in runs}
@@ -610,7 +610,7 @@ def test_cli_study_without_a_finished_trial_exits_2(ray_session, tmp_path, track
     from pfnas.cli import main
 
     base = tiny_config().model_dump(mode="json")
-    base["search"]["optim"].update(lr=1.0e30, grad_clip=None)
+    base["backbone"] = DIVERGING_BACKBONE
     space = write_space(tmp_path, "allfail", base=base, num_samples=1, params={
         "search.arch_lr": {"type": "choice", "values": [0.01]}})
     rc = main(["tune", "--space", str(space), "--storage", str(tmp_path / "ray"), "--tracking-uri", tracking])

@@ -56,20 +56,23 @@ def load_task(
     mean: Sequence[float],
     std: Sequence[float],
     device: str | torch.device = "cpu",
-    seed: int = 0,
 ) -> TaskData:
-    """Read (or generate) the task described by ``cfg``; decoded tensors go to ``device`` when ``cfg.resident``."""
+    """Read (or generate) the task described by ``cfg``; decoded tensors go to ``device`` when ``cfg.resident``.
+
+    The splits pfnas draws itself (and the synthetic images) come from ``cfg.split_seed``, never from a training
+    seed: runs that differ in their seed only train, validate and test on the same images.
+    """
     if int(img_size) < 1:
         raise DataError(f"img_size must be >= 1, got {img_size}")
     img_size = int(img_size)
     kind = cfg.kind
     augment = cfg.augment if cfg.augment is not None else kind in ("fgvc", "hta", "imagefolder")
     if kind == "synthetic":
-        data = synthetic_task(cfg.synthetic_classes, cfg.synthetic_per_class, img_size, seed, mean, std)
+        data = synthetic_task(cfg.synthetic_classes, cfg.synthetic_per_class, img_size, cfg.split_seed, mean, std)
         data.augment = augment
     else:
         d = _data_dir(cfg)
-        listing = list_task(kind, d, _Issues(strict=True), seed)  # _data_dir refused any kind without a reader
+        listing = list_task(kind, d, _Issues(strict=True), cfg.split_seed)  # _data_dir refused kinds without a reader
         views = (vtab_views if kind == "vtab" else fgvc_views)(img_size)
         data = _build_task(d.name, listing, views, img_size, mean, std, augment)
     return data.to(device) if cfg.resident else data

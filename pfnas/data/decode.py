@@ -27,6 +27,25 @@ class View:
 
 
 
+# 16-bit and 32-bit grey modes: ``convert("RGB")`` clips them at 255 (a 16-bit grey of 30000 becomes white)
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_MAX_16BIT = 65535.0
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB of any PIL image. 16-bit and 32-bit integer grey (``I;16*``, ``I``: how Pillow decodes 16-bit
+    PNG and TIFF) is scaled from 0..65535 to 0..255; float grey (``F``) from 0..1, or from 0..65535 when an
+    image holds values above 1. Values outside the range are clipped."""
+    if img.mode == "RGB":
+        return img
+    if img.mode not in _WIDE_MODES:
+        return img.convert("RGB")
+    a = np.asarray(img, dtype=np.float64)
+    top = 1.0 if img.mode == "F" and a.size and float(np.nanmax(a)) <= 1.0 else _MAX_16BIT
+    grey = np.rint(np.clip(np.nan_to_num(a) * (255.0 / top), 0, 255)).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
 def _resized(img: Image.Image, view: View) -> Image.Image:
     w, h = img.size
     if view.square:
@@ -63,7 +82,7 @@ def _decode_one(path: Path, targets: list[tuple[View, np.ndarray]]) -> None:
     try:
         with Image.open(path) as im:
             im.load()
-            img = im if im.mode == "RGB" else im.convert("RGB")
+            img = _to_rgb(im)
             cache: dict[tuple[int, bool], Image.Image] = {}
             for view, slot in targets:
                 key = (view.resize, view.square)
@@ -184,5 +203,5 @@ def decode_images(paths: Sequence[str | Path], view: View, workers: int | None =
 
 def render_image(img: Image.Image, view: View) -> torch.Tensor:
     """One decoded PIL image -> uint8 ``[3, crop, crop]``, the same resize and crop as :func:`decode_images`."""
-    img = img if img.mode == "RGB" else img.convert("RGB")
+    img = _to_rgb(img)
     return torch.from_numpy(_render(_resized(img, view), view)).permute(2, 0, 1).contiguous()

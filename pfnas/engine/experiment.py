@@ -143,7 +143,7 @@ class Experiment:
         if data is None:
             size, mean, std = backbone_input(backbone)
             data = load_task(cfg.data, img_size=size, mean=mean, std=std,
-                             device=device if cfg.data.resident else "cpu", seed=cfg.seed)
+                             device=device if cfg.data.resident else "cpu")
         return cls(cfg, backbone, data, device)
 
     def supernet(self, per_op_prompts: bool | None = None) -> PromptedViT:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from itertools import cycle
@@ -17,9 +18,11 @@ from ..config import ExperimentConfig, OptimConfig, PfnasError, RunFileError, Te
 from ..data import TaskData
 from ..model import PromptedViT
 from ..runtime import autocast, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..timing import steps_per_epoch
 from .costs import op_latency_table
 
 EpochCallback = Callable[[dict[str, Any]], None]
+log = logging.getLogger("pfnas.engine")
 
 # ----------------------------------------------------------------------------- helpers
 def temperature(cfg: TemperatureConfig, progress: float) -> float:
@@ -43,6 +46,21 @@ def lr_at(optim: OptimConfig, batch_size: int, step: int, steps_per_epoch: int, 
     if step < warm:
         return base * (step + 1) / warm
     return base * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+
+
+_CLAMP_WARNED: set[int] = set()  # requested batch sizes already warned about in this process
+
+
+def real_batch_size(requested: int, n_images: int, split: str) -> int:
+    """The images a training step holds: ``requested``, or the whole split when it has fewer (warned once per
+    process), so the lr scales by batch/256 with a batch that exists."""
+    if requested <= n_images or n_images < 1:
+        return requested
+    if requested not in _CLAMP_WARNED:
+        _CLAMP_WARNED.add(requested)
+        log.warning("data.batch_size %d exceeds the %d images of split %r: each step uses all %d, and the lr "
+                    "scales by %d/256", requested, n_images, split, n_images, n_images)
+    return n_images
 
 
 def eval_logits(model: nn.Module, data: TaskData, split: str, batch_size: int, device: torch.device,
@@ -94,9 +112,9 @@ class Phase:
         self.extra_loss = extra_loss  # PAE regulariser: module with .loss(model) and parameters
         self.epoch = 0
         self.step = 0
-        self.batch_size = cfg.data.batch_size
         n = data.num_images(train_split)
-        self.steps_per_epoch = max(n // self.batch_size, 1) if n >= self.batch_size else 1
+        self.batch_size = real_batch_size(cfg.data.batch_size, n, train_split)
+        self.steps_per_epoch = steps_per_epoch(n, self.batch_size)
         params = model.weight_parameters() + (list(extra_loss.parameters()) if extra_loss is not None else [])
         self.weights = params
         self.opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
@@ -319,8 +337,8 @@ class SearchPhase(Phase):
         n = correct = 0
         loss_sum = arch_loss_sum = 0.0
         arch_steps = 0
-        val_iter = cycle(list(self.data.batches("val", s.arch_batch_size or self.batch_size, shuffle=True,
-                                                generator=self.gen)))
+        val_batch = s.arch_batch_size or self.cfg.data.batch_size  # as baselines.search_cost counts it
+        val_iter = cycle(list(self.data.batches("val", val_batch, shuffle=True, generator=self.gen)))
         update_arch = self.epoch >= s.arch_warmup_epochs
         for i, (x, y) in enumerate(self._train_batches()):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -140,12 +140,13 @@ def _cached_experiment(cfg: ExperimentConfig):
     """Experiment for ``cfg``, reusing the backbone and decoded data of the previous trial in this process.
 
     Reused actors run many trials; rebuilding a hub ViT and re-decoding a data set for each is waste.
-    Random-init backbones depend on the seed, so the seed is part of their key.
+    Random-init backbones depend on the seed, so the seed is part of their key; the data depends on its own
+    ``data.split_seed`` only, so a study's finals (seeds) share one decoded task.
     """
     bb = cfg.backbone
     random_init = not (bb.pretrained or bb.checkpoint)
     bkey = json.dumps([bb.model_dump(mode="json"), cfg.seed if random_init else None, cfg.device], sort_keys=True)
-    dkey = json.dumps([bkey, cfg.data.model_dump(mode="json"), cfg.seed], sort_keys=True)
+    dkey = json.dumps([bkey, cfg.data.model_dump(mode="json")], sort_keys=True)
     backbone = _CACHE["backbone"][1] if _CACHE.get("backbone", ("",))[0] == bkey else None
     data = _CACHE["data"][1] if backbone is not None and _CACHE.get("data", ("",))[0] == dkey else None
     if backbone is None:
