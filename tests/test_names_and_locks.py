@@ -111,12 +111,12 @@ def test_a_finals_folder_pfnas_did_not_make_is_never_removed(tmp_path, tracking,
 def test_a_second_tune_of_a_running_study_is_refused(ray_session, tmp_path, tracking, capsys, monkeypatch):
     """While a study runs, ``pfnas tune`` of the same storage and name (with or without --resume) exits 2 naming the
     study and the holder, and leaves the running study alone; once it ended the name is free (and resumable)."""
-    from pfnas.tune import summary
+    from pfnas.tune import display
 
     storage = tmp_path / "ray"
     space = write_space(tmp_path, "held")
     args = ["tune", "--space", str(space), "--storage", str(storage), "--tracking-uri", tracking]
-    real, second = summary._Progress.on_step_end, []
+    real, second = display.Progress.on_step_end, []
 
     def during(self, iteration, trials, **info):  # a second pfnas tune, started while this study runs
         real(self, iteration, trials, **info)
@@ -124,14 +124,14 @@ def test_a_second_tune_of_a_running_study_is_refused(ray_session, tmp_path, trac
             second.append(cli(capsys, *args))
             second.append(cli(capsys, *args, "--resume"))
 
-    monkeypatch.setattr(summary._Progress, "on_step_end", during)
+    monkeypatch.setattr(display.Progress, "on_step_end", during)
     s = run_tune(space, storage=str(storage), tracking_uri=tracking).studies[0]
     assert len(second) == 2
     for rc, err in second:
         assert rc == 2
         one_error_line(err, f"study {storage / 'held'} is in use by another pfnas tune (pid {os.getpid()})")
     assert [t.status for t in s.trials] == ["TERMINATED"] and s.best is not None  # the first study is whole
-    monkeypatch.setattr(summary._Progress, "on_step_end", real)
+    monkeypatch.setattr(display.Progress, "on_step_end", real)
     rc, err = cli(capsys, *args)
     assert rc == 2
     one_error_line(err, "already exists; pass --resume")  # the lock is free again
@@ -175,11 +175,11 @@ def test_disk_full_writing_the_finals_is_one_line_and_a_failed_parent(ray_sessio
 def test_a_trial_retried_after_its_worker_died_is_counted(ray_session, tmp_path, tracking, monkeypatch):
     """A trial whose worker is killed (SIGKILL, as the OOM killer does) is retried from its checkpoint and finishes:
     the summary says "1 retried" and why, the MLflow parent carries n_retried / n_retries."""
-    from pfnas.tune import summary
+    from pfnas.tune import display
 
     base = tiny_config(search={"epochs": 4}, train={"epochs": 4}).model_dump(mode="json")
     space = write_space(tmp_path, "retry", base=base, max_failures=1)
-    real, killed = summary._Progress.on_step_end, []
+    real, killed = display.Progress.on_step_end, []
 
     def kill_once(self, iteration, trials, **info):
         real(self, iteration, trials, **info)
@@ -189,7 +189,7 @@ def test_a_trial_retried_after_its_worker_died_is_counted(ray_session, tmp_path,
                 killed.append(int(r["pid"]))
                 os.kill(killed[0], signal.SIGKILL)
 
-    monkeypatch.setattr(summary._Progress, "on_step_end", kill_once)
+    monkeypatch.setattr(display.Progress, "on_step_end", kill_once)
     s = run_tune(space, storage=str(tmp_path / "ray"), tracking_uri=tracking).studies[0]
     assert len(killed) == 1 and killed[0] != os.getpid()
     (trial,) = s.trials

@@ -17,7 +17,7 @@ from conftest import DIVERGING_BACKBONE, OVERFLOW, PARAMS, REPO, MlflowServer, f
 
 from pfnas.config import ConfigError, ExperimentConfig, PfnasError
 from pfnas.tracking import compare_runs, get_experiment_id, make_client
-from pfnas.tune import _CACHE, load_space, run_trial_method, run_tune
+from pfnas.tune import EXPERIMENT_CACHE, load_space, run_trial_method, run_tune
 
 def trial_runs(uri: str, experiment: str):
     client = make_client(uri)
@@ -159,34 +159,34 @@ def test_existing_study_needs_resume_and_resume_needs_a_study(study, tmp_path):
 
 
 def test_val_acc_ties_go_to_the_lower_val_loss_then_the_earliest_trial():
-    from pfnas.tune.summary import TrialRecord, _best
+    from pfnas.tune.select import TrialRecord, best_trial
 
     def rec(i, acc, loss=None, key="val_loss", status="TERMINATED"):
         return TrialRecord(i, f"t{i}", status, {}, acc, {} if loss is None else {key: loss})
 
     tied = [rec(1, 0.36, 1.74), rec(2, 0.30, 0.90), rec(3, 0.36, 1.59), rec(4, 0.36, 1.60)]
-    assert _best(tied, "max").trial_id == "t3"  # 0.30's lower loss does not outrank a higher accuracy
-    assert _best(tied[:3] + [rec(4, 0.365, 2.0)], "max").trial_id == "t4"
-    assert _best([rec(1, 0.36), rec(2, 0.36)], "max").trial_id == "t1"  # no loss: the earliest
-    assert _best([rec(1, 0.36), rec(2, 0.36, 1.5)], "max").trial_id == "t2"  # a measured loss beats none
+    assert best_trial(tied, "max").trial_id == "t3"  # 0.30's lower loss does not outrank a higher accuracy
+    assert best_trial(tied[:3] + [rec(4, 0.365, 2.0)], "max").trial_id == "t4"
+    assert best_trial([rec(1, 0.36), rec(2, 0.36)], "max").trial_id == "t1"  # no loss: the earliest
+    assert best_trial([rec(1, 0.36), rec(2, 0.36, 1.5)], "max").trial_id == "t2"  # a measured loss beats none
     # a study started before val_loss was reported: the last retrain epoch's val loss
-    assert _best([rec(1, 0.36, 1.7, "retrain/val_loss"), rec(2, 0.36, 1.6, "retrain/val_loss")], "max").trial_id == "t2"
-    assert _best([rec(1, 0.36, 1.6), rec(2, 0.36, float("nan"))], "max").trial_id == "t1"
-    assert _best(tied + [rec(5, 0.9, 0.1, status="STOPPED")], "max").trial_id == "t3"  # unfinished: not a candidate
+    assert best_trial([rec(1, 0.36, 1.7, "retrain/val_loss"), rec(2, 0.36, 1.6, "retrain/val_loss")], "max").trial_id == "t2"
+    assert best_trial([rec(1, 0.36, 1.6), rec(2, 0.36, float("nan"))], "max").trial_id == "t1"
+    assert best_trial(tied + [rec(5, 0.9, 0.1, status="STOPPED")], "max").trial_id == "t3"  # unfinished: not a candidate
     # another metric keeps the earliest of equal values (its ties are not about val200's coarse steps)
-    assert _best([rec(1, 0.5, 1.7), rec(2, 0.5, 1.6)], "max", metric="select_val_acc").trial_id == "t1"
-    assert _best([rec(1, 2.0, 1.7), rec(2, 1.0, 1.9)], "min", metric="infer_ms_per_image").trial_id == "t2"
+    assert best_trial([rec(1, 0.5, 1.7), rec(2, 0.5, 1.6)], "max", metric="select_val_acc").trial_id == "t1"
+    assert best_trial([rec(1, 2.0, 1.7), rec(2, 1.0, 1.9)], "min", metric="infer_ms_per_image").trial_id == "t2"
     # the summary says how a tie was decided
     import io
 
     from rich.console import Console
 
-    from pfnas.tune.summary import StudySummary
+    from pfnas.tune.display import StudySummary
 
     def shown(trials):
         buf = io.StringIO()
         Console(file=buf, width=160, color_system=None).print(
-            StudySummary("s", "val_acc", "max", [], trials, _best(trials, "max"), None, "", "", "", None))
+            StudySummary("s", "val_acc", "max", [], trials, best_trial(trials, "max"), None, "", "", "", None))
         return buf.getvalue()
 
     assert "tied on val_acc with trial t1, t4: the lowest val_loss decided (1.5900)" in shown(tied)
@@ -238,9 +238,9 @@ def test_a_study_continues_when_rays_own_loop_stops(ray_session, tmp_path, track
     import logging
 
     from pfnas.tune import study as st
-    from pfnas.tune import summary
+    from pfnas.tune import display
 
-    real, stops = summary._Progress.on_step_end, []
+    real, stops = display.Progress.on_step_end, []
 
     def stop(self, iteration, trials, **info):  # once a trial has finished, Ray's loop stops (as Tune's own would)
         real(self, iteration, trials, **info)
@@ -249,7 +249,7 @@ def test_a_study_continues_when_rays_own_loop_stops(ray_session, tmp_path, track
             raise RuntimeError("Caught unexpected exception: 1 worker(s) were killed due to the node running low "
                                "on memory.")
 
-    monkeypatch.setattr(summary._Progress, "on_step_end", stop)
+    monkeypatch.setattr(display.Progress, "on_step_end", stop)
     monkeypatch.setattr(st, "RAY_RESTART_WAIT_S", 0.0)
     stops_wanted = 1
     space = write_space(tmp_path, "raystop", num_samples=2, final={"seeds": 1})
@@ -588,7 +588,7 @@ def test_cli_missing_data_root_exits_2_before_ray(tmp_path):
 def test_cluster_study_checks_data_paths_on_the_nodes(ray_session, tmp_path, tracking):
     """With --address the data pre-flight runs on every Ray node (as a task there), before any trial."""
     from pfnas.config import DataError
-    from pfnas.tune.study import check_data_on_nodes
+    from pfnas.tune.cluster import check_data_on_nodes
 
     base = tiny_config().model_dump(mode="json")
     base["data"].update(kind="vtab", root=str(tmp_path / "nope"), task="toy")
@@ -634,16 +634,16 @@ def one_thread():
 
 def test_cached_experiment_matches_fresh_build(tmp_path, one_thread):
     cfg = tiny_config(search={"epochs": 1}, train={"epochs": 1})
-    _CACHE.clear()
+    EXPERIMENT_CACHE.clear()
     fresh = run_trial_method(cfg, tmp_path / "a")
-    backbone = _CACHE["backbone"][1]  # kept for the next trial in this process
+    backbone = EXPERIMENT_CACHE["backbone"][1]  # kept for the next trial in this process
     cached = run_trial_method(cfg, tmp_path / "b")
-    assert _CACHE["backbone"][1] is backbone
+    assert EXPERIMENT_CACHE["backbone"][1] is backbone
     losses = lambda r: [h["train_loss"] for h in r["search_history"] + r["retrain_history"]]
     assert losses(cached) == losses(fresh) and cached["test_acc"] == fresh["test_acc"] is not None
     assert cached["policy"] == fresh["policy"]
     other = run_trial_method(cfg.model_copy(update={"seed": 1}), tmp_path / "c")  # new seed: new random backbone
-    assert _CACHE["backbone"][1] is not backbone and losses(other) != losses(fresh)
+    assert EXPERIMENT_CACHE["backbone"][1] is not backbone and losses(other) != losses(fresh)
 
 
 def test_compare_on_empty_experiment_is_a_clear_error(tmp_path, tracking):

@@ -18,7 +18,7 @@ from pfnas.config import DataConfig, DataError
 from pfnas.data.check import DataReport, check_dataset
 from pfnas.data.decode import (
     View,
-    _build_task,
+    build_task,
     decode_images,
     eval_view,
     fgvc_views,
@@ -33,8 +33,8 @@ from pfnas.data.formats import (
     KINDS,
     VTAB_SPLIT_FILES,
     VTAB_TASKS,
-    _data_dir,
-    _Issues,
+    data_dir,
+    Issues,
     check_data_paths,
     fgvc_num_classes,
     list_task,
@@ -71,8 +71,8 @@ def load_task(
         data = synthetic_task(cfg.synthetic_classes, cfg.synthetic_per_class, img_size, cfg.split_seed, mean, std)
         data.augment = augment
     else:
-        d = _data_dir(cfg)
-        listing = list_task(kind, d, _Issues(strict=True), cfg.split_seed)  # _data_dir refused kinds without a reader
+        d = data_dir(cfg)
+        listing = list_task(kind, d, Issues(strict=True), cfg.split_seed)  # data_dir refused kinds without a reader
         views = (vtab_views if kind == "vtab" else fgvc_views)(img_size)
-        data = _build_task(d.name, listing, views, img_size, mean, std, augment)
+        data = build_task(d.name, listing, views, img_size, mean, std, augment)
     return data.to(device) if cfg.resident else data

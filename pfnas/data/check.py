@@ -9,15 +9,15 @@ from typing import Iterable
 from PIL import Image
 
 from pfnas.config import DataError
-from pfnas.data.decode import _workers
+from pfnas.data.decode import decode_workers
 from pfnas.data.formats import (
     FGVC_SPLIT_FILES,
     KINDS,
     VTAB_SPLIT_FILES,
-    _is_image,
-    _Issues,
-    _Listing,
-    _subdirs,
+    is_image,
+    Issues,
+    Listing,
+    subdirs,
     list_task,
 )
 from pfnas.data.task import SPLITS
@@ -77,7 +77,7 @@ def _detect_task(d: Path) -> str | None:
         return "imagefolder"
     try:
         subs = [p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        if subs and any(_is_image(f) for s in subs for f in s.iterdir()):
+        if subs and any(is_image(f) for s in subs for f in s.iterdir()):
             return "imagefolder"
     except OSError:
         return None
@@ -98,13 +98,13 @@ def _verify_one(path: Path) -> str | None:
 
 def _verify(paths: Iterable[Path]) -> dict[Path, str]:
     paths = list(paths)
-    with ThreadPoolExecutor(max_workers=_workers()) as ex:
+    with ThreadPoolExecutor(max_workers=decode_workers()) as ex:
         errors = list(ex.map(_verify_one, paths, chunksize=32))
     return {p: e for p, e in zip(paths, errors) if e is not None}
 
 
 
-def _check_one(kind: str, d: Path, issues: _Issues, seed: int = 0) -> _Listing:
+def _check_one(kind: str, d: Path, issues: Issues, seed: int = 0) -> Listing:
     listing = list_task(kind, d, issues, seed)
     existing = {p for entries in listing.splits.values() for p, _ in entries if p.is_file()}
     for p, err in sorted(_verify(existing).items()):
@@ -113,7 +113,7 @@ def _check_one(kind: str, d: Path, issues: _Issues, seed: int = 0) -> _Listing:
 
 
 
-def _single_report(kind: str, d: Path, issues: _Issues) -> DataReport:
+def _single_report(kind: str, d: Path, issues: Issues) -> DataReport:
     listing = _check_one(kind, d, issues)
     counts = {s: len(listing.splits[s]) for s in SPLITS if s in listing.splits}
     return DataReport(str(d), kind, listing.num_classes, counts, issues.broken, issues.problems, issues.warnings)
@@ -147,7 +147,7 @@ def _check(root: Path, kind: str | None, task: str | None) -> DataReport:
     if task:
         base = root / task
         if not base.is_dir():
-            msg = f"task directory not found: {base} (available: {', '.join(_subdirs(root)[:20])})"
+            msg = f"task directory not found: {base} (available: {', '.join(subdirs(root)[:20])})"
             return DataReport(str(base), kind or "unknown", 0, {}, [], [msg])
     here = _detect_task(base)
     if kind is None:
@@ -158,12 +158,12 @@ def _check(root: Path, kind: str | None, task: str | None) -> DataReport:
         single = "imagefolder"
     else:
         single = kind if here == kind else None
-    issues = _Issues(strict=False)
+    issues = Issues(strict=False)
     if single is not None:
         return _single_report(single, base, issues)
     # A root of several tasks: detect each sub folder.
     task_kinds: dict[str, str] = {}
-    for name in _subdirs(base):
+    for name in subdirs(base):
         k = _detect_task(base / name)
         if k == "imagefolder" and (base / name / "train").is_dir():
             k = "hta"

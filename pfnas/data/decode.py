@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from pfnas.config import DataError
-from pfnas.data.formats import _Listing
-from pfnas.data.task import SPLITS, Split, TaskData, _triple
+from pfnas.data.formats import Listing
+from pfnas.data.task import SPLITS, Split, TaskData, as_triple
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def _render(img: Image.Image, view: View) -> np.ndarray:
 
 
 
-def _workers() -> int:
+def decode_workers() -> int:
     """Decode threads: one per usable core (PIL releases the GIL while decoding and resizing)."""
     try:
         cores = len(os.sched_getaffinity(0))
@@ -121,7 +121,7 @@ def _decode_splits(
                 dst_idx.append(i)
                 src_idx.append(src[1])
     job_list = list(jobs.items())
-    n_workers = workers or _workers()
+    n_workers = workers or decode_workers()
     chunk = max(1, min(256, math.ceil(len(job_list) / (4 * n_workers))))
     chunks = [job_list[i : i + chunk] for i in range(0, len(job_list), chunk)]
     if n_workers == 1 or len(chunks) <= 1:
@@ -146,9 +146,9 @@ def _decode_splits(
 
 
 
-def _build_task(
+def build_task(
     name: str,
-    listing: _Listing,
+    listing: Listing,
     views: dict[str, View],
     img_size: int,
     mean: Sequence[float],
@@ -165,8 +165,8 @@ def _build_task(
         num_classes=listing.num_classes,
         splits=splits,
         img_size=img_size,
-        mean=_triple(mean, "mean"),
-        std=_triple(std, "std"),
+        mean=as_triple(mean, "mean"),
+        std=as_triple(std, "std"),
         augment=augment,
         classes=listing.classes,
     )

@@ -1,7 +1,7 @@
 """On-disk layouts: VTAB-1k txt splits, FGVC json splits, HTA and generic ImageFolder class folders.
 
-Each reader turns a task folder into a :class:`_Listing` (image paths and labels per split) and reports
-what is wrong through :class:`_Issues`, which raises at the first problem when a task is loaded and
+Each reader turns a task folder into a :class:`Listing` (image paths and labels per split) and reports
+what is wrong through :class:`Issues`, which raises at the first problem when a task is loaded and
 collects every problem for ``pfnas data check``. No image is decoded here.
 """
 from __future__ import annotations
@@ -95,7 +95,7 @@ def fgvc_num_classes(task: str) -> int | None:
 # --------------------------------------------------------------------------------------------
 
 
-class _Issues:
+class Issues:
     """Raise :class:`DataError` at the first issue (``strict``) or collect them for a report."""
 
     def __init__(self, strict: bool):
@@ -120,7 +120,7 @@ class _Issues:
 
 
 @dataclass
-class _Listing:
+class Listing:
     """Image paths and labels per split, before decoding."""
 
     splits: dict[str, list[tuple[Path, int]]]
@@ -145,7 +145,7 @@ def _as_int(value: object) -> int | None:
 
 
 
-def _check_exists(listing: dict[str, list[tuple[Path, int]]], source: dict[str, str], issues: _Issues) -> None:
+def _check_exists(listing: dict[str, list[tuple[Path, int]]], source: dict[str, str], issues: Issues) -> None:
     seen: set[Path] = set()
     for split, entries in listing.items():
         for p, _ in entries:
@@ -164,7 +164,7 @@ _DISJOINT = (("train", "val", "every choice made on val would score images the m
              ("trainval", "test", "the test score would count images the finals train on"))
 
 
-def _check_disjoint(listing: dict[str, list[tuple[Path, int]]], source: dict[str, str], issues: _Issues) -> None:
+def _check_disjoint(listing: dict[str, list[tuple[Path, int]]], source: dict[str, str], issues: Issues) -> None:
     """Train, val and test name distinct files (``./a.png``, ``a.png`` and a link to it are one file); a shared one
     is a problem."""
     files = {s: {os.path.realpath(p) for p, _ in entries} for s, entries in listing.items()}
@@ -186,7 +186,7 @@ def _num_classes(splits: dict[str, list[tuple[Path, int]]]) -> int:
 
 
 
-def _check_labels(where: object, splits: dict[str, list[tuple[Path, int]]], num_classes: int, issues: _Issues,
+def _check_labels(where: object, splits: dict[str, list[tuple[Path, int]]], num_classes: int, issues: Issues,
                   names: Sequence[str] | None = None, unseen_ok: bool = False) -> None:
     """Any task: at least two classes, every label 0..num_classes-1 used, every val/test class seen in train.
 
@@ -220,7 +220,7 @@ def _check_labels(where: object, splits: dict[str, list[tuple[Path, int]]], num_
 # --------------------------------------------------------------------------------------------
 
 
-def _list_vtab(task_dir: Path, issues: _Issues) -> _Listing:
+def _list_vtab(task_dir: Path, issues: Issues) -> Listing:
     splits: dict[str, list[tuple[Path, int]]] = {}
     for split, fname in VTAB_SPLIT_FILES.items():
         f = task_dir / fname
@@ -265,7 +265,7 @@ def _list_vtab(task_dir: Path, issues: _Issues) -> _Listing:
     source = {k: str(task_dir / v) for k, v in VTAB_SPLIT_FILES.items()}
     _check_disjoint(splits, source, issues)
     _check_exists(splits, source, issues)
-    return _Listing(splits, num_classes)
+    return Listing(splits, num_classes)
 
 
 
@@ -279,7 +279,7 @@ def _fgvc_image_root(task_dir: Path, keys: Sequence[str]) -> Path:
 
 
 
-def _list_fgvc(task_dir: Path, issues: _Issues) -> _Listing:
+def _list_fgvc(task_dir: Path, issues: Issues) -> Listing:
     raw: dict[str, list[tuple[str, int]]] = {}
     for split, fname in FGVC_SPLIT_FILES.items():
         f = task_dir / fname
@@ -318,11 +318,11 @@ def _list_fgvc(task_dir: Path, issues: _Issues) -> _Listing:
     source = {k: str(task_dir / v) for k, v in FGVC_SPLIT_FILES.items()}
     _check_disjoint(splits, source, issues)
     _check_exists(splits, source, issues)
-    return _Listing(splits, len(values))
+    return Listing(splits, len(values))
 
 
 
-def _is_image(p: Path) -> bool:
+def is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
 
 
@@ -338,7 +338,7 @@ def _scan_classes(split_dir: Path) -> dict[str, list[Path]]:
         files: list[Path] = []
         for cur, dirs, names in os.walk(d, followlinks=True):
             dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-            files.extend(Path(cur) / n for n in sorted(names) if _is_image(Path(n)))
+            files.extend(Path(cur) / n for n in sorted(names) if is_image(Path(n)))
         out[d.name] = files
     return out
 
@@ -366,14 +366,14 @@ def _stratified(per_class: list[list[Path]], fractions: Sequence[float], seed: i
 
 
 
-def _list_imagefolder(root: Path, issues: _Issues, seed: int, require_splits: bool = False) -> _Listing:
+def _list_imagefolder(root: Path, issues: Issues, seed: int, require_splits: bool = False) -> Listing:
     split_dirs = {s: root / s for s in ("train", "val", "test")}
     if require_splits or any(d.is_dir() for d in split_dirs.values()):
         for s in ("train", "test"):
             if not split_dirs[s].is_dir():
                 issues.problem(f"missing split folder {split_dirs[s]}")
         if not split_dirs["train"].is_dir():
-            return _Listing({}, 0, [])
+            return Listing({}, 0, [])
         train = _scan_classes(split_dirs["train"])
         classes = sorted(train)
         if not classes:
@@ -409,10 +409,10 @@ def _list_imagefolder(root: Path, issues: _Issues, seed: int, require_splits: bo
     _check_labels(root, splits, len(classes), issues, names=classes)
     splits["trainval"] = splits.get("train", []) + splits.get("val", [])
     _check_disjoint(splits, {s: str(split_dirs[s]) for s in ("train", "val", "test") if split_dirs[s].is_dir()}, issues)
-    return _Listing({s: splits[s] for s in SPLITS if s in splits}, len(classes), classes)
+    return Listing({s: splits[s] for s in SPLITS if s in splits}, len(classes), classes)
 
 
-def list_task(kind: str, task_dir: Path, issues: _Issues, seed: int = 0) -> _Listing:
+def list_task(kind: str, task_dir: Path, issues: Issues, seed: int = 0) -> Listing:
     """The reader of ``kind`` (vtab, fgvc, hta or imagefolder) on one task folder; ``seed`` draws an
     ImageFolder's missing splits."""
     if kind == "vtab":
@@ -427,7 +427,7 @@ def list_task(kind: str, task_dir: Path, issues: _Issues, seed: int = 0) -> _Lis
 # --------------------------------------------------------------------------------------------
 
 
-def _subdirs(root: Path) -> list[str]:
+def subdirs(root: Path) -> list[str]:
     try:
         return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError as e:
@@ -437,10 +437,10 @@ def _subdirs(root: Path) -> list[str]:
 
 def _task_dir(root: Path, task: str | None, kind: str) -> Path:
     if not task:
-        raise DataError(f"data.task is required for data.kind={kind!r} (tasks under {root}: {_subdirs(root)})")
+        raise DataError(f"data.task is required for data.kind={kind!r} (tasks under {root}: {subdirs(root)})")
     d = root / task
     if not d.is_dir():
-        avail = _subdirs(root)
+        avail = subdirs(root)
         shown = ", ".join(avail[:20]) + (" ..." if len(avail) > 20 else "")
         raise DataError(f"task directory not found: {d} (available: {shown or 'none'})")
     return d
@@ -459,7 +459,7 @@ def _existing_root(root: str | Path | None) -> Path:
 
 
 
-def _data_dir(cfg: DataConfig) -> Path:
+def data_dir(cfg: DataConfig) -> Path:
     """The folder a file-backed task is read from: ``root/task`` (``root`` for a task-less ImageFolder)."""
     root = _existing_root(cfg.root)
     if cfg.kind == "imagefolder" and not cfg.task:
@@ -476,4 +476,4 @@ def check_data_paths(cfg: DataConfig) -> None:
     Reads no images; :func:`load_task` still checks everything. Used by drivers before they start workers.
     """
     if cfg.kind != "synthetic":
-        _data_dir(cfg)
+        data_dir(cfg)

@@ -135,7 +135,7 @@ def _random_crop_flip(x: torch.Tensor, size: int, generator: torch.Generator | N
 
 
 
-def _triple(v: Sequence[float], what: str) -> tuple[float, float, float]:
+def as_triple(v: Sequence[float], what: str) -> tuple[float, float, float]:
     t = tuple(float(x) for x in v)
     if len(t) != 3:
         raise DataError(f"{what} needs 3 values (RGB), got {len(t)}")
@@ -220,8 +220,8 @@ def synthetic_task(
         num_classes=num_classes,
         splits={s: splits[s] for s in SPLITS},
         img_size=img_size,
-        mean=_triple(mean, "mean"),
-        std=_triple(std, "std"),
+        mean=as_triple(mean, "mean"),
+        std=as_triple(std, "std"),
         augment=False,
         classes=[f"bar_{c * step:.0f}deg" for c in range(num_classes)],
     )

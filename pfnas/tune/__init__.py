@@ -23,11 +23,13 @@ from __future__ import annotations
 from ..tracking import reads_test
 from .space import FinalSpec, ParamSpec, SpaceConfig, StudyPlan, load_space
 from .study import PfnasOptunaSearch, run_tune
-from .summary import FinalsRecord, StudySummary, TrialRecord, TuneSummary
-from .trial import _CACHE, TrialContext, pfnas_trial, readable_name, run_trial_method  # noqa: F401 (_CACHE: tests)
+from .display import StudySummary, TuneSummary
+from .select import FinalsRecord, TrialRecord
+from .trial import EXPERIMENT_CACHE, TrialContext, pfnas_trial, readable_name, run_trial_method
 
 __all__ = [
     "FinalSpec",
+    "EXPERIMENT_CACHE",
     "FinalsRecord",
     "ParamSpec",
     "PfnasOptunaSearch",

@@ -10,40 +10,40 @@ import os
 import shutil
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import optuna
+import ray
 import yaml
+from mlflow.entities import Metric, Param
+from ray import tune
+from ray.tune import ExperimentAnalysis
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from ..config import ConfigError, DataError, ExperimentConfig, PfnasError, RunDirError, check_name, merge_dotted
+from ..config import ConfigError, ExperimentConfig, PfnasError, RunDirError, merge_dotted
 from ..data import check_data_paths
 from ..provenance import provenance_tags
 from ..tracking import (
     absolute_sqlite_url,
+    config_hash,
     finite_scalar,
     format_value,
     get_experiment_id,
     make_client,
+    pareto_figure,
     resolve_tracking_uri,
     sqlite_corruption,
     sqlite_store_lock,
 )
 from .space import SpaceConfig, StudyPlan, load_space
-from .summary import (
-    _DISPLAY,
-    FinalsRecord,
-    LiveTable,
-    StudySummary,
-    TrialRecord,
-    TuneSummary,
-    _best,
-    _front,
-    _Progress,
-    _records,
-)
-from .trial import TrialContext, _error_line, pfnas_trial, trial_dirname, trial_name
+from .cluster import Quiet, check_data_on_nodes, check_ray_address, check_trial_fits, data_configs
+from .display import DISPLAY, LiveTable, Progress, StudySummary, TuneSummary
+from .select import FinalsRecord, TrialRecord, best_trial, pareto_trials, records
+from .trial import TrialContext, error_line, pfnas_trial, trial_dirname, trial_name
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,6 @@ def _space_digest(space: SpaceConfig, plan: StudyPlan) -> str:
 def _parent_run(client, exp_id: str, plan: StudyPlan, space: SpaceConfig, space_path: Path,
                 previous: str | None) -> str:
     """Reopen the study's parent run on resume, else create it with the space as params."""
-    from mlflow.entities import Param
-
     if previous:
         try:
             client.update_run(previous, status="RUNNING")
@@ -149,7 +147,7 @@ def _parent_run(client, exp_id: str, plan: StudyPlan, space: SpaceConfig, space_
                 client.delete_tag(previous, "pfnas.error")
             return previous
         except Exception as e:  # noqa: BLE001 - e.g. another tracking store: start a new parent
-            log.warning("cannot reopen MLflow parent run %s (%s); starting a new one", previous, _error_line(e))
+            log.warning("cannot reopen MLflow parent run %s (%s); starting a new one", previous, error_line(e))
     tags = {"pfnas.kind": "study", "pfnas.study": plan.name, "pfnas.space": str(space_path),
             **provenance_tags("pfnas tune", "LOCAL", plan.base)}
     if plan.task:
@@ -191,7 +189,6 @@ def open_optuna_storage(url: str | None):
     one that is not a database is a PfnasError naming the cause."""
     if not url:
         return None
-    import optuna
 
     kw = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if url.startswith("sqlite:") else {}
     with sqlite_store_lock(url):
@@ -208,14 +205,13 @@ def _optuna_study_name(url: str, name: str) -> str:
     """``name``, or ``name-2``, ``name-3``... when the storage already holds a study of that name (a fresh study never
     continues another's sampler history). A storage that cannot be opened is a PfnasError (the study would lose
     the sampler history it was asked to keep)."""
-    import optuna
 
     try:
         taken = set(optuna.study.get_all_study_names(open_optuna_storage(url)))
     except PfnasError:
         raise
     except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver, a server that is down
-        raise PfnasError(f"cannot open Optuna storage {url}: {_error_line(e)}; pass --optuna-storage none to keep "
+        raise PfnasError(f"cannot open Optuna storage {url}: {error_line(e)}; pass --optuna-storage none to keep "
                          "the study in memory") from None
     k, out = 1, name
     while out in taken:
@@ -260,10 +256,10 @@ def _fit(tuner, what: str):
                          f"then {RESUME_HINT}") from None
     except Exception as e:  # noqa: BLE001 - Tune catches a trial's errors itself: this one stopped the whole run
         log.debug("Ray stopped %s", what, exc_info=True)
-        raise RayStopped(what, _error_line(e)) from None
+        raise RayStopped(what, error_line(e)) from None
     finally:
-        if _DISPLAY:
-            _DISPLAY[-1].close()
+        if DISPLAY:
+            DISPLAY[-1].close()
 
 
 def _tuner(plan: StudyPlan, space: SpaceConfig, trainable, storage: str, num_samples: int, *, verbose: bool = True,
@@ -272,10 +268,6 @@ def _tuner(plan: StudyPlan, space: SpaceConfig, trainable, storage: str, num_sam
 
     ``verbose`` keeps Ray's own per-trial output; otherwise Tune is silent and ``progress`` (a :class:`_Progress`
     callback) feeds pfnas's live table."""
-    import optuna
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     k = space.max_concurrent_trials
     sched = None
@@ -314,23 +306,57 @@ def _tuner(plan: StudyPlan, space: SpaceConfig, trainable, storage: str, num_sam
         run_config=run_config)
 
 
-def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage: str, tracking_uri: str,
-               mlflow_experiment: str, resume: bool, num_samples: int, verbose: bool = False,
-               optuna_storage: str | None = None) -> StudySummary:
-    from ray import tune
+@dataclass
+class StudyRun:
+    """One study while it runs: where Tune keeps it, whether it resumes, its MLflow parent and Optuna study, and the
+    trial context every trial gets."""
 
+    plan: StudyPlan
+    exp_path: str
+    state_path: Path | None  # the pfnas state file (local storage only)
+    restoring: bool
+    client: Any
+    exp_id: str
+    parent: str
+    optuna_study: str | None
+    ctx: TrialContext
+    resources: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def local(self) -> bool:
+        return self.state_path is not None
+
+
+@dataclass
+class StudyOutcome:
+    """What a study's trials decided: the records, the selected trial, the Pareto front and the per-group picks."""
+
+    recs: list[TrialRecord]
+    interrupted: bool
+    best: TrialRecord | None = None
+    front: list[TrialRecord] = field(default_factory=list)
+    groups: list[tuple[str, TrialRecord]] = field(default_factory=list)  # (label, pick): grid variants, front
+    best_cfg: dict[str, Any] | None = None
+    best_path: Path | None = None
+    finals: FinalsRecord | None = None
+    group_finals: list[FinalsRecord] = field(default_factory=list)
+
+
+def _open_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage: str, tracking_uri: str,
+                mlflow_experiment: str, resume: bool, optuna_storage: str | None) -> StudyRun:
+    """The study's Tune folder and state file, its MLflow parent run (the earlier one when resuming) and its Optuna
+    study in RDB storage."""
     exp_path = f"{storage.rstrip('/')}/{plan.name}"
-    local = "://" not in storage
-    state_path = Path(exp_path) / STATE_FILE if local else None
-    digest = _space_digest(space, plan)
+    state_path = Path(exp_path) / STATE_FILE if "://" not in storage else None
     previous: dict[str, Any] = {}
     if state_path is not None and state_path.is_file():
         previous = json.loads(state_path.read_text())
     restoring = resume and tune.Tuner.can_restore(exp_path)
     notes = []
-    if restoring and previous.get("digest") not in (None, digest):
+    if restoring and previous.get("digest") not in (None, _space_digest(space, plan)):
         notes.append("note: the space or base config changed since this study started; the stored "
-                      "search state (sampler, trial configs) continues, new base values apply to new trials")
+                     "search state (sampler, trial configs) continues, new base values apply to new trials")
     try:
         client = make_client(tracking_uri)
         exp_id = get_experiment_id(client, mlflow_experiment, tracking_uri)
@@ -352,121 +378,161 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
     except PfnasError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise PfnasError(f"cannot use MLflow at {tracking_uri}: {_error_line(e)}") from None
-    try:  # from here an error closes the parent run FAILED (--resume reopens it)
-        ctx = TrialContext(study=plan.name, base=plan.base.model_dump(mode="json"), tracking_uri=tracking_uri,
-                           experiment=mlflow_experiment, parent_run_id=parent, param_keys=plan.param_keys,
-                           variants=plan.variants, search_cache=f"{exp_path}/search-cache" if local else None)
-        resources = {"cpu": space.resources.cpu, **({"gpu": space.resources.gpu} if space.resources.gpu else {})}
-        trainable = tune.with_resources(tune.with_parameters(pfnas_trial, ctx=ctx), resources)
-        if state_path is not None:
-            _write_file(state_path, json.dumps({
-                "study": plan.name, "parent_run_id": parent, "tracking_uri": tracking_uri,
-                "mlflow_experiment": mlflow_experiment, "digest": digest, "space": str(space_path),
-                "optuna_storage": optuna_storage if optuna_study else None, "optuna_study": optuna_study}, indent=1),
-                then="rerun the command")
-        if restoring:  # the search state (OptunaSearch with its RDB study) comes back from Tune's experiment folder
-            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
-        else:
-            tuner = _tuner(plan, space, trainable, storage, num_samples, verbose=verbose,
-                           optuna_storage=optuna_storage if optuna_study else None, optuna_study=optuna_study,
-                           progress=_Progress(f"study {plan.name}", space.metrics[0], ctx,
-                                              _n_trials(space, plan, num_samples), space.modes[0]))
-        results = _fit(tuner, f"study {plan.name}")
-        saved = _saved_trials(results)
-        interrupted = _interrupted(results, saved)
+        raise PfnasError(f"cannot use MLflow at {tracking_uri}: {error_line(e)}") from None
+    ctx = TrialContext(study=plan.name, base=plan.base.model_dump(mode="json"), tracking_uri=tracking_uri,
+                       experiment=mlflow_experiment, parent_run_id=parent, param_keys=plan.param_keys,
+                       variants=plan.variants, search_cache=f"{exp_path}/search-cache" if state_path else None)
+    resources = {"cpu": space.resources.cpu, **({"gpu": space.resources.gpu} if space.resources.gpu else {})}
+    return StudyRun(plan, exp_path, state_path, restoring, client, exp_id, parent, optuna_study, ctx, resources, notes)
 
-        recs = _records(results, space.metrics, plan.param_keys, _retries(saved))
-        primary, primary_mode = space.metrics[0], space.modes[0]
-        best = None if interrupted else _best(recs, primary_mode, primary)  # an interrupted study selects nothing yet
-        front = _front(recs, space.modes) if len(space.metrics) > 1 and not interrupted else []
-        best_path, best_cfg, finals = None, None, None
-        group_finals: list[FinalsRecord] = []  # a grid's variants, or a Pareto study's front: each point finalised
-        groups: list[tuple[str, TrialRecord]] = []
-        if space.final.per_variant:
-            for i, overrides in enumerate(plan.variants):
-                vbest = _best([r for r in recs if r.params.get("variant") == i], primary_mode, primary)
-                if vbest is not None:
-                    groups.append((" ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()), vbest))
-        for point in front:
-            groups.append(("front " + " ".join(f"{m}={format_value(v)}" for m, v in zip(space.metrics, point.values)),
+
+def _fit_trials(run: StudyRun, space: SpaceConfig, space_path: Path, storage: str, optuna_storage: str | None,
+                num_samples: int, verbose: bool):
+    """Write the state file, then run (or restore and continue) the study's Tune experiment; Tune's result grid."""
+    plan = run.plan
+    trainable = tune.with_resources(tune.with_parameters(pfnas_trial, ctx=run.ctx), run.resources)
+    if run.state_path is not None:
+        _write_file(run.state_path, json.dumps({
+            "study": plan.name, "parent_run_id": run.parent, "tracking_uri": run.ctx.tracking_uri,
+            "mlflow_experiment": run.ctx.experiment, "digest": _space_digest(space, plan), "space": str(space_path),
+            "optuna_storage": optuna_storage if run.optuna_study else None, "optuna_study": run.optuna_study},
+            indent=1), then="rerun the command")
+    if run.restoring:  # the search state (OptunaSearch with its RDB study) comes back from Tune's experiment folder
+        tuner = tune.Tuner.restore(run.exp_path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = _tuner(plan, space, trainable, storage, num_samples, verbose=verbose,
+                       optuna_storage=optuna_storage if run.optuna_study else None, optuna_study=run.optuna_study,
+                       progress=Progress(f"study {plan.name}", space.metrics[0], run.ctx,
+                                         _n_trials(space, plan, num_samples), space.modes[0]))
+    return _fit(tuner, f"study {plan.name}")
+
+
+def _select(run: StudyRun, space: SpaceConfig, results) -> StudyOutcome:
+    """Records of every trial, and (unless interrupted) the selected trial, the Pareto front and each grid
+    variant's pick, all on the validation metric."""
+    saved = _saved_trials(results)
+    interrupted = _interrupted(results, saved)
+    recs = records(results, space.metrics, run.plan.param_keys, _retries(saved))
+    out = StudyOutcome(recs, interrupted)
+    if interrupted:  # an interrupted study selects nothing yet
+        return out
+    primary, mode = space.metrics[0], space.modes[0]
+    out.best = best_trial(recs, mode, primary)
+    out.front = pareto_trials(recs, space.modes) if len(space.metrics) > 1 else []
+    if space.final.per_variant:
+        for i, overrides in enumerate(run.plan.variants):
+            vbest = best_trial([r for r in recs if r.params.get("variant") == i], mode, primary)
+            if vbest is not None:
+                out.groups.append((" ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()), vbest))
+    for point in out.front:
+        out.groups.append(("front " + " ".join(f"{m}={format_value(v)}" for m, v in zip(space.metrics, point.values)),
                            point))
-        if best is not None:
-            final_cfg, _ = _final_context(ctx, plan, best, primary)
-            best_cfg = final_cfg.model_dump(mode="json")
-            if space.final.seeds:  # the selected trial and every group's pick: one Tune run, every slot kept busy
-                chosen = list({r.trial_id: r for r in [best] + [g for _, g in groups]}.values())
-                done, interrupted = _run_finals(ctx, plan, chosen, space, storage, trainable_resources=resources,
-                                                verbose=verbose)
-                if not interrupted:
-                    finals = done[best.trial_id]
-                    group_finals = [replace(done[g.trial_id], label=label) for label, g in groups]
-        for r in recs:  # show a grid variant as its overrides, not its index
+    return out
+
+
+def _finalise(run: StudyRun, space: SpaceConfig, out: StudyOutcome, storage: str, verbose: bool) -> None:
+    """The selected trial's final config, and its finals (with every group's pick: one Tune grid); then
+    ``best_config.yaml`` in the study folder."""
+    if out.best is None:
+        return
+    primary = space.metrics[0]
+    final_cfg, _ = _final_context(run.ctx, run.plan, out.best, primary)
+    out.best_cfg = final_cfg.model_dump(mode="json")
+    if space.final.seeds:  # the selected trial and every group's pick: one Tune run, every slot kept busy
+        chosen = list({r.trial_id: r for r in [out.best] + [g for _, g in out.groups]}.values())
+        done, out.interrupted = _run_finals(run.ctx, run.plan, chosen, space, storage,
+                                            trainable_resources=run.resources, verbose=verbose)
+        if not out.interrupted:
+            out.finals = done[out.best.trial_id]
+            out.group_finals = [replace(done[g.trial_id], label=label) for label, g in out.groups]
+    if run.local:
+        out.best_path = Path(run.exp_path) / "best_config.yaml"
+        head = (f"# selected: trial {out.best.trial_id} of study {run.plan.name}, {primary}={out.best.value:.6g} "
+                "(validation)\n")
+        if out.finals is not None and out.finals.test_accs:
+            head += f"# final: {out.finals.describe()}\n"
+        _write_file(out.best_path, head + "# rerun the final: pfnas run -c best_config.yaml --set seed=N\n"
+                    + yaml.safe_dump(out.best_cfg, sort_keys=False))
+
+
+def _study_notes(run: StudyRun, space: SpaceConfig, out: StudyOutcome) -> None:
+    """What the summary says beside the table: an interruption, unfinished trials, a metric nobody reported."""
+    recs = out.recs
+    if out.interrupted:
+        run.notes.append("interrupted: rerun with --resume to continue (finished trials and finals are kept)")
+    elif any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none":
+        run.notes.append("some trials did not finish; rerun with --resume to continue them")
+    if not any(r.value is not None for r in recs) and any(r.status == "TERMINATED" for r in recs):
+        keys = sorted({k for r in recs for k in r.metrics if "/" not in k})
+        run.notes.append(f"warning: no trial reported metric {space.metrics[0]!r} (final keys: {', '.join(keys)})")
+
+
+def _log_parent(run: StudyRun, space: SpaceConfig, out: StudyOutcome) -> None:
+    """The study's MLflow parent run: the trials table, the Pareto front, counts, the best config and the finals'
+    test mean ± std; then closed FINISHED (KILLED when trials are left to resume)."""
+    client, parent, recs, primary = run.client, run.parent, out.recs, space.metrics[0]
+    try:
+        table = [{"index": r.index, "trial_id": r.trial_id, "status": r.status, "params": r.params,
+                  **dict(zip(space.metrics, r.values or [r.value])), "error": r.error, "retries": r.retries,
+                  "pareto": any(r is p for p in out.front)} for r in recs]
+        client.log_dict(parent, {"trials": table}, "trials.json")
+        if out.front:  # the front as a table and a plot (first objective against the second)
+            pts = [r for r in recs if r.values is not None]
+            client.log_dict(parent, {"objectives": space.metrics, "modes": space.modes,
+                                     "front": [{"trial_id": r.trial_id, "params": r.params,
+                                                **dict(zip(space.metrics, r.values))} for r in out.front]},
+                            "pareto_front.json")
+            fig = pareto_figure([(r.values[1], r.values[0]) for r in pts], [pts.index(r) for r in out.front],
+                                [r.trial_id for r in pts], space.metrics[1], space.metrics[0],
+                                f"study {run.plan.name}: Pareto front")
+            client.log_figure(parent, fig, "pareto_front.png")
+        metrics = [Metric("n_trials", len(recs), 0, 0),
+                   Metric("n_errored", sum(r.status == "ERROR" for r in recs), 0, 0),
+                   Metric("n_retried", sum(r.retries > 0 for r in recs), 0, 0),  # trials Tune retried
+                   Metric("n_retries", sum(r.retries for r in recs), 0, 0)]  # their retries in all
+        if out.best is not None:
+            metrics.append(Metric(f"best_{primary}", out.best.value, 0, 0))
+            client.set_tag(parent, "pfnas.best_trial", out.best.trial_id)
+            client.log_dict(parent, out.best_cfg, "best_config.yaml")
+        if out.finals is not None and out.finals.test_accs:
+            mean, std = out.finals.mean_std()
+            metrics += [Metric("final_test_acc_mean", mean, 0, 0), Metric("final_test_acc_std", std, 0, 0),
+                        Metric("final_n", len(out.finals.test_accs), 0, 0)]
+        client.log_batch(parent, metrics=metrics)
+        unfinished = out.interrupted or (any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none")
+        orphans = _close_orphans(client, run.exp_id, parent)
+        if orphans:
+            run.notes.append(f"closed {orphans} MLflow trial run(s) left RUNNING by an interrupted, unresumed trial")
+        client.set_terminated(parent, "KILLED" if unfinished else "FINISHED")
+    except Exception as e:  # noqa: BLE001 - the study itself is done; say so instead of failing
+        run.notes.append(f"warning: could not finish the MLflow parent run: {error_line(e)}")
+
+
+def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage: str, tracking_uri: str,
+               mlflow_experiment: str, resume: bool, num_samples: int, verbose: bool = False,
+               optuna_storage: str | None = None) -> StudySummary:
+    """One task's study, step by step: open it, run its trials, select on val, run the finals, log the parent."""
+    run = _open_study(plan, space, space_path, storage=storage, tracking_uri=tracking_uri,
+                      mlflow_experiment=mlflow_experiment, resume=resume, optuna_storage=optuna_storage)
+    try:  # from here an error closes the parent run FAILED (--resume reopens it)
+        results = _fit_trials(run, space, space_path, storage, optuna_storage, num_samples, verbose)
+        out = _select(run, space, results)
+        _finalise(run, space, out, storage, verbose)
+        for r in out.recs:  # show a grid variant as its overrides, not its index
             if plan.variants and isinstance(r.params.get("variant"), int):
                 r.params["variant"] = " ".join(f"{k.split('.')[-1]}={v}"
                                                for k, v in plan.variants[r.params["variant"]].items())
-        if best_cfg is not None and local:
-            best_path = Path(exp_path) / "best_config.yaml"
-            head = f"# selected: trial {best.trial_id} of study {plan.name}, {primary}={best.value:.6g} (validation)\n"
-            if finals is not None and finals.test_accs:
-                head += f"# final: {finals.describe()}\n"
-            _write_file(best_path, head + "# rerun the final: pfnas run -c best_config.yaml --set seed=N\n"
-                        + yaml.safe_dump(best_cfg, sort_keys=False))
-        if interrupted:
-            notes.append("interrupted: rerun with --resume to continue (finished trials and finals are kept)")
-        elif any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none":
-            notes.append("some trials did not finish; rerun with --resume to continue them")
-        if not any(r.value is not None for r in recs) and any(r.status == "TERMINATED" for r in recs):
-            keys = sorted({k for r in recs for k in r.metrics if "/" not in k})
-            notes.append(f"warning: no trial reported metric {primary!r} (final keys: {', '.join(keys)})")
-        try:
-            from mlflow.entities import Metric
-
-            table = [{"index": r.index, "trial_id": r.trial_id, "status": r.status, "params": r.params,
-                      **dict(zip(space.metrics, r.values or [r.value])), "error": r.error, "retries": r.retries,
-                      "pareto": any(r is p for p in front)} for r in recs]
-            client.log_dict(parent, {"trials": table}, "trials.json")
-            if front:  # the front as a table and a plot (first objective against the second)
-                from ..tracking import pareto_figure
-
-                pts = [r for r in recs if r.values is not None]
-                client.log_dict(parent, {"objectives": space.metrics, "modes": space.modes,
-                                         "front": [{"trial_id": r.trial_id, "params": r.params,
-                                                    **dict(zip(space.metrics, r.values))} for r in front]},
-                                "pareto_front.json")
-                fig = pareto_figure([(r.values[1], r.values[0]) for r in pts], [pts.index(r) for r in front],
-                                    [r.trial_id for r in pts], space.metrics[1], space.metrics[0],
-                                    f"study {plan.name}: Pareto front")
-                client.log_figure(parent, fig, "pareto_front.png")
-            metrics = [Metric("n_trials", len(recs), 0, 0),
-                       Metric("n_errored", sum(r.status == "ERROR" for r in recs), 0, 0),
-                       Metric("n_retried", sum(r.retries > 0 for r in recs), 0, 0),  # trials Tune retried
-                       Metric("n_retries", sum(r.retries for r in recs), 0, 0)]  # their retries in all
-            if best is not None:
-                metrics.append(Metric(f"best_{primary}", best.value, 0, 0))
-                client.set_tag(parent, "pfnas.best_trial", best.trial_id)
-                client.log_dict(parent, best_cfg, "best_config.yaml")
-            if finals is not None and finals.test_accs:
-                mean, std = finals.mean_std()
-                metrics += [Metric("final_test_acc_mean", mean, 0, 0), Metric("final_test_acc_std", std, 0, 0),
-                            Metric("final_n", len(finals.test_accs), 0, 0)]
-            client.log_batch(parent, metrics=metrics)
-            unfinished = interrupted or (any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none")
-            orphans = _close_orphans(client, exp_id, parent)
-            if orphans:
-                notes.append(f"closed {orphans} MLflow trial run(s) left RUNNING by an interrupted, unresumed trial")
-            client.set_terminated(parent, "KILLED" if unfinished else "FINISHED")
-        except Exception as e:  # noqa: BLE001 - the study itself is done; say so instead of failing
-            notes.append(f"warning: could not finish the MLflow parent run: {_error_line(e)}")
-        for rec in {f.trial_id: f for f in [finals, *group_finals] if f is not None}.values():
-            notes += [f"final seed {seed} of trial {rec.trial_id} failed: {err}" for seed, err in rec.errors]
-        return StudySummary(plan.name, primary, primary_mode, plan.param_keys, recs, best, best_path, exp_path,
-                            tracking_uri, mlflow_experiment, parent, notes, finals, group_finals,
-                            objectives=space.metrics, front=front,
-                            optuna_storage=optuna_storage if optuna_study else None, optuna_study=optuna_study,
-                            interrupted=interrupted)
+        _study_notes(run, space, out)
+        _log_parent(run, space, out)
+        for rec in {f.trial_id: f for f in [out.finals, *out.group_finals] if f is not None}.values():
+            run.notes += [f"final seed {seed} of trial {rec.trial_id} failed: {err}" for seed, err in rec.errors]
+        return StudySummary(plan.name, space.metrics[0], space.modes[0], plan.param_keys, out.recs, out.best,
+                            out.best_path, run.exp_path, tracking_uri, mlflow_experiment, run.parent, run.notes,
+                            out.finals, out.group_finals, objectives=space.metrics, front=out.front,
+                            optuna_storage=optuna_storage if run.optuna_study else None,
+                            optuna_study=run.optuna_study, interrupted=out.interrupted)
     except BaseException as e:
-        _close_parent(client, parent, e)
+        _close_parent(run.client, run.parent, e)
         raise
 
 
@@ -474,16 +540,14 @@ def _close_parent(client, parent: str, err: BaseException) -> None:
     """Close the MLflow parent run of a study that ``err`` stopped: FAILED (KILLED for Ctrl-C) with ``err`` as its
     ``pfnas.error`` tag, so it does not stay RUNNING; ``--resume`` reopens it."""
     try:
-        client.set_tag(parent, "pfnas.error", _error_line(err) if not isinstance(err, PfnasError) else str(err)[:500])
+        client.set_tag(parent, "pfnas.error", error_line(err) if not isinstance(err, PfnasError) else str(err)[:500])
         client.set_terminated(parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
     except Exception as e:  # noqa: BLE001 - MLflow may be what failed: the error itself is what the user sees
-        log.warning("could not close MLflow parent run %s: %s", parent, _error_line(e))
+        log.warning("could not close MLflow parent run %s: %s", parent, error_line(e))
 
 
 def _saved_trials(results) -> list | None:
     """The trials in the experiment state Tune saved for a resume (statuses, failure counts); None if unreadable."""
-    from ray.tune import ExperimentAnalysis
-
     quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "failed to fetch metrics" of trials that never started
@@ -512,7 +576,7 @@ def _retries(saved: list | None) -> dict[str, tuple[int, str | None]]:
         n = int(getattr(t, "num_failures", 0) or 0) - (t.status == "ERROR")
         if n > 0:
             try:
-                why = _error_line(t.get_error()).split(". ")[0].rstrip(".")  # its first sentence (Ray's run on)
+                why = error_line(t.get_error()).split(". ")[0].rstrip(".")  # its first sentence (Ray's run on)
             except Exception:  # noqa: BLE001 - the error file is gone: the count stands alone
                 why = None
             out[t.trial_id] = (n, why)
@@ -522,8 +586,6 @@ def _retries(saved: list | None) -> dict[str, tuple[int, str | None]]:
 def _final_context(ctx: TrialContext, plan: StudyPlan, best: TrialRecord,
                    metric: str) -> tuple[ExperimentConfig, TrialContext]:
     """The final config (selected trial's values, its policy as a fixed method, stage final) and its context."""
-    from ..tracking import config_hash
-
     trial_cfg = ctx.config(best.params, f"{plan.name}-{best.trial_id}")
     policy = [op for op in str(best.metrics.get("policy", "")).split(",") if op]
     final = merge_dotted(trial_cfg, {"name": f"{plan.name}-final", "train.stage": "final",
@@ -545,8 +607,6 @@ def _run_finals(ctx: TrialContext, plan: StudyPlan, chosen: list[TrialRecord], s
     config's seeds starts the next config's instead of idling. A resumed study continues them when the chosen
     trials are unchanged and starts them afresh otherwise.
     """
-    from ray import tune
-
     name = f"{plan.name}-final"
     path = f"{storage.rstrip('/')}/{name}"
     contexts, runs = [], []
@@ -574,7 +634,7 @@ def _run_finals(ctx: TrialContext, plan: StudyPlan, chosen: list[TrialRecord], s
                                         reuse_actors=True, trial_name_creator=trial_name,
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1 if verbose else 0,
-                                      callbacks=[] if verbose else [_Progress(title, "test_acc", mctx, len(runs))],
+                                      callbacks=[] if verbose else [Progress(title, "test_acc", mctx, len(runs))],
                                       failure_config=tune.FailureConfig(max_failures=space.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints)))
     out = {r.trial_id: FinalsRecord(r.trial_id, [], []) for r in chosen}
@@ -590,134 +650,14 @@ def _run_finals(ctx: TrialContext, plan: StudyPlan, chosen: list[TrialRecord], s
             rec.test_accs.append(float(acc))
         else:
             why = r.error if r.error is not None else (r.metrics or {}).get("error")
-            rec.errors.append((seed, _error_line(why) if why else "no test_acc reported"))
+            rec.errors.append((seed, error_line(why) if why else "no test_acc reported"))
     return out, _interrupted(grid, _saved_trials(grid))
-
-
-class _Quiet:
-    """Quiet Ray/Tune/Optuna loggers for the run (``on``), restored afterwards; ``init_kwargs`` for ``ray.init``."""
-
-    LOGGERS = ("ray", "ray.tune", "ray.train", "ray.air", "ray.data", "optuna")
-
-    def __init__(self, on: bool):
-        self.on = on
-        self.levels = {n: logging.getLogger(n).level for n in self.LOGGERS}
-        self.optuna = None
-        self.new_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
-        if on:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the new engine prints its header and paths even at verbose=0
-            import optuna
-
-            self.optuna = optuna.logging.get_verbosity()
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-            for n in self.LOGGERS:
-                logging.getLogger(n).setLevel(logging.WARNING)
-
-    def init_kwargs(self) -> dict[str, Any]:
-        # ERROR: no "Started a local Ray instance" / token-authentication notes on the quiet terminal; worker output
-        # (actor shutdown noise included) stays in Ray's session logs, trial errors reach the summary anyway
-        return {"logging_level": logging.ERROR, "log_to_driver": False} if self.on else {}
-
-    def restore(self) -> None:
-        if not self.on:
-            return
-        import optuna
-
-        optuna.logging.set_verbosity(self.optuna)
-        if self.new_output is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = self.new_output
-        for n, level in self.levels.items():
-            logging.getLogger(n).setLevel(level)
-
-
-def _check_ray_address(address: str | None) -> None:
-    """One try of an explicit ``host:port`` or ``ray://host:port`` before ``ray.init``, which retries a dead address
-    for minutes; ``auto`` and None are left to Ray (it fails fast when no cluster is running)."""
-    if not address or address in ("auto", "local"):
-        return
-    import socket
-
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        return  # not host:port: Ray reports what it makes of it
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
-    except OSError as e:
-        raise ConfigError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}); start it "
-                          "(ray start --head) or fix --address") from None
-
-
-def _check_trial_fits(space: SpaceConfig, local: bool) -> None:
-    """A trial asking for more CPUs or GPUs than the Ray cluster has would stay pending forever: refused on a local
-    Ray (its one node is all there is), a warning on a cluster (an autoscaler may still add nodes)."""
-    import ray
-
-    have = ray.cluster_resources()
-    for key, want in (("cpu", space.resources.cpu), ("gpu", space.resources.gpu)):
-        total = float(have.get(key.upper(), 0.0))
-        if want > total:
-            msg = (f"resources.{key}={format_value(want)} per trial, but the Ray cluster has {format_value(total)} "
-                   f"{key.upper()}s: no trial could ever start")
-            if local:
-                hint = " or run on a GPU machine" if key == "gpu" else ""
-                raise ConfigError(f"{msg}; lower resources.{key}{hint}")
-            log.warning("%s unless the cluster adds nodes", msg)
 
 
 def _storage_root(storage: str | None) -> str:
     if storage and "://" in storage:
         return storage
     return str(Path(storage or "ray_results").expanduser().resolve())
-
-
-def _data_configs(plans: list[StudyPlan]) -> list:
-    """The distinct data sections the studies' trials will read (one per plan and variant)."""
-    out: dict[str, Any] = {}
-    for p in plans:
-        for v in p.variants or [{}]:
-            d = merge_dotted(p.base, {k: x for k, x in v.items() if k.startswith("data.")}).data
-            out.setdefault(d.model_dump_json(), d)
-    return list(out.values())
-
-
-def check_data_on_nodes(data_cfgs: list, timeout_s: float = 120.0) -> None:
-    """Cluster pre-flight: :func:`check_data_paths` on every alive Ray node with CPUs, where trials may run.
-
-    A path missing on any node raises :class:`DataError` naming the node, before a trial starts. Nodes that
-    do not answer within ``timeout_s`` (busy or starting) are not waited for: their trials still check.
-    """
-    import ray
-    from ray.exceptions import GetTimeoutError, RayError
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    files = [d for d in data_cfgs if d.kind != "synthetic"]
-    if not files:
-        return
-
-    @ray.remote(num_cpus=0, max_retries=0)
-    def probe(cfgs: list) -> str | None:
-        for d in cfgs:
-            try:
-                check_data_paths(d)
-            except DataError as e:
-                return str(e)
-        return None
-
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
-    refs = {n.get("NodeManagerAddress", n["NodeID"]): probe.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(files) for n in nodes}
-    for where, ref in refs.items():
-        try:
-            err = ray.get(ref, timeout=timeout_s)
-        except GetTimeoutError:
-            ray.cancel(ref, force=True)
-            continue
-        except RayError as e:  # e.g. pfnas not importable there: its trials could not run either
-            raise PfnasError(f"on Ray node {where}: the data pre-flight failed: {str(e).strip().splitlines()[-1]}") from None
-        if err:
-            raise DataError(f"on Ray node {where}: {err}")
 
 
 def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri: str | None = None,
@@ -756,12 +696,10 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
     if ostore and ostore.strip().lower() in ("none", "memory"):
         ostore = None
 
-    data_cfgs = _data_configs(plans)
+    data_cfgs = data_configs(plans)
     if address is None:  # a local study reads data on this machine: a missing path fails here, before Ray starts
         for d in data_cfgs:
             check_data_paths(d)
-
-    from ray import tune
 
     paths = {p.name: f"{root.rstrip('/')}/{p.name}" for p in plans}
     with ExitStack() as held:  # each local study held by this call: a second pfnas tune of it is refused
@@ -777,12 +715,10 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
             raise ConfigError(f"study {paths[existing[0]]} already exists; pass --resume to continue it, or pick "
                               "another --experiment name or --storage")
 
-        import ray
-
-        quiet = _Quiet(not verbose)
+        quiet = Quiet(not verbose)
         started = False
         if not ray.is_initialized():
-            _check_ray_address(address)
+            check_ray_address(address)
             ray.init(address=address, ignore_reinit_error=True, **quiet.init_kwargs())
             started = True
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -792,9 +728,9 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
         strict = os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # the study metric only appears once it is real
         if not verbose:
-            _DISPLAY.append(LiveTable(console))
+            DISPLAY.append(LiveTable(console))
         try:
-            _check_trial_fits(space, local=address is None)
+            check_trial_fits(space, local=address is None)
             if address is not None:  # a cluster study: the data must be there on every node a trial may land on
                 check_data_on_nodes(data_cfgs)
             samples = num_samples or space.num_samples or (1 if space.algorithm == "grid" else 8)
@@ -816,7 +752,7 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
                         again = True
         finally:
             if not verbose:
-                _DISPLAY.pop().close()
+                DISPLAY.pop().close()
             quiet.restore()
             if strict is None:
                 os.environ.pop("TUNE_DISABLE_STRICT_METRIC_CHECKING", None)

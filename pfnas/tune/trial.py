@@ -133,7 +133,7 @@ def readable_name(index: int, cfg: ExperimentConfig, values: dict[str, Any], lim
     return name if len(name) <= limit else name[:limit - 1] + "…"
 
 
-_CACHE: dict[str, tuple[str, Any]] = {}
+EXPERIMENT_CACHE: dict[str, tuple[str, Any]] = {}
 
 
 def _cached_experiment(cfg: ExperimentConfig):
@@ -147,12 +147,12 @@ def _cached_experiment(cfg: ExperimentConfig):
     random_init = not (bb.pretrained or bb.checkpoint)
     bkey = json.dumps([bb.model_dump(mode="json"), cfg.seed if random_init else None, cfg.device], sort_keys=True)
     dkey = json.dumps([bkey, cfg.data.model_dump(mode="json")], sort_keys=True)
-    backbone = _CACHE["backbone"][1] if _CACHE.get("backbone", ("",))[0] == bkey else None
-    data = _CACHE["data"][1] if backbone is not None and _CACHE.get("data", ("",))[0] == dkey else None
+    backbone = EXPERIMENT_CACHE["backbone"][1] if EXPERIMENT_CACHE.get("backbone", ("",))[0] == bkey else None
+    data = EXPERIMENT_CACHE["data"][1] if backbone is not None and EXPERIMENT_CACHE.get("data", ("",))[0] == dkey else None
     if backbone is None:
-        _CACHE.clear()  # free the old backbone/data before building the new ones
+        EXPERIMENT_CACHE.clear()  # free the old backbone/data before building the new ones
     exp = Experiment.build(cfg, data=data, backbone=backbone)
-    _CACHE["backbone"], _CACHE["data"] = (bkey, exp.backbone), (dkey, exp.data)
+    EXPERIMENT_CACHE["backbone"], EXPERIMENT_CACHE["data"] = (bkey, exp.backbone), (dkey, exp.data)
     return exp
 
 
@@ -216,7 +216,7 @@ class _TrialReporter:
                      "restored": self.restored})
 
 
-def _error_line(err: BaseException | str | None) -> str:
+def error_line(err: BaseException | str | None) -> str:
     text = str(err or "").strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     hits = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", ln)]
@@ -263,14 +263,14 @@ def pfnas_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     reporter.final(res)
 
 
-def _trial_index(trial) -> int:
+def trial_index(trial) -> int:
     m = re.match(r"(\d+)", getattr(trial, "experiment_tag", "") or "")
     return int(m.group(1)) if m else 0
 
 
 def trial_dirname(trial) -> str:
     """``0003_<trial id>``: creation order first, so listings sort like the study ran."""
-    return f"{_trial_index(trial):04d}_{trial.trial_id}"
+    return f"{trial_index(trial):04d}_{trial.trial_id}"
 
 
 def trial_name(trial) -> str:

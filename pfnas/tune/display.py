@@ -1,10 +1,9 @@
-"""What a study shows: trial records, the best trial and the Pareto front, the live progress table and the
-final :class:`StudySummary` (rich, fits 80 columns)."""
+"""What a study shows: the live progress table fed by a Tune callback, and the final :class:`StudySummary` and
+:class:`TuneSummary` (rich, fits 80 columns)."""
 from __future__ import annotations
 
 import io
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,12 +11,9 @@ from typing import Any
 
 from ray.tune import Callback
 
-from ..tracking import (
-    finite_scalar,
-    format_value,
-)
-from .trial import TrialContext, _error_line, _trial_index
-
+from ..tracking import finite_scalar, format_value, policy_agreement
+from .select import FinalsRecord, TrialRecord, finished, tie_loss
+from .trial import TrialContext, trial_index
 
 
 def _short_names(keys: list[str]) -> list[str]:
@@ -40,20 +36,6 @@ _STATUS = {"TERMINATED": "done", "STOPPED": "stopped", "ERROR": "error"}
 
 
 @dataclass
-class TrialRecord:
-    index: int
-    trial_id: str
-    status: str  # TERMINATED (completed), STOPPED (by the scheduler / interrupted), ERROR
-    params: dict[str, Any]
-    value: float | None  # the first objective
-    metrics: dict[str, Any]
-    error: str | None = None
-    values: list[float] | None = None  # every objective, when all are finite
-    retries: int = 0  # times Tune retried it after a failure (a killed worker), from its last checkpoint
-    retry_error: str | None = None  # the failure it was last retried after
-
-
-@dataclass
 class SeedGroup:
     """Trials of one configuration over several seeds: score mean ± std, mean alpha entropy, policy agreement."""
 
@@ -65,8 +47,6 @@ class SeedGroup:
         return [[op for op in str(r.metrics.get("policy", "")).split(",") if op] for r in self.trials]
 
     def stats(self) -> dict[str, Any]:
-        from ..tracking import policy_agreement
-
         vals = [r.value for r in self.trials]
         mean = sum(vals) / len(vals)
         std = (sum((v - mean) ** 2 for v in vals) / max(len(vals) - 1, 1)) ** 0.5
@@ -132,7 +112,7 @@ class StudySummary:
             return (f"study {self.name} was interrupted before its "
                     + ("finals ended" if self.best is not None else "trials ended, nothing was selected")
                     + ": rerun with --resume to continue it")
-        if _finished(self.trials):
+        if finished(self.trials):
             return None
         errored = [r for r in self.trials if r.error]
         first = f"; first error: {errored[0].error}" if errored else ""
@@ -205,9 +185,9 @@ class StudySummary:
         if self.best is not None:
             lines.append(f"selected on validation: trial {self.best.trial_id} {self.metric}={self.best.value:.4f}, "
                          f"policy {self.best.metrics.get('policy', '?')}; config -> {self.best_config_path}")
-            tied = [r.trial_id for r in _finished(self.trials) if r.value == self.best.value and r is not self.best]
+            tied = [r.trial_id for r in finished(self.trials) if r.value == self.best.value and r is not self.best]
             if tied:
-                loss = _tie_loss(self.best, self.metric)
+                loss = tie_loss(self.best, self.metric)
                 lines.append(f"tied on {self.metric} with trial {', '.join(tied)}: " + (
                     f"the lowest val_loss decided ({loss:.4f})" if math.isfinite(loss) else "the earliest trial decided"))
             if self.finals is not None and self.finals.test_accs:
@@ -256,65 +236,10 @@ class TuneSummary:
         return buf.getvalue()
 
 
-def _records(results, objectives: list[str], param_keys: list[str],
-             retries: dict[str, tuple[int, str | None]] | None = None) -> list[TrialRecord]:
-    """One record per Tune result; ``retries``: trial id -> (times retried after a failure, that failure's line)."""
-    recs = []
-    for r in results:
-        name = Path(str(r.path)).name
-        m = re.match(r"(\d+)_(\w+)$", name)
-        idx, tid = (int(m.group(1)), m.group(2)) if m else (0, r.metrics.get("trial_id", name))
-        metrics = dict(r.metrics or {})
-        if r.error is not None:
-            status, err = "ERROR", _error_line(r.error)
-        elif metrics.get("error"):  # failed deterministically (NaN): ended by the trial itself, not retried
-            status, err = "ERROR", _error_line(metrics["error"])
-        else:
-            status, err = ("TERMINATED" if metrics.get("complete") else "STOPPED"), None
-        vals = [metrics.get(m) for m in objectives]
-        ok = status != "ERROR" and all(finite_scalar(v) for v in vals)
-        val = float(vals[0]) if status != "ERROR" and finite_scalar(vals[0]) else None
-        params = {k: (r.config or {}).get(k) for k in param_keys}
-        n, why = (retries or {}).get(tid, (0, None))
-        recs.append(TrialRecord(idx, tid, status, params, val, metrics, err, [float(v) for v in vals] if ok else None,
-                                n, why))
-    return sorted(recs, key=lambda x: (x.index, x.trial_id))
+DISPLAY: list[Any] = []  # the live table of this driver process (set by run_tune); Progress callbacks feed it
 
 
-def _front(recs: list[TrialRecord], modes: list[str]) -> list[TrialRecord]:
-    """Finished trials on the Pareto front of the objectives (by index order)."""
-    from ..tracking import pareto_front
-
-    done = [r for r in recs if r.status == "TERMINATED" and r.values is not None]
-    return [done[i] for i in pareto_front([r.values for r in done], modes)]
-
-
-def _finished(recs: list[TrialRecord]) -> list[TrialRecord]:
-    """Trials that ran to the end and reported the study metric (the candidates for selection)."""
-    return [r for r in recs if r.status == "TERMINATED" and r.value is not None]
-
-
-def _best(recs: list[TrialRecord], mode: str, metric: str = "val_acc") -> TrialRecord | None:
-    """The selected trial: best ``metric``. An accuracy on a small val split ties often (val200 moves in steps of
-    half a point); ties on ``val_acc`` go to the lower val loss of the same split, then to the earliest trial."""
-    done = _finished(recs)
-    if not done:
-        return None
-    sign = 1 if mode == "max" else -1
-    return max(done, key=lambda r: (sign * r.value, -_tie_loss(r, metric), -r.index))
-
-
-def _tie_loss(r: TrialRecord, metric: str) -> float:
-    """A trial's val loss when ``metric`` is val_acc (inf where none is known): what breaks its ties. Studies
-    started before trials reported ``val_loss`` have the last retrain epoch's."""
-    loss = r.metrics.get("val_loss", r.metrics.get("retrain/val_loss"))
-    return float(loss) if metric == "val_acc" and finite_scalar(loss) else math.inf
-
-
-_DISPLAY: list[Any] = []  # the live table of this driver process (set by run_tune); _Progress callbacks feed it
-
-
-class _Progress(Callback):
+class Progress(Callback):
     """Driver-side Tune callback that feeds pfnas's live table. It holds plain data only: Tune pickles it with the
     run config, and a restored study's copy finds the display of the process that resumes it."""
 
@@ -322,7 +247,7 @@ class _Progress(Callback):
         self.title, self.metric, self.ctx, self.total, self.mode = title, metric, ctx, int(total), mode
 
     def _display(self):
-        return _DISPLAY[-1] if _DISPLAY else None
+        return DISPLAY[-1] if DISPLAY else None
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         d = self._display()
@@ -342,7 +267,7 @@ class _Progress(Callback):
             d.update(self, trials, end=True)
 
 
-def _resolve(cb: _Progress, trial) -> tuple[TrialContext, dict]:
+def _resolve(cb: Progress, trial) -> tuple[TrialContext, dict]:
     """The context and own params of a Tune trial (one config of a several-config finals run, or itself)."""
     try:
         return cb.ctx.resolve(trial.config or {})
@@ -374,7 +299,7 @@ class LiveTable:
         self._said: set[str] = set()
         self._owner = None
 
-    def _plan(self, cb: _Progress, trial) -> tuple[int, int]:
+    def _plan(self, cb: Progress, trial) -> tuple[int, int]:
         """(search epochs, retrain epochs) a trial will run, from its config (built once per trial)."""
         if trial.trial_id not in self._planned:
             try:
@@ -386,7 +311,7 @@ class LiveTable:
             self._planned[trial.trial_id] = plan
         return self._planned[trial.trial_id]
 
-    def _progress(self, cb: _Progress, trial) -> tuple[int, int, str]:
+    def _progress(self, cb: Progress, trial) -> tuple[int, int, str]:
         """(epochs done, planned, phase text) of a trial from its last result."""
         r = trial.last_result or {}
         search_epochs, train_epochs = self._plan(cb, trial)
@@ -399,7 +324,7 @@ class LiveTable:
             return search_epochs + epoch, planned, f"retrain {epoch}/{train_epochs}"
         return 0, planned, "" if trial.status == "PENDING" else (phase or "starting")
 
-    def _table(self, cb: _Progress, trials: list, done=None):
+    def _table(self, cb: Progress, trials: list, done=None):
         from rich import box
         from rich.table import Table
         from rich.text import Text
@@ -409,7 +334,7 @@ class LiveTable:
         finished = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
         if done is not None:  # the trial being completed: Tune sets its status after the callbacks
             finished.add(done.trial_id)
-        for t in sorted(trials, key=lambda t: (_trial_index(t), t.trial_id)):
+        for t in sorted(trials, key=lambda t: (trial_index(t), t.trial_id)):
             n, planned, phase = self._progress(cb, t)
             if t.trial_id in finished:
                 n = planned
@@ -449,13 +374,13 @@ class LiveTable:
                 t_eta = float(r["time_total_s"]) * (planned - done) / done
             state = {"TERMINATED": "done", "ERROR": "error"}.get(t.status, t.status.lower())
             tctx, params = _resolve(cb, t)
-            table.add_row(str(_trial_index(t)), t.trial_id, state,
+            table.add_row(str(trial_index(t)), t.trial_id, state,
                           *[format_value(params.get(k, "")) for k in keys],
                           *([Text(tctx.tags.get("pfnas.label", ""))] if several else []), phase,
                           f"{v:.4f}" if finite_scalar(v) else "-", _eta(t_eta) if t.status == "RUNNING" else "")
         return table, title
 
-    def update(self, cb: _Progress, trials: list, done=None, end: bool = False) -> None:
+    def update(self, cb: Progress, trials: list, done=None, end: bool = False) -> None:
         from rich.live import Live
 
         if self._owner is not cb:  # a new Tune run (the finals after the study): a fresh table
@@ -471,7 +396,7 @@ class LiveTable:
                 state = "error" if done.status == "ERROR" or r.get("error") else "done"
                 n_done, best = self._counts
                 dctx, params = _resolve(cb, done)
-                label = (f"seed {params.get('seed')}" if cb.ctx.kind == "final" else f"t{_trial_index(done):02d}")
+                label = (f"seed {params.get('seed')}" if cb.ctx.kind == "final" else f"t{trial_index(done):02d}")
                 if cb.ctx.finals:
                     label = f"{dctx.tags.get('pfnas.label', '')} {label}"
                 self.console.print(f"{cb.title}: {label} {state}"
@@ -503,22 +428,3 @@ class LiveTable:
         self._owner = None
 
 
-@dataclass
-class FinalsRecord:
-    """Test scores of a study's finals: the selected trial's config and policy, retrained on train+val."""
-
-    trial_id: str
-    seeds: list[int]
-    test_accs: list[float]
-    errors: list[tuple[int, str]] = field(default_factory=list)
-    label: str = ""  # per-variant finals: the variant's overrides
-
-    def mean_std(self) -> tuple[float, float]:
-        from ..tracking import mean_std
-
-        return mean_std(self.test_accs)
-
-    def describe(self) -> str:
-        mean, std = self.mean_std()
-        return (f"test_acc {mean:.4f} ± {std:.4f} (n={len(self.test_accs)}, trial {self.trial_id}'s config and "
-                f"policy retrained on train+val, tested once per seed)")
