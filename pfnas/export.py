@@ -161,6 +161,7 @@ class ExportBackbone(_MetaSection):
     mean: Optional[_Triple] = None
     std: Optional[_PositiveTriple] = None
     checkpoint_num_classes: Optional[StrictInt] = Field(None, ge=1, le=MAX_CLASSES)
+    resample: StrictBool = False  # the checkpoint's embeddings were resampled to this geometry when trained
     checkpoint_sha256: Optional[_Sha256] = None
     init_seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63)
     weights_sha256: Optional[_Sha256] = None
