@@ -189,3 +189,28 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
 def autocast(device: torch.device, precision: str):
     """bf16 autocast where :func:`uses_bf16` says so, else a disabled autocast context."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision, device))
+
+
+# ----------------------------------------------------------------------------- process locks
+def try_lock(path: str | Path) -> tuple[int, str | None]:
+    """A non-blocking exclusive ``flock`` on ``path`` (created; the kernel drops it when the process dies, so a
+    killed holder leaves no stale lock). Held: ``(fd, None)`` with this pid written into the file; close ``fd`` to
+    release. Held by another process: ``(-1, pid)``, the pid that process wrote ("" if none). No flock on this
+    platform: ``(fd, None)`` without a lock."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: no lock
+        return fd, None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            os.close(fd)
+            raise
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        os.close(fd)
+        return -1, holder if holder.isdigit() else ""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd, None

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ExperimentConfig
-from ..runtime import autocast, uses_bf16
+from ..runtime import autocast, uses_bf16, write_atomic
 from ..sysinfo import cpu_model
 from ..timing import Lap, time_interleaved
 
@@ -58,9 +58,6 @@ def op_latency_table(cfg: ExperimentConfig, model: nn.Module, device: torch.devi
 
         timings = time_interleaved({op: step_fn(i) for i, op in enumerate(layer.op_names)}, device, steps, warmup)
         row = [timings[op]["ms"] for op in layer.op_names]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"ops": layer.op_names, "ms": row, "device": device_name(device),
-                                   "batch_size": batch_size, "backbone": cfg.backbone.name}))
-        tmp.replace(path)
+        write_atomic(path, json.dumps({"ops": layer.op_names, "ms": row, "device": device_name(device),
+                                       "batch_size": batch_size, "backbone": cfg.backbone.name}), "latency table")
     return torch.tensor([row] * len(model.layers))

@@ -3,7 +3,6 @@ claim that makes a rerun resume, and the runs: :func:`run_search` (optionally sh
 :func:`run_retrain`, :func:`run_experiment` (search, discretize, retrain, score)."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from ..data import TaskData, load_task
 from ..export import export_model
 from ..model import PromptedViT, backbone_input, load_backbone, load_policy, save_policy
 from ..pae import apply_pae
-from ..runtime import load_checkpoint, resolve_device, save_checkpoint, seed_everything, write_atomic
+from ..runtime import load_checkpoint, resolve_device, save_checkpoint, seed_everything, try_lock, write_atomic
 from ..timing import forward_fn, time_steps
 from .phases import EpochCallback, RetrainPhase, SearchPhase, fit
 from .selection import select_policy
@@ -70,24 +69,11 @@ def _check_run_config(cfg: ExperimentConfig, out: Path) -> bool:
 
 
 def _lock_dir(out: Path) -> int:
-    """``fcntl.flock`` on ``out/.lock`` (the kernel drops it when the process dies, so kill -9 leaves no stale lock)."""
-    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        import fcntl
-    except ImportError:  # no flock on this platform: no lock
-        return fd
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            os.close(fd)
-            raise
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise RunDirError(f"{out} is in use by another pfnas run{f' (pid {holder})' if holder.isdigit() else ''}; "
-                          "wait for it to end or use another --out") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    """The run folder's lock (:func:`~pfnas.runtime.try_lock` on ``out/.lock``); held elsewhere: RunDirError."""
+    fd, holder = try_lock(out / ".lock")
+    if fd < 0:
+        raise RunDirError(f"{out} is in use by another pfnas run{f' (pid {holder})' if holder else ''}; "
+                          "wait for it to end or use another --out")
     return fd
 
 

@@ -2,7 +2,6 @@
 Optuna storage, the finals, and :func:`run_tune`."""
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -27,6 +26,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ..config import ConfigError, ExperimentConfig, PfnasError, RunDirError, merge_dotted
 from ..data import check_data_paths
 from ..provenance import provenance_tags
+from ..runtime import try_lock
 from ..tracking import (
     absolute_sqlite_url,
     config_hash,
@@ -97,24 +97,12 @@ def _study_lock(storage_root: str, study: str):
     line naming the folder and the holder's pid (as run folders are, ``pfnas.engine.claim_run_dir``)."""
     path = _lock_path(storage_root, study)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd, holder = try_lock(path)
+    if fd < 0:
+        raise RunDirError(f"study {Path(storage_root) / study} is in use by another pfnas tune"
+                          f"{f' (pid {holder})' if holder else ''}; wait for it to end, or pick another --experiment "
+                          "or --storage")
     try:
-        try:
-            import fcntl
-        except ImportError:  # no flock on this platform: no lock
-            fcntl = None
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-                raise RunDirError(f"study {Path(storage_root) / study} is in use by another pfnas tune"
-                                  f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it to end, or pick "
-                                  "another --experiment or --storage") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the flock
