@@ -678,7 +678,7 @@ def test_finals_progress_line_names_each_config_verbatim():
 
     from rich.console import Console
 
-    from pfnas.tune.summary import LiveTable, _Progress
+    from pfnas.tune.display import LiveTable, Progress
     from pfnas.tune.trial import TrialContext
 
     base = tiny_config().model_dump(mode="json")
@@ -691,10 +691,10 @@ def test_finals_progress_line_names_each_config_verbatim():
     table = LiveTable(console=Console(file=buf, width=300, force_terminal=False))
     trial = SimpleNamespace(trial_id="t0", status="TERMINATED", config={"final": {"config": 0, "seed": 2}},
                             last_result={"test_acc": 0.9, "phase": "done"}, experiment_tag="0")
-    table.update(_Progress("finals of 2 configs", "test_acc", several, 2), [trial], done=trial)
+    table.update(Progress("finals of 2 configs", "test_acc", several, 2), [trial], done=trial)
     line = buf.getvalue().strip()
     assert line.startswith("finals of 2 configs: fixed:add [train.optim.lr=1] seed 2 done test_acc=0.9000 | 1/2 done")
     assert "best" not in line
     cfg = ExperimentConfig.model_validate(base)  # its planned epochs come from its own config, not the dispatcher's
-    cb = _Progress("finals of 2 configs", "test_acc", several, 2)
+    cb = Progress("finals of 2 configs", "test_acc", several, 2)
     assert table._plan(cb, trial) == ((cfg.search.epochs if cfg.method.kind == "search" else 0), cfg.train.epochs)
