@@ -155,7 +155,7 @@ def test_cli_run_logs_a_diverged_run_as_failed(tmp_path, capsys):
 
     uri = f"sqlite:///{tmp_path}/m.db"
     code = main(["run", "--set", "backbone.kwargs.init_values=1.0e+30",  # LayerScale 1e30: every loss non-finite
-                 "--set", "search.epochs=1", "--set", "train.epochs=1",
+                 "--set", "search.epochs=1", "--set", "train.epochs=1", "--set", "data.synthetic_per_class=4",
                  "--tracking-uri", uri, "--experiment", "nan", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "non-finite loss" in err[0]
