@@ -72,6 +72,17 @@ def shared_proxy():
     return PROXY_BACKBONE, VTAB_PROXY
 
 
+SLOW_FIXTURES = {"ray_session"}  # a Ray study: every test that uses it (directly or through a fixture) is slow
+
+
+def pytest_collection_modifyitems(config, items):
+    """Studies are slow: a test that needs the Ray session gets the ``slow`` mark, so ``-m "not slow"`` is the fast
+    loop (docs/architecture.md); the others that take seconds (subprocesses, servers) carry it explicitly."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """One local Ray runtime for the whole test session (2 CPUs, no dashboard)."""

@@ -5,6 +5,8 @@ not installed.
 """
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -56,6 +58,7 @@ def _run(code: str, cwd, *args: str, timeout: int = 600) -> subprocess.Completed
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_engine_and_bench_import_without_ray_optuna_mlflow(tmp_path):
     proc = _run("""
         import pfnas.engine, pfnas.bench, pfnas.model, pfnas.data, pfnas.methods, pfnas.pae, pfnas.cli
@@ -66,6 +69,7 @@ def test_engine_and_bench_import_without_ray_optuna_mlflow(tmp_path):
     assert proc.stdout.strip().endswith("ok")
 
 
+@pytest.mark.slow
 def test_cli_bench_runs_without_ray_optuna_mlflow(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({

@@ -29,6 +29,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow
 def test_run_bench_rows_ratios_params_and_json(tmp_path):
     out = tmp_path / "bench" / "bench.json"
     res = run_bench(tiny_config(), batch_size=4, steps=2, warmup=1, out=out)
@@ -139,6 +140,7 @@ def _compile_unavailable() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_compile_failure_is_a_row_error(monkeypatch):
     """A row whose compilation fails reports ``error``; the other rows are still timed."""
     def compile_or_fail(self, *args, **kwargs):
@@ -156,6 +158,7 @@ def test_compile_failure_is_a_row_error(monkeypatch):
     assert all(math.isfinite(r["images_per_s"]) for k, r in rows.items() if k != "plain_vpt_deep")
 
 
+@pytest.mark.slow
 def test_cli_bench_compile(tmp_path):
     reason = _compile_unavailable()
     if reason:

@@ -111,6 +111,7 @@ def test_a_flipped_byte_in_a_checkpoint_tensor_is_refused(tmp_path, capsys):
     assert "\n" not in msg and str(ckpt) in msg and "sha256" in msg
 
 
+@pytest.mark.slow
 def test_truncated_checkpoints_are_one_line_exit_2(tmp_path, tiny_yaml, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "out"

@@ -62,6 +62,7 @@ def _vtab_task(root: Path, train: list[int], test: list[int], name: str = "toy")
     return task
 
 
+@pytest.mark.slow
 def test_an_unreachable_ray_address_is_one_line_exit_2(tmp_path: Path) -> None:
     """Ray's own client retries a dead GCS address for minutes, printing a warning every few seconds; pfnas tries
     the port once first."""
@@ -75,6 +76,7 @@ def test_an_unreachable_ray_address_is_one_line_exit_2(tmp_path: Path) -> None:
         one_error_line(r.stderr, "cannot reach the Ray cluster at", address, "--address")
 
 
+@pytest.mark.slow
 def test_data_check_on_broken_data_exits_2(tmp_path: Path) -> None:
     ok = _vtab_task(tmp_path / "ok", [0, 1, 2, 0], [2, 1])
     assert _pfnas("data", "check", str(ok)).returncode == 0
@@ -88,6 +90,7 @@ def test_data_check_on_broken_data_exits_2(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- B: SIGTERM
 
 
+@pytest.mark.slow
 def test_sigterm_keeps_checkpoint_and_exits_143(tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -136,6 +139,7 @@ def test_data_root_or_task_on_the_synthetic_default_is_refused(tmp_path: Path, c
         assert "Value error" not in line and "data.kind" in line
 
 
+@pytest.mark.slow
 def test_output_folder_under_a_file_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a folder")
@@ -177,6 +181,7 @@ def _check_fails(path: Path, fragment: str) -> None:
     one_error_line(r.stderr)
 
 
+@pytest.mark.slow
 def test_vtab_label_gap_refused_for_any_task(tmp_path: Path) -> None:
     for name in ("toy", "svhn"):  # an unknown task and a known VTAB one
         _vtab_task(tmp_path / "v", [0, 2, 0, 2], [0, 2], name=name)  # label 1 never occurs
@@ -184,12 +189,14 @@ def test_vtab_label_gap_refused_for_any_task(tmp_path: Path) -> None:
     _check_fails(tmp_path / "v" / "toy", "gaps")
 
 
+@pytest.mark.slow
 def test_vtab_class_only_in_test_refused(tmp_path: Path) -> None:
     _vtab_task(tmp_path / "v", [0, 1, 0, 1], [0, 1, 2])
     _refused(DataConfig(kind="vtab", root=str(tmp_path / "v"), task="toy"), "test", "2", "never occur in train")
     _check_fails(tmp_path / "v" / "toy", "never occur in train")
 
 
+@pytest.mark.slow
 def test_fgvc_label_only_in_test_refused(tmp_path: Path) -> None:
     task = tmp_path / "fgvc" / "birds"
     for split, labels in (("train", [3, 7, 3]), ("val", [3, 7]), ("test", [3, 7, 9])):
@@ -202,6 +209,7 @@ def test_fgvc_label_only_in_test_refused(tmp_path: Path) -> None:
     _check_fails(task, "never occur in train")
 
 
+@pytest.mark.slow
 def test_imagefolder_one_class_refused(tmp_path: Path) -> None:
     image_folder(tmp_path / "one", classes=1, per_class=10)
     _refused(DataConfig(kind="imagefolder", root=str(tmp_path / "one")), "only one class", "class_0")

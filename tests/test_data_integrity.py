@@ -144,6 +144,7 @@ def test_checkpoint_of_another_size_is_refused_unless_resample(tmp_path):
     assert resampled.pos_embed.shape[1] == 1 + (64 // 4) ** 2
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_resampled_checkpoint_with_one_line(tmp_path):
     ckpt = _checkpoint_32px(tmp_path / "vit32.safetensors")
     r = _pfnas("run", "--set", f"backbone.name={TINY_BACKBONE['name']}", "--set", f"backbone.checkpoint={ckpt}",

@@ -79,6 +79,7 @@ def test_run_method_refuses_a_folder_of_another_seed(tmp_path):
     assert run_method(cfg, tmp_path)["test_acc"] == first["test_acc"]  # same config: resumed
 
 
+@pytest.mark.slow
 def test_second_run_on_a_locked_folder_refused_and_kill_9_frees_it(tmp_path, tiny_yaml, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "out"
@@ -168,6 +169,7 @@ def _check_complete(uri: str, run_id: str, epochs: list[int]) -> None:
         a.path for a in client.list_artifacts(run_id)}
 
 
+@pytest.mark.slow
 def test_run_started_while_the_server_is_down_is_complete_once_it_is_back(tmp_path, server, monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     cfg = tiny_config()
@@ -196,6 +198,7 @@ def test_run_started_while_the_server_is_down_is_complete_once_it_is_back(tmp_pa
     assert len(client.search_runs([client.get_experiment_by_name("dur").experiment_id])) == 2
 
 
+@pytest.mark.slow
 def test_server_restart_mid_run_loses_nothing(tmp_path, server, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     server.start()
@@ -220,6 +223,7 @@ def test_server_restart_mid_run_loses_nothing(tmp_path, server, monkeypatch):
     assert len(client.get_metric_history(lg.run_id, "test_acc")) == 1
 
 
+@pytest.mark.slow
 def test_cli_run_with_the_server_down_is_replayed_by_the_rerun(tmp_path, tiny_yaml, server, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

@@ -204,6 +204,7 @@ def test_retrain_and_experiment_end_to_end(tmp_path):
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 4
 
 
+@pytest.mark.slow
 def test_vpt_deep_learns_a_real_task_on_the_proxy_backbone(shared_proxy, tmp_path):
     """Real pretrained features + real data: one epoch of all-prepend is far above chance (10%)."""
     ckpt, root = shared_proxy
@@ -258,6 +259,7 @@ def test_cli_bad_input_exits_2_with_one_line(args, needle, capsys):
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_cli_process_exit_code_and_run(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pfnas", "search", "--set", "search.epochs=0"],
                          capture_output=True, text=True, cwd=tmp_path)

@@ -108,6 +108,7 @@ def test_changed_backbone_checkpoint_is_refused(tmp_path: Path) -> None:
         load_model(tmp_path / "run", backbone_checkpoint=moved)
 
 
+@pytest.mark.slow
 def test_load_model_from_mlflow_run(tmp_path: Path) -> None:
     from pfnas.runs import run_logged
     from pfnas.tracking import make_client

@@ -108,6 +108,7 @@ def test_a_finals_folder_pfnas_did_not_make_is_never_removed(tmp_path, tracking,
 
 
 # ----------------------------------------------------------------------------- 5: one study at a time
+@pytest.mark.slow
 def test_a_second_tune_of_a_running_study_is_refused(ray_session, tmp_path, tracking, capsys, monkeypatch):
     """While a study runs, ``pfnas tune`` of the same storage and name (with or without --resume) exits 2 naming the
     study and the holder, and leaves the running study alone; once it ended the name is free (and resumable)."""
@@ -140,6 +141,7 @@ def test_a_second_tune_of_a_running_study_is_refused(ray_session, tmp_path, trac
 
 
 # ----------------------------------------------------------------------------- 12: disk full at the finals
+@pytest.mark.slow
 def test_disk_full_writing_the_finals_is_one_line_and_a_failed_parent(ray_session, tmp_path, tracking, capsys,
                                                                       monkeypatch):
     """The trials finished; writing the finals folder fails with ENOSPC (as a full disk does: no file name on the
@@ -172,6 +174,7 @@ def test_disk_full_writing_the_finals_is_one_line_and_a_failed_parent(ray_sessio
 
 
 # ----------------------------------------------------------------------------- 15: retried trials are counted
+@pytest.mark.slow
 def test_a_trial_retried_after_its_worker_died_is_counted(ray_session, tmp_path, tracking, monkeypatch):
     """A trial whose worker is killed (SIGKILL, as the OOM killer does) is retried from its checkpoint and finishes:
     the summary says "1 retried" and why, the MLflow parent carries n_retried / n_retries."""

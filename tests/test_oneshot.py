@@ -202,6 +202,7 @@ def test_budget_plan_and_config_bounds(exp, tmp_path, capsys):
     one_error_line(capsys.readouterr().err, "method.rungs")
 
 
+@pytest.mark.slow
 def test_oneshot_end_to_end_costs_diagnostics_and_resume(exp, tmp_path, monkeypatch):
     method = {"kind": "oneshot", "budget_images": 1000, "rungs": [1, 2], "top_k": 1, "population": 3,
               "generations": 1, "tau_policies": 3, "tau_supernets": ["fair", "uniform", "darts"]}

@@ -65,6 +65,7 @@ def test_retrained_policy_records_inference_latency(exp, tmp_path):
     assert res["infer_batch"] >= 1 and res["infer_device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_two_objective_study_through_tune_optuna_mlflow(ray_session, tmp_path):
     from test_tune import write_space
 

@@ -35,6 +35,7 @@ def reads(monkeypatch):
                                     {"kind": "evolution", "population": 2, "sample_size": 1},
                                     {"kind": "oneshot", "budget_images": 2000, "rungs": [1, 2], "top_k": 1,
                                      "population": 3, "generations": 1, "tau_policies": 2, "select_folds": 2}])
+@pytest.mark.slow
 def test_select_stage_never_reads_test(exp, reads, tmp_path, method):
     cfg = tiny_config(method=method, train={"stage": "select", "epochs": 2})
     res = bl.run_method(cfg, tmp_path, exp=Experiment(cfg, exp.backbone, exp.data, exp.device))
@@ -138,6 +139,7 @@ def test_space_metric_with_its_own_direction_is_accepted(space_fields):
                                 **space_fields})
 
 
+@pytest.mark.slow
 def test_demo_space_search_decides(tmp_path):
     """The quick start shows a real search: at the low end of the demo's arch lr range, in softmax mode
     (the slower of its two modes), alpha leaves uniform (mean normalised entropy <= 0.7)."""

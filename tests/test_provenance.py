@@ -102,6 +102,7 @@ def test_compute_tags_read_the_live_thread_count():
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_cli_tune_prints_one_quiet_table_with_the_metric(cli_study):
     out = cli_study.out
     lines = out.splitlines()
@@ -163,6 +164,7 @@ def test_optuna_study_persists_next_to_the_mlflow_db(cli_study):
 
 
 # ----------------------------------------------------------------------------- a Pareto study's Optuna storage
+@pytest.mark.slow
 def test_multi_objective_study_in_the_space_storage(ray_session, tmp_path):
     space = write_space(tmp_path, "mo", num_samples=2, metric=["val_acc", "tuned_params"], mode=["max", "min"],
                         optuna_storage="sqlite:///opt/mo.db")
@@ -180,6 +182,7 @@ def test_multi_objective_study_in_the_space_storage(ray_session, tmp_path):
 
 
 # ----------------------------------------------------------------------------- pfnas run / baseline provenance
+@pytest.mark.slow
 def test_cli_runs_carry_their_verb_backbone_digest_and_dataset(tmp_path, capsys, monkeypatch):
     import timm
     from safetensors.torch import save_file

@@ -111,6 +111,7 @@ def test_method_names_from_trial_params():
     assert method_name({"method.kind": "random", "method.samples": "4"}, methods) == "random"
 
 
+@pytest.mark.slow
 def test_table_cells_group_means_and_means(store):
     rep = build_report(store["uri"], [EXP])
     accs = store["accs"]

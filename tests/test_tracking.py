@@ -31,6 +31,7 @@ def test_tracking_uri_resolution(tmp_path, monkeypatch):
     assert resolve_tracking_uri("http://h:1") == "http://h:1"  # an explicit URI beats the environment
 
 
+@pytest.mark.slow
 def test_logger_survives_an_unreachable_server(monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with socket.socket() as s:  # a port nobody listens on
@@ -47,6 +48,7 @@ def test_logger_survives_an_unreachable_server(monkeypatch, caplog):
     assert "failed" in warnings[1].getMessage() and "not logged" in warnings[1].getMessage()  # no run folder
 
 
+@pytest.mark.slow
 def test_logger_buffers_through_an_outage_then_flushes(tmp_path):
     db_dir = tmp_path / "later"
     db_dir.write_text("a file where the store's folder should be")  # the store cannot open: an outage
@@ -62,6 +64,7 @@ def test_logger_buffers_through_an_outage_then_flushes(tmp_path):
     assert client.get_run(lg.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_resumed_run_logs_each_step_once(uri):
     """A run killed after epoch 3 but resumed from its epoch-2 checkpoint re-runs epoch 3: one point per step."""
     cfg = tiny_config()
@@ -105,6 +108,7 @@ def _logged_run(uri: str, cfg: ExperimentConfig, test_acc: float, status: str = 
     return lg.run_id
 
 
+@pytest.mark.slow
 def test_compare_groups_seeds_and_sorts(uri, tmp_path):
     a = tiny_config(name="a")
     b = tiny_config(name="b", prompts={"length": 8, "dropout": 0.0, "fusion_dim": 4})
@@ -150,6 +154,7 @@ def test_config_hash_ignores_fields_that_cannot_change_a_result():
     assert config_hash(merge_dotted(search, {"method.op": "affine"})) == config_hash(search)  # unused by a search
 
 
+@pytest.mark.slow
 def test_cli_run_logs_a_diverged_run_as_failed(tmp_path, capsys):
     from pfnas.cli import main
 

@@ -2,6 +2,8 @@
 creating one new sqlite store, a sqlite file that is not a database."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import logging
 import os
@@ -33,6 +35,7 @@ def _rejected(folder: Path) -> list[dict]:
     return [json.loads(ln) for ln in (folder / RunLogger.REJECTED).read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_buffered_file_outside_the_run_folder_is_not_uploaded(tmp_path, caplog):
     uri, run = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "run"
     secret = tmp_path / "secret.txt"
@@ -58,6 +61,7 @@ def test_a_buffered_file_outside_the_run_folder_is_not_uploaded(tmp_path, caplog
     assert len(warnings) == 1 and str(run / RunLogger.REJECTED) in warnings[0], warnings
 
 
+@pytest.mark.slow
 def test_a_record_that_always_fails_is_set_aside_and_the_rest_is_sent(tmp_path, caplog):
     uri, run = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "run"
     ts = int(time.time() * 1000)
@@ -101,6 +105,7 @@ def _at_once(tmp_path: Path, body: str, n: int = 2) -> list[str]:
     return [out for out, _ in outs]
 
 
+@pytest.mark.slow
 def test_two_processes_creating_a_new_mlflow_store_both_log(tmp_path):
     uri = f"sqlite:///{tmp_path}/new/mlflow.db"
     outs = _at_once(tmp_path, f"""
@@ -116,6 +121,7 @@ def test_two_processes_creating_a_new_mlflow_store_both_log(tmp_path):
         assert not (tmp_path / f"p{i}" / RunLogger.BUFFER).exists()
 
 
+@pytest.mark.slow
 def test_two_processes_creating_a_new_optuna_store_both_work(tmp_path):
     url = f"sqlite:///{tmp_path}/new/optuna.db"
     _at_once(tmp_path, f"""
@@ -138,6 +144,7 @@ def _pfnas(tmp_path: Path, *args: str, timeout: float = 180) -> subprocess.Compl
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_a_corrupt_mlflow_db_is_one_line_exit_2(tmp_path):
     db = _garbage(tmp_path / "mlflow.db")
     before = db.read_bytes()
@@ -151,6 +158,7 @@ def test_a_corrupt_mlflow_db_is_one_line_exit_2(tmp_path):
     assert db.read_bytes() == before  # never touched
 
 
+@pytest.mark.slow
 def test_a_corrupt_optuna_db_is_one_line_exit_2(tmp_path):
     db = _garbage(tmp_path / "optuna.db")  # where the study keeps its sampler by default: beside mlflow.db
     r = _pfnas(tmp_path, "tune", "--space", "search_spaces/demo.yaml", "--tracking-uri",

@@ -44,6 +44,7 @@ def study(ray_session, tmp_path_factory, tracking):
 
 
 # ----------------------------------------------------------------------------- a real study
+@pytest.mark.slow
 def test_study_trials_have_nested_mlflow_runs(study):
     s = study.s
     assert [t.status for t in s.trials] == ["TERMINATED"] * 4
@@ -119,6 +120,7 @@ def test_best_config_is_the_best_trial(study):
     assert "study study: 4 trials (4 finished" in text and s.best.trial_id in text
 
 
+@pytest.mark.slow
 def test_same_seed_same_configs_and_best(study, tmp_path):
     again = run_tune(study.space, storage=str(tmp_path / "ray"), tracking_uri=study.uri, experiment="again")
     a, b = study.s, again.studies[0]
@@ -195,6 +197,7 @@ def test_val_acc_ties_go_to_the_lower_val_loss_then_the_earliest_trial():
 
 
 # ----------------------------------------------------------------------------- failures
+@pytest.mark.slow
 def test_diverging_trial_fails_alone(ray_session, tmp_path, tracking):
     """A NaN loss fails the same way on every try: the trial ends as an error once, without Ray's retries."""
     base = tiny_config().model_dump(mode="json")
@@ -231,6 +234,7 @@ def test_a_trial_the_cluster_cannot_hold_is_refused(ray_session, tmp_path, track
     assert not (tmp_path / "ray" / "toobig").exists()
 
 
+@pytest.mark.slow
 def test_a_study_continues_when_rays_own_loop_stops(ray_session, tmp_path, tracking, monkeypatch, caplog):
     """Ray 2.60 stops the whole run, not one trial, when its memory monitor kills a trial's worker (its actor
     manager raises "Caught unexpected exception"). The study continues from Tune's saved state by itself: every
@@ -312,6 +316,7 @@ def _tune_state(exp_dir: Path) -> dict[str, tuple[str, dict]]:
 
 
 # a trial stopped between a report and its checkpoint repeats that epoch on resume; Optuna keeps the first value
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The reported value is ignored because this `step=")
 def test_ctrl_c_selects_nothing_and_resume_finishes(ray_session, tmp_path, tracking):
     """Ctrl-C (SIGINT) after one trial finished: Tune saves its state and returns; the study must not select
@@ -354,6 +359,7 @@ def test_ctrl_c_selects_nothing_and_resume_finishes(ray_session, tmp_path, track
     assert s.best is not None and len(s.finals.test_accs) == 1 and s.failure() is None
 
 
+@pytest.mark.slow
 def test_kill_and_resume(ray_session, tmp_path, tracking):
     # ~0.3 s per epoch, 8 reports per trial: slow enough to interrupt the second trial mid-run
     base = tiny_config(data={"synthetic_per_class": 64}, search={"epochs": 4},
@@ -420,6 +426,7 @@ def test_kill_and_resume(ray_session, tmp_path, tracking):
 
 
 # ----------------------------------------------------------------------------- MLflow server
+@pytest.mark.slow
 def test_study_against_mlflow_server(ray_session, tmp_path):
     server = MlflowServer(tmp_path, free_port())
     server.start()
@@ -485,6 +492,7 @@ def test_grid_points_spread_the_trials_that_share_a_search(tmp_path):
     assert [p["search.arch_lr"] for p in plan.grid_points(2)] == [0.1, 0.2, 0.1, 0.2]
 
 
+@pytest.mark.slow
 def test_grid_study_runs_every_variant_and_seed(ray_session, tmp_path, tracking):
     """algorithm: grid runs the cross product of variants x choices; compare averages the seeds."""
     space = write_space(tmp_path, "grid", algorithm="grid", num_samples=None, startup_trials=0,
@@ -524,6 +532,7 @@ def test_grid_study_runs_every_variant_and_seed(ray_session, tmp_path, tracking)
         load_space(write_space(tmp_path, "g3", algorithm="grid", params={}, variants=[{"method.kind": "nope"}]))
 
 
+@pytest.mark.slow
 def test_an_lr_grid_of_evolution_trains_its_candidates_once(ray_session, tmp_path, tracking):
     """Two evolution trials that differ only in the retrain lr: one candidate loop in the study's cache, both
     trials select the same policy from the same records and log the loop's candidates into their own runs."""
@@ -565,6 +574,7 @@ def test_shipped_spaces_load(name, tasks):
     assert plans[0].params or plans[0].variants
 
 
+@pytest.mark.slow
 def test_cli_bad_space_exits_2_with_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"name": "bad", "params": PARAMS, "max_concurent_trials": 2}))
@@ -574,6 +584,7 @@ def test_cli_bad_space_exits_2_with_one_line(tmp_path):
     assert r.stderr.strip() == "pfnas: error: max_concurent_trials: unknown field"
 
 
+@pytest.mark.slow
 def test_cli_missing_data_root_exits_2_before_ray(tmp_path):
     """A local study with a missing data root is refused in one line before any trial starts (no Tune folder)."""
     r = subprocess.run([sys.executable, "-m", "pfnas", "tune", "--space", str(REPO / "search_spaces" / "ablation-proxy.yaml"),
@@ -585,6 +596,7 @@ def test_cli_missing_data_root_exits_2_before_ray(tmp_path):
     assert not (tmp_path / "rr").exists()
 
 
+@pytest.mark.slow
 def test_cluster_study_checks_data_paths_on_the_nodes(ray_session, tmp_path, tracking):
     """With --address the data pre-flight runs on every Ray node (as a task there), before any trial."""
     from pfnas.config import DataError
@@ -605,6 +617,7 @@ def test_cluster_study_checks_data_paths_on_the_nodes(ray_session, tmp_path, tra
         check_data_on_nodes([ok, gone])
 
 
+@pytest.mark.slow
 def test_cli_study_without_a_finished_trial_exits_2(ray_session, tmp_path, tracking, capsys):
     """Every trial failed: the table still shows why, and `pfnas tune` exits 2 with one error line."""
     from pfnas.cli import main

@@ -114,6 +114,7 @@ def exported(tmp_path_factory):
         os.environ["HF_HUB_OFFLINE"] = saved
 
 
+@pytest.mark.slow
 def test_mutated_model_file_is_a_result_or_one_error(exported) -> None:
     folder, meta, image = exported
     assert _cli(["predict", "-m", str(folder), str(image)])[0] == 0  # the untouched export predicts
@@ -141,6 +142,7 @@ def config_bases() -> list[dict]:
     return [yaml.safe_load(DEMO_YAML.read_text()), tiny_config().model_dump(mode="json")]
 
 
+@pytest.mark.slow
 def test_mutated_config_yaml_is_a_config_or_one_error(config_bases, tmp_path_factory) -> None:
     folder = tmp_path_factory.mktemp("configs")
     blocker = folder / "a-file"
