@@ -166,3 +166,6 @@ def test_a_corrupt_optuna_db_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2, r.stderr[-3000:]
     one_error_line(r.stderr, f"sqlite:///{db}", "not a valid database", "file is not a database")
     assert not list((tmp_path / "ray").glob("*/*/params.json"))  # no trial ran
+    client = make_client(f"sqlite:///{tmp_path}/mlflow.db")  # and no study parent run left RUNNING
+    assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+                if r.data.tags.get("pfnas.kind") == "study"]

@@ -356,13 +356,13 @@ def _open_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storag
                                            filter_string=f"tags.`pfnas.kind` = 'study' and "
                                                          f"tags.`pfnas.study` = '{plan.name}'")
                 earlier = found[0].info.run_id if found else None
-        parent = _parent_run(client, exp_id, plan, space, space_path, earlier)
-        optuna_study = None
-        if optuna_storage and space.algorithm == "optuna":  # the sampler's study in RDB storage (optuna-dashboard)
+        optuna_study = None  # the sampler's study in RDB storage (optuna-dashboard); opened before the parent run
+        if optuna_storage and space.algorithm == "optuna":  # exists, so a storage it cannot open leaves no parent
             optuna_study = previous.get("optuna_study") if restoring else _optuna_study_name(optuna_storage, plan.name)
-            if optuna_study:
-                client.set_tag(parent, "pfnas.optuna_storage", optuna_storage)
-                client.set_tag(parent, "pfnas.optuna_study", optuna_study)
+        parent = _parent_run(client, exp_id, plan, space, space_path, earlier)
+        if optuna_study:
+            client.set_tag(parent, "pfnas.optuna_storage", optuna_storage)
+            client.set_tag(parent, "pfnas.optuna_study", optuna_study)
     except PfnasError:
         raise
     except Exception as e:  # noqa: BLE001
