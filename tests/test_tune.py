@@ -52,16 +52,18 @@ def test_study_trials_have_nested_mlflow_runs(study):
     assert len(parents) == 1 and parents[0].info.run_id == s.parent_run_id
     assert parents[0].data.params["param.search.arch_lr"].startswith("loguniform")
     assert parents[0].data.metrics["best_val_acc"] == pytest.approx(s.best.value)
-    by_name = {r.data.tags["pfnas.trial_id"]: r for r in trials}  # run names are readable: t01 softmax ...
+    by_name = {r.data.tags["pfnas.trial_id"]: r for r in trials}
     assert sorted(by_name) == sorted(t.trial_id for t in s.trials)
+    assert sorted(r.info.run_name for r in trials) == ["t01", "t02", "t03", "t04"]  # one name: MLflow = tables
     for t in s.trials:
         run = by_name[t.trial_id]
-        assert run.info.status == "FINISHED"
+        assert run.info.status == "FINISHED" and run.info.run_name == t.name
         assert run.data.tags["mlflow.parentRunId"] == s.parent_run_id
-        # params: the flattened config, with this trial's sampled values
+        # params: a curated few (tuned keys first), with this trial's sampled values; the rest is config.yaml
         assert float(run.data.params["search.arch_lr"]) == pytest.approx(t.params["search.arch_lr"])
         assert int(run.data.params["prompts.length"]) == t.params["prompts.length"]
-        assert run.data.params["backbone.kwargs.embed_dim"] == "32"
+        assert "backbone.kwargs.embed_dim" not in run.data.params and len(run.data.params) < 25
+        assert run.data.tags["pfnas.method"] == "search"
         # per-epoch metrics with steps, final metrics equal to what Tune saw
         hist = client.get_metric_history(run.info.run_id, "search/val_acc")
         assert sorted(m.step for m in hist) == [1, 2]
@@ -84,10 +86,11 @@ def test_finals_retrain_the_val_selected_trial_and_test_once(study):
     client = make_client(study.uri)
     exp = client.get_experiment_by_name("study")
     finals = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("pfnas.kind") == "final"]
-    assert sorted(r.info.run_name for r in finals) == ["final s0", "final s1"]
+    assert sorted(r.info.run_name for r in finals) == [f"{s.best.name} final s0", f"{s.best.name} final s1"]
     policy = s.best.metrics["policy"].split(",")
     for r in finals:
         assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == s.parent_run_id
+        assert r.data.tags["pfnas.method"] == "search" and r.data.tags["pfnas.selected_run"] == s.best.name
         assert r.data.tags["pfnas.selected_trial"] == s.best.trial_id and r.data.tags["pfnas.stage"] == "final"
         assert r.data.params["train.stage"] == "final" and json.loads(r.data.params["method.policy"]) == policy
         hist = client.get_metric_history(r.info.run_id, "retrain/test_acc")
@@ -98,8 +101,16 @@ def test_finals_retrain_the_val_selected_trial_and_test_once(study):
     parent = client.get_run(s.parent_run_id)
     assert parent.data.metrics["final_test_acc_mean"] == pytest.approx(sum(accs) / 2)
     assert parent.data.metrics["final_n"] == 2
+    assert parent.data.tags["pfnas.best_trial"] == s.best.name  # the run name the MLflow UI shows
+    note = parent.data.tags["mlflow.note.content"]  # the parent's description: selection, the pick, its finals
+    mean = sum(accs) / 2
+    assert f"Selected: **{s.best.name}**" in note and s.best.metrics["policy"] in note and f"{mean:.4f}" in note
+    assert {"compare/compare.csv", "compare/acc_vs_params.png"} <= {
+        a.path for a in client.list_artifacts(s.parent_run_id, "compare")}
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development" and exp.tags["mlflow.note.content"]
     text = str(study.summary)
     assert "selected on validation" in text and "final: test_acc" in text
+    assert f"trial {s.best.name} " in text and s.best.trial_id not in text  # one name in the summary too
 
 
 def test_best_config_is_the_best_trial(study):
@@ -116,7 +127,7 @@ def test_best_config_is_the_best_trial(study):
     assert cfg.prompts.length == s.best.params["prompts.length"]
     assert cfg.backbone.kwargs["embed_dim"] == 32  # the rest comes from the base config
     text = str(study.summary)
-    assert "study study: 4 trials (4 finished" in text and s.best.trial_id in text
+    assert "study study: 4 trials (4 finished" in text and s.best.name in text
 
 
 def test_same_seed_same_configs_and_best(study, tmp_path):
@@ -671,19 +682,21 @@ def test_context_pickled_by_an_older_pfnas_gets_the_new_fields():
     assert back.resolve({"seed": 3}) == (back, {"seed": 3})
 
 
-def test_finals_progress_line_names_each_config_verbatim():
-    """Finals of several configs share one Tune run: the progress line names the config of each final, brackets
-    included (rich would read ``[train.optim.lr=1]`` as markup and drop it), and shows no best test score."""
+def test_finals_progress_line_names_each_final_by_its_run_name():
+    """Finals of several configs share one Tune run: off a terminal a start line gives the plan, then each final's
+    line names it as its MLflow run does (``t03 final s2``: the trial it finalises, its seed), with no best test."""
     import io
 
     from rich.console import Console
 
-    from pfnas.tune.summary import LiveTable, _Progress
+    from pfnas.tune.display import LiveTable
+    from pfnas.tune.display import Progress as _Progress
     from pfnas.tune.trial import TrialContext
 
     base = tiny_config().model_dump(mode="json")
     one = TrialContext(study="s", base=base, tracking_uri="u", experiment="e", parent_run_id=None,
-                       param_keys=["seed"], kind="final", tags={"pfnas.label": "fixed:add [train.optim.lr=1]"})
+                       param_keys=["seed"], kind="final", tags={"pfnas.label": "fixed:add [train.optim.lr=1]",
+                                                                 "pfnas.selected_run": "t03"})
     other = tiny_config(train={"epochs": 7}).model_dump(mode="json")  # the dispatcher's placeholder base
     several = TrialContext(study="s", base=other, tracking_uri="u", experiment="e", parent_run_id=None,
                            param_keys=["seed"], kind="final", finals=[one])
@@ -692,8 +705,9 @@ def test_finals_progress_line_names_each_config_verbatim():
     trial = SimpleNamespace(trial_id="t0", status="TERMINATED", config={"final": {"config": 0, "seed": 2}},
                             last_result={"test_acc": 0.9, "phase": "done"}, experiment_tag="0")
     table.update(_Progress("finals of 2 configs", "test_acc", several, 2), [trial], done=trial)
-    line = buf.getvalue().strip()
-    assert line.startswith("finals of 2 configs: fixed:add [train.optim.lr=1] seed 2 done test_acc=0.9000 | 1/2 done")
+    start, line = buf.getvalue().strip().splitlines()
+    assert start.startswith("finals of 2 configs: 2 trials of ") and "progress every minute" in start
+    assert line.startswith("finals of 2 configs: t03 final s2 done test_acc=0.9000 | 1/2 done")
     assert "best" not in line
     cfg = ExperimentConfig.model_validate(base)  # its planned epochs come from its own config, not the dispatcher's
     cb = _Progress("finals of 2 configs", "test_acc", several, 2)

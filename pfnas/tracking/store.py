@@ -80,14 +80,41 @@ def sqlite_corruption(url: str, err: BaseException, hint: str = "") -> PfnasErro
     return None
 
 
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's UI opens such an experiment on its runs table, not on traces
+EXPERIMENT_DESCRIPTION = (
+    "pfnas runs (prompt fusion search on a frozen ViT).\n\n"
+    "* A study is one parent run (`pfnas.kind=study`); its description names the selected trial, its policy, its "
+    "val score and the finals' test mean ± std, and its artifacts hold the compare table and plot.\n"
+    "* Its trials `t01`, `t02`... are nested under it: each searched/trained on train and scored on **val_acc**, "
+    "the only score a study selects on.\n"
+    "* The finals (`t01 final s0`...) retrain the selected trial's policy on train+val and report **test_acc** "
+    "once per seed.\n"
+    "* `pfnas run` / `pfnas baseline` runs are top-level (`pfnas.kind=run`); final-stage ones report test_acc only "
+    "and are not selectable.\n\n"
+    "Params show the tuned values, method, op, policy, prompt length and learning rates; every run's full config "
+    "is its `config.yaml` artifact. `pfnas compare --experiment <name>` prints the same table.")
+
+
+def _label_experiment(client, exp) -> None:
+    """Give an experiment pfnas made (or logs to) its kind and description when it has none yet."""
+    tags = getattr(exp, "tags", None) or {}
+    if tags.get("mlflow.experimentKind") is None:
+        client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
+    if not tags.get("mlflow.note.content"):
+        client.set_experiment_tag(exp.experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
+
+
 def get_experiment_id(client, name: str, tracking_uri: str) -> str:
-    """Id of MLflow experiment ``name``, created (artifacts next to a sqlite file) if missing."""
+    """Id of MLflow experiment ``name``, created (artifacts next to a sqlite file) if missing; it is tagged
+    ``mlflow.experimentKind=custom_model_development`` (the UI opens on its runs) and described, unless it already
+    has a kind or description of its own."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        _label_experiment(client, exp)
         return exp.experiment_id
     location = None
     db = _sqlite_path(tracking_uri)
@@ -95,7 +122,8 @@ def get_experiment_id(client, name: str, tracking_uri: str) -> str:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "default"
         location = (db.parent / "mlruns" / safe).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={
+            "mlflow.experimentKind": EXPERIMENT_KIND, "mlflow.note.content": EXPERIMENT_DESCRIPTION})
     except MlflowException:  # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
