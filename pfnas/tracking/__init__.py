@@ -31,6 +31,8 @@ from pfnas.tracking.store import (
     get_experiment_id,
     make_client,
     resolve_tracking_uri,
+    runs_table_url,
+    set_runs_view,
     sqlite_corruption,
     sqlite_store_lock,
 )
@@ -55,5 +57,5 @@ __all__ = [
     "collect_rows",
     "pareto_figure", "alpha_heatmap", "resolve_tracking_uri", "absolute_sqlite_url", "check_reachable",
     "get_experiment_id", "make_client", "sqlite_store_lock", "sqlite_corruption", "config_hash", "config_params", "flatten", "method_label", "metric_mode",
-    "method_tag", "curated_params", "reads_test", "pareto_front", "policy_agreement", "format_value", "finite_scalar", "mean_std",
+    "method_tag", "curated_params", "runs_table_url", "set_runs_view", "reads_test", "pareto_front", "policy_agreement", "format_value", "finite_scalar", "mean_std",
 ]

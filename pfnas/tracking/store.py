@@ -95,6 +95,43 @@ EXPERIMENT_DESCRIPTION = (
     "is its `config.yaml` artifact. `pfnas compare --experiment <name>` prints the same table.")
 
 
+RUNS_VIEW = "pfnas"  # share key of the runs-table view pfnas keeps on each experiment (``runs_table_url``)
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW}"
+VIEW_METRICS = ("val_acc", "test_acc", "tuned_params", "cost_images")
+VIEW_TAGS = ("pfnas.method", "pfnas.policy")
+
+
+def set_runs_view(client, experiment_id: str, params: list[str] | tuple[str, ...] = (),
+                  expand: str | None = None) -> None:
+    """The experiment's shared runs-table view (an MLflow "shared view": experiment tag
+    ``mlflow.sharedViewState.pfnas``): sorted by val_acc, showing val_acc, test_acc, tuned params and cost, the
+    method and policy tags and the ``params`` given (a study's tuned keys; earlier ones kept), and ``expand``
+    (a study's parent run) expanded so its trials show. :func:`runs_table_url` opens it."""
+    import json
+
+    old: dict = {}
+    exp = client.get_experiment(experiment_id)
+    if RUNS_VIEW_TAG in (exp.tags or {}):
+        try:
+            old = json.loads(exp.tags[RUNS_VIEW_TAG])
+        except ValueError:
+            old = {}
+    cols = [f"metrics.`{m}`" for m in VIEW_METRICS] + [f"params.`{p}`" for p in params]
+    cols += [c for c in old.get("selectedColumns", []) if c.startswith("params.") and c not in cols]
+    cols += [f"tags.`{t}`" for t in VIEW_TAGS]
+    expanded = dict(old.get("runsExpanded") or {}, **({expand: True} if expand else {}))
+    state = {"selectedColumns": cols, "orderByKey": "metrics.`val_acc`", "orderByAsc": False,
+             "runsExpanded": expanded}
+    client.set_experiment_tag(experiment_id, RUNS_VIEW_TAG, json.dumps(state))
+
+
+def runs_table_url(ui_url: str, experiment_id: str) -> str:
+    """The MLflow UI address of an experiment's runs table in pfnas's view (``ui_url``: the server's base URL):
+    the "Model training" side of the UI (a fresh browser opens MLflow 3 on its GenAI side)."""
+    return (f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={RUNS_VIEW}")
+
+
 def _label_experiment(client, exp) -> None:
     """Give an experiment pfnas made (or logs to) its kind and description when it has none yet."""
     tags = getattr(exp, "tags", None) or {}
@@ -102,6 +139,8 @@ def _label_experiment(client, exp) -> None:
         client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
     if not tags.get("mlflow.note.content"):
         client.set_experiment_tag(exp.experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
+    if RUNS_VIEW_TAG not in tags:
+        set_runs_view(client, exp.experiment_id)
 
 
 def get_experiment_id(client, name: str, tracking_uri: str) -> str:
@@ -122,8 +161,10 @@ def get_experiment_id(client, name: str, tracking_uri: str) -> str:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "default"
         location = (db.parent / "mlruns" / safe).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location, tags={
+        exp_id = client.create_experiment(name, artifact_location=location, tags={
             "mlflow.experimentKind": EXPERIMENT_KIND, "mlflow.note.content": EXPERIMENT_DESCRIPTION})
+        set_runs_view(client, exp_id)
+        return exp_id
     except MlflowException:  # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:

@@ -47,8 +47,8 @@ class FinalsRecord:
 
     def describe(self) -> str:
         mean, std = self.mean_std()
-        return (f"test_acc {mean:.4f} ± {std:.4f} (n={len(self.test_accs)}, trial {self.trial_id}'s config and "
-                f"policy retrained on train+val, tested once per seed)")
+        return (f"test_acc {mean:.4f} ± {std:.4f} (n={len(self.test_accs)}, trial {self.name or self.trial_id}'s "
+                "config and policy retrained on train+val, tested once per seed)")
 
 
 def records(results, objectives: list[str], param_keys: list[str],

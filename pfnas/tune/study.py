@@ -38,6 +38,8 @@ from ..tracking import (
     method_tag,
     pareto_figure,
     resolve_tracking_uri,
+    runs_table_url,
+    set_runs_view,
     sqlite_corruption,
     sqlite_store_lock,
 )
@@ -162,6 +164,11 @@ def _parent_run(client, exp_id: str, plan: StudyPlan, space: SpaceConfig, space_
               **{f"param.{k}": v.describe() for k, v in plan.params.items()}}
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     client.log_dict(run.info.run_id, plan.base.model_dump(mode="json"), "base_config.yaml")
+    try:  # the runs table shows this study's tuned params, its trials expanded under the parent
+        tuned = [k for k in plan.param_keys if k != "variant"] + [k for v in plan.variants for k in v]
+        set_runs_view(client, exp_id, list(dict.fromkeys(tuned)), expand=run.info.run_id)
+    except Exception as e:  # noqa: BLE001 - a view is a convenience
+        log.debug("no runs view on experiment %s: %s", exp_id, e)
     return run.info.run_id
 
 
@@ -494,15 +501,22 @@ def _log_parent(run: StudyRun, space: SpaceConfig, out: StudyOutcome) -> None:
                    Metric("n_retries", sum(r.retries for r in recs), 0, 0)]  # their retries in all
         if out.best is not None:
             metrics.append(Metric(f"best_{primary}", out.best.value, 0, 0))
+            if primary == "val_acc":  # the parent's row in the runs table: the selected trial's val score
+                metrics.append(Metric("val_acc", out.best.value, 0, 0))
             client.set_tag(parent, "pfnas.best_trial", out.best.name)  # the run name the MLflow UI shows
             client.log_dict(parent, out.best_cfg, "best_config.yaml")
         if out.finals is not None and out.finals.test_accs:
             mean, std = out.finals.mean_std()
             metrics += [Metric("final_test_acc_mean", mean, 0, 0), Metric("final_test_acc_std", std, 0, 0),
-                        Metric("final_n", len(out.finals.test_accs), 0, 0)]
+                        Metric("final_n", len(out.finals.test_accs), 0, 0),
+                        Metric("test_acc", mean, 0, 0)]  # the parent's row: the finals' mean test score
         client.log_batch(parent, metrics=metrics)
         client.set_tag(parent, "mlflow.note.content", _parent_description(run, space, out))
+        if out.best is not None:
+            client.set_tag(parent, "pfnas.policy", str(out.best.metrics.get("policy", "")))
         _log_compare(run, space)
+        if run.ctx.tracking_uri.startswith(("http://", "https://")):
+            run.notes.append(f"MLflow runs table: {runs_table_url(run.ctx.tracking_uri, run.exp_id)}")
         unfinished = out.interrupted or (any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none")
         orphans = _close_orphans(client, run.exp_id, parent)
         if orphans:
