@@ -3,7 +3,7 @@
 Used by ``tests/test_mlflow_ui.py`` (slow) and, as a script, to refresh the docs' screenshots from a store that
 holds a pfnas study::
 
-    python tests/mlflow_ui.py --store sqlite:////abs/mlflow.db --experiment demo --shots docs/img
+    PYTHONPATH=. python tests/mlflow_ui.py --store sqlite:////abs/mlflow.db --experiment demo --shots docs/img
 """
 from __future__ import annotations
 
@@ -91,12 +91,8 @@ def screenshot(url: str, path: Path, size: str = "1600,1000", budget_ms: int = 2
     return path
 
 
-def experiment_url(base: str, experiment_id: str) -> str:
-    return f"{base}/#/experiments/{experiment_id}"
-
-
 def run_url(base: str, experiment_id: str, run_id: str) -> str:
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def main() -> int:
@@ -107,14 +103,17 @@ def main() -> int:
     a = ap.parse_args()
     from mlflow import MlflowClient
 
+    from pfnas.tracking import runs_table_url
+
     client = MlflowClient(a.store)
     exp = client.get_experiment_by_name(a.experiment)
     parent = client.search_runs([exp.experiment_id], filter_string="tags.`pfnas.kind` = 'study'", max_results=1)[0]
     folder = Path(os.environ.get("TMPDIR", "/tmp"))
     srv = UiServer(a.store, folder)
     try:
-        runs = screenshot(experiment_url(srv.url, exp.experiment_id), a.shots / "mlflow-runs.png")
-        par = screenshot(run_url(srv.url, exp.experiment_id, parent.info.run_id), a.shots / "mlflow-parent-run.png")
+        runs = screenshot(runs_table_url(srv.url, exp.experiment_id), a.shots / "mlflow-runs.png")
+        par = screenshot(run_url(srv.url, exp.experiment_id, parent.info.run_id), a.shots / "mlflow-parent-run.png",
+                         size="1600,1400")
     finally:
         srv.stop()
     print(runs, par)

@@ -706,9 +706,37 @@ def test_finals_progress_line_names_each_final_by_its_run_name():
                             last_result={"test_acc": 0.9, "phase": "done"}, experiment_tag="0")
     table.update(_Progress("finals of 2 configs", "test_acc", several, 2), [trial], done=trial)
     start, line = buf.getvalue().strip().splitlines()
-    assert start.startswith("finals of 2 configs: 2 trials of ") and "progress every minute" in start
+    assert start.startswith("finals of 2 configs: 2 trials of ") and "progress each minute" in start
     assert line.startswith("finals of 2 configs: t03 final s2 done test_acc=0.9000 | 1/2 done")
     assert "best" not in line
     cfg = ExperimentConfig.model_validate(base)  # its planned epochs come from its own config, not the dispatcher's
     cb = _Progress("finals of 2 configs", "test_acc", several, 2)
     assert table._plan(cb, trial) == ((cfg.search.epochs if cfg.method.kind == "search" else 0), cfg.train.epochs)
+
+
+def test_live_table_fits_100_columns_and_names_trials_as_mlflow_does():
+    """The demo study's live table: one line per trial at 100 columns (one-word param headers, the phase on one
+    line), each trial named as its MLflow run (``t01``), not by its Tune id."""
+    import io
+
+    from rich.console import Console
+
+    from pfnas.tune.display import LiveTable, Progress
+    from pfnas.tune.trial import TrialContext
+
+    _, (plan,) = load_space(REPO / "search_spaces" / "demo.yaml")
+    ctx = TrialContext(study="demo", base=plan.base.model_dump(mode="json"), tracking_uri="u", experiment="demo",
+                       parent_run_id=None, param_keys=plan.param_keys)
+    params = {"prompts.length": 8, "search.mode": "softmax", "search.arch_lr": 1.23456789,
+              "search.optim.lr": 0.123456789, "train.optim.lr": 0.98765432}
+    trials = [SimpleNamespace(trial_id=f"abc{i}_0000{i}", status="RUNNING", config=params, experiment_tag=f"{i}_x",
+                              last_result={"phase": "retrain", "epoch": 7, "val_acc": 0.61234, "time_total_s": 30.0})
+              for i in range(1, 9)]
+    table = LiveTable(console=Console(file=io.StringIO(), width=100))
+    table.t0 = time.monotonic()
+    rendered, _ = table._table(Progress("study demo", "val_acc", ctx, 8), trials)
+    out = Console(file=io.StringIO(), width=100, record=True)
+    out.print(rendered)
+    lines = [ln for ln in out.export_text().splitlines() if ln.strip()]
+    assert len(lines) == 2 + len(trials), "\n".join(lines)  # header, rule, one line per trial
+    assert lines[2].split()[0] == "t01" and "abc1" not in out.export_text() and "retrain 7/8" in lines[2]

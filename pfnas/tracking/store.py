@@ -97,14 +97,14 @@ EXPERIMENT_DESCRIPTION = (
 
 RUNS_VIEW = "pfnas"  # share key of the runs-table view pfnas keeps on each experiment (``runs_table_url``)
 RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW}"
-VIEW_METRICS = ("val_acc", "test_acc", "tuned_params", "cost_images")
+VIEW_METRICS = ("val_acc", "test_acc", "tuned_params")
 VIEW_TAGS = ("pfnas.method", "pfnas.policy")
 
 
 def set_runs_view(client, experiment_id: str, params: list[str] | tuple[str, ...] = (),
                   expand: str | None = None) -> None:
     """The experiment's shared runs-table view (an MLflow "shared view": experiment tag
-    ``mlflow.sharedViewState.pfnas``): sorted by val_acc, showing val_acc, test_acc, tuned params and cost, the
+    ``mlflow.sharedViewState.pfnas``): sorted by val_acc, showing val_acc, test_acc and tuned params, the
     method and policy tags and the ``params`` given (a study's tuned keys; earlier ones kept), and ``expand``
     (a study's parent run) expanded so its trials show. :func:`runs_table_url` opens it."""
     import json

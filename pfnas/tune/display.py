@@ -421,9 +421,8 @@ class LiveTable:
         if not self._said:  # the plan, once per Tune run
             self._said.add("")
             search_e, train_e = self._plan(cb, trials[0]) if trials else (0, 0)
-            epochs = (f"{search_e} search + {train_e} retrain epochs" if search_e else f"{train_e} epochs")
-            say(f"{cb.title}: {cb.total} trials of {epochs} each, {len(trials)} started; a line per finished trial "
-                "and progress every minute")
+            epochs = f"{search_e}+{train_e} epochs" if search_e else f"{train_e} epochs"
+            say(f"{cb.title}: {cb.total} trials of {epochs}; a line per trial, progress each minute")
         if done is not None and done.trial_id not in self._said:
             self._said.add(done.trial_id)
             self._table(cb, trials, done)

@@ -685,7 +685,7 @@ def _run_finals(ctx: TrialContext, plan: StudyPlan, chosen: list[TrialRecord], s
         if selection is not None:  # another selection's finals: replaced, if pfnas made that folder
             _fresh_owned_dir(selection.parent)
             _write_file(selection, ids)
-        title = f"finals of trial {chosen[0].trial_id}" if len(chosen) == 1 else f"finals of {len(chosen)} configs"
+        title = f"finals of trial {chosen[0].name}" if len(chosen) == 1 else f"finals of {len(chosen)} configs"
         tuner = tune.Tuner(
             trainable, param_space={"final": tune.grid_search(runs)},
             tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=space.max_concurrent_trials,
