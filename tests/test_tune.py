@@ -740,3 +740,28 @@ def test_live_table_fits_100_columns_and_names_trials_as_mlflow_does():
     lines = [ln for ln in out.export_text().splitlines() if ln.strip()]
     assert len(lines) == 2 + len(trials), "\n".join(lines)  # header, rule, one line per trial
     assert lines[2].split()[0] == "t01" and "abc1" not in out.export_text() and "retrain 7/8" in lines[2]
+
+
+def test_off_a_terminal_a_study_says_its_plan_and_progress_every_minute(monkeypatch):
+    """Piped to a log, a study prints its plan first, then a progress line at least every LOG_EVERY_S seconds
+    while trials run (not only when one finishes): minutes of silence read as a hang."""
+    import io
+
+    from rich.console import Console
+
+    from pfnas.tune.display import LiveTable, Progress
+    from pfnas.tune.trial import TrialContext
+
+    ctx = TrialContext(study="s", base=tiny_config().model_dump(mode="json"), tracking_uri="u", experiment="e",
+                       parent_run_id=None, param_keys=[])
+    running = SimpleNamespace(trial_id="abc_00001", status="RUNNING", config={}, experiment_tag="1_x",
+                              last_result={"phase": "search", "epoch": 1})
+    buf = io.StringIO()
+    table = LiveTable(console=Console(file=buf, width=80, force_terminal=False))
+    cb = Progress("study s", "val_acc", ctx, 3)
+    table.update(cb, [running])
+    table.update(cb, [running])  # within the minute: nothing new
+    assert len(buf.getvalue().splitlines()) == 1 and buf.getvalue().startswith("study s: 3 trials of 2+2 epochs")
+    monkeypatch.setattr(LiveTable, "LOG_EVERY_S", 0.0)
+    table.update(cb, [running])
+    assert buf.getvalue().splitlines()[1].startswith("study s: 0/3 done, 1 running (t01 search 1/2)")

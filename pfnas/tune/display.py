@@ -292,7 +292,9 @@ def _eta(seconds: float | None) -> str:
 class LiveTable:
     """One live rich table per Tune run: trial, state, key params, phase (epoch of planned), the latest value of the
     study metric and an ETA from epochs done vs planned (search.epochs + train.epochs). On a terminal it redraws in
-    place (at most twice a second); elsewhere (a log file, a pipe) it prints one line per finished trial."""
+    place (at most twice a second); elsewhere (a log file, a pipe) it prints a start line with the plan, one line per
+    finished trial and a progress line at least every :attr:`LOG_EVERY_S` seconds. Trials go by their MLflow run
+    name (``t03``, ``t03 final s1``)."""
 
     LOG_EVERY_S = 60.0  # off a terminal: a progress line at least this often
 
@@ -378,8 +380,8 @@ class LiveTable:
             if t.status == "RUNNING" and done and finite_scalar(r.get("time_total_s")):
                 t_eta = float(r["time_total_s"]) * (planned - done) / done
             state = {"TERMINATED": "done", "ERROR": "error"}.get(t.status, t.status.lower())
-            tctx, params = _resolve(cb, t)
-            table.add_row(tctx.run_name(params, t.trial_id, trial_index(t)), state,
+            params = _resolve(cb, t)[1]
+            table.add_row(self._name(cb, t), state,
                           *[format_value(params.get(k, "")) for k in keys], phase,
                           f"{v:.4f}" if finite_scalar(v) else "-", _eta(t_eta) if t.status == "RUNNING" else "")
         return table, title
@@ -410,6 +412,12 @@ class LiveTable:
         if end:
             self.close()
 
+    @staticmethod
+    def _name(cb: Progress, trial) -> str:
+        """A trial's name, as its MLflow run's."""
+        tctx, params = _resolve(cb, trial)
+        return tctx.run_name(params, trial.trial_id, trial_index(trial))
+
     def _log_lines(self, cb: Progress, trials: list, done=None) -> None:
         """Off a terminal (a log file, a pipe): what the live table would show, as plain lines."""
         now = time.monotonic()
@@ -421,8 +429,8 @@ class LiveTable:
         if not self._said:  # the plan, once per Tune run
             self._said.add("")
             search_e, train_e = self._plan(cb, trials[0]) if trials else (0, 0)
-            epochs = f"{search_e}+{train_e} epochs" if search_e else f"{train_e} epochs"
-            say(f"{cb.title}: {cb.total} trials of {epochs}; a line per trial, progress each minute")
+            epochs = f" of {search_e}+{train_e} epochs" if search_e else (f" of {train_e} epochs" if train_e else "")
+            say(f"{cb.title}: {cb.total} trials{epochs}; a line per trial, progress each minute")
         if done is not None and done.trial_id not in self._said:
             self._said.add(done.trial_id)
             self._table(cb, trials, done)
@@ -430,8 +438,7 @@ class LiveTable:
             v = r.get(cb.metric)
             state = "error" if done.status == "ERROR" or r.get("error") else "done"
             n_done, best = self._counts
-            dctx, params = _resolve(cb, done)
-            say(f"{cb.title}: {dctx.run_name(params, done.trial_id, trial_index(done))} {state}"
+            say(f"{cb.title}: {self._name(cb, done)} {state}"
                 + (f" {cb.metric}={v:.4f}" if finite_scalar(v) else "")
                 + f" | {n_done}/{cb.total} done" + (f", best {best:.4f}" if best is not None else "")
                 + f", {_eta(now - self.t0)}" + (f", ETA {_eta(self._eta)}" if n_done < cb.total else ""))
@@ -439,8 +446,7 @@ class LiveTable:
             self._table(cb, trials, done)
             n_done, best = self._counts
             running = [t for t in trials if t.status == "RUNNING"]
-            phases = ", ".join(f"{_resolve(cb, t)[0].run_name(_resolve(cb, t)[1], t.trial_id, trial_index(t))} "
-                               f"{self._progress(cb, t)[2]}" for t in running[:4])
+            phases = ", ".join(f"{self._name(cb, t)} {self._progress(cb, t)[2]}" for t in running[:4])
             say(f"{cb.title}: {n_done}/{cb.total} done, {len(running)} running"
                 + (f" ({phases})" if phases else "") + (f", best {best:.4f}" if best is not None else "")
                 + f", {_eta(now - self.t0)}" + (f", ETA {_eta(self._eta)}" if self._eta is not None else ""))
