@@ -200,8 +200,8 @@ def test_val_acc_ties_go_to_the_lower_val_loss_then_the_earliest_trial():
             StudySummary("s", "val_acc", "max", [], trials, best_trial(trials, "max"), None, "", "", "", None))
         return buf.getvalue()
 
-    assert "tied on val_acc with trial t1, t4: the lowest val_loss decided (1.5900)" in shown(tied)
-    assert "tied on val_acc with trial t2: the earliest trial decided" in shown([rec(1, 0.36), rec(2, 0.36)])
+    assert "tied on val_acc with trial t01, t04: the lowest val_loss decided (1.5900)" in shown(tied)
+    assert "tied on val_acc with trial t02: the earliest trial decided" in shown([rec(1, 0.36), rec(2, 0.36)])
     assert "tied on" not in shown(tied[1:3])
 
 
@@ -520,7 +520,8 @@ def test_grid_study_runs_every_variant_and_seed(ray_session, tmp_path, tracking)
     assert sorted(fin) == sorted(f.trial_id for f in s.group_finals)
     for f in s.group_finals:
         r = fin[f.trial_id]
-        assert r.info.run_name == f"final s{f.seeds[0]}" and r.data.metrics["test_acc"] == pytest.approx(f.test_accs[0])
+        assert r.info.run_name == f"{f.name} final s{f.seeds[0]}"  # the trial it finalises, by its run name
+        assert r.data.metrics["test_acc"] == pytest.approx(f.test_accs[0])
     assert sorted((t.params["variant"], t.params["seed"]) for t in s.trials) == [
         ("kind=fixed op=prepend", 0), ("kind=fixed op=prepend", 1), ("kind=search", 0), ("kind=search", 1)]
     rows = compare_runs(tracking_uri=tracking, experiment="grid", out_dir=tmp_path / "cmp")
