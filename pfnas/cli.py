@@ -21,6 +21,11 @@ app.add_typer(baseline_app, name="baseline")
 app.add_typer(data_app, name="data")
 console = Console()
 
+def _flag(default: bool, *names: str, **kw):
+    """A boolean flag option shown without a ``<bool>`` type (it takes no value: ``--resume``, not ``--resume true``)."""
+    return typer.Option(default, *names, metavar="", **kw)
+
+
 ConfigOpt = typer.Option(None, "--config", "-c", help="Experiment YAML (defaults: embedded offline demo).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a field, e.g. --set search.arch_lr=1e-3 (repeatable).")
 OutOpt = typer.Option(None, "--out", "-o", help="Output directory (default: <output_dir>/<name>).")
@@ -38,15 +43,16 @@ def _version_callback(value: bool):
 
 
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+def _main(version: bool = _flag(False, "--version", callback=_version_callback, is_eager=True,
                                        help="Print the pfnas version and exit.")):
     """Per-layer prompt fusion search for frozen Vision Transformers."""
 
 
 def _runner(tracking_uri: Optional[str], experiment: Optional[str], verb: str = "run"):
     """``run_method``, or the same logged to MLflow as one run when a tracking URI is given (its MLflow source is
-    ``pfnas <verb>``)."""
-    if not tracking_uri:
+    ``pfnas <verb>``). ``--experiment`` alone logs to the default store (``sqlite:///mlflow.db``, where
+    ``pfnas compare`` reads by default)."""
+    if not tracking_uri and not experiment:
         from .methods import run_method
 
         return run_method
@@ -65,7 +71,29 @@ def _score(res: dict) -> str:
 
 
 def _cfg(config: Optional[Path], overrides: Optional[List[str]]):
-    return load_config(config, overrides)
+    """The experiment config: ``-c`` (a file or an embedded name), else the embedded ``demo`` (the same config as
+    ``-c demo`` and the base of ``search_spaces/demo.yaml``)."""
+    return load_config(config or "demo", overrides)
+
+
+def _print_result(res: dict, out_dir: Path) -> None:
+    """What ``pfnas run`` prints for one run: its policy, then its score, tuned params, times and folder."""
+    console.print(f"policy: {json.dumps({str(k): v for k, v in res['policy'].items()})}")
+    times = "".join(f"  {k.split('_')[0]} {res[k]:.1f}s" for k in ("search_time_s", "retrain_time_s") if k in res)
+    console.print(f"{_score(res)}  tuned params {res['tuned_params']} "
+                  f"({res['tuned_percent']:.2f}%){times}  -> {out_dir}")
+
+
+def _print_seeds(summary: dict) -> None:
+    """A fixed / probe baseline over seeds: the stage's score mean ± std (n), as ``pfnas run`` words it."""
+    key = "test_acc" if summary["stage"] == "final" else "val_acc"
+    accs = summary[f"{key}s"]
+    what = "linear probe" if summary["method"] == "probe" else f"fixed {summary['op']} on every layer"
+    score = "test acc" if key == "test_acc" else "val acc"
+    each = ", ".join(f"seed {s} {a:.4f}" for s, a in zip(summary["seeds"], accs))
+    console.print(f"{what}: {score} {summary[f'{key}_mean']:.4f} ± {summary[f'{key}_std']:.4f} (n={len(accs)}; "
+                  f"{each})  tuned params {summary['tuned_params']} ({summary['tuned_percent']:.2f}%)  "
+                  f"-> {summary['out_dir']}")
 
 
 def _out(cfg, out: Optional[Path], suffix: str = "") -> Path:
@@ -121,10 +149,7 @@ def run(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = Set
     cfg = _cfg(config, overrides)
     out_dir = _out(cfg, out)
     res = _runner(tracking_uri, experiment, "run")(cfg, out_dir, progress=True)
-    console.print(f"policy: {json.dumps({str(k): v for k, v in res['policy'].items()})}")
-    times = "".join(f"  {k.split('_')[0]} {res[k]:.1f}s" for k in ("search_time_s", "retrain_time_s") if k in res)
-    console.print(f"{_score(res)}  tuned params {res['tuned_params']} "
-                  f"({res['tuned_percent']:.2f}%){times}  -> {out_dir}")
+    _print_result(res, out_dir)
 
 
 @app.command()
@@ -135,12 +160,12 @@ def tune(space: Path = typer.Option(..., "--space", help="Search-space YAML (sea
                                                     help="MLflow tracking URI (default sqlite:///mlflow.db)."),
          experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment / study name."),
          storage: Optional[str] = typer.Option(None, "--storage", help="Ray Tune storage path or URI (s3://...)."),
-         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted study (Tuner.restore)."),
+         resume: bool = _flag(False, "--resume", help="Continue an interrupted study (Tuner.restore)."),
          num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Override the space's num_samples."),
          optuna_storage: Optional[str] = typer.Option(
              None, "--optuna-storage", help="Optuna study storage (RDB URL, e.g. sqlite:///optuna.db; none: in memory). "
                                             "Default: optuna.db next to a sqlite MLflow db, else in --storage."),
-         verbose: bool = typer.Option(False, "--verbose", "-v", help="Ray Tune's own per-trial output instead of "
+         verbose: bool = _flag(False, "--verbose", "-v", help="Ray Tune's own per-trial output instead of "
                                                                      "the live pfnas table."),
          overrides: Optional[List[str]] = SetOpt):
     """Ray Tune study with OptunaSearch over a YAML space; every trial logs to MLflow."""
@@ -167,7 +192,7 @@ def predict(images: List[Path] = typer.Argument(..., help="Image files and/or fo
                                                                help="The backbone checkpoint, when it moved."),
             tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
                                                        help="MLflow store for runs:/ and models:/ URIs."),
-            skip_bad: bool = typer.Option(False, "--skip-bad",
+            skip_bad: bool = _flag(False, "--skip-bad",
                                           help="Predict the readable images and list each unreadable one on stderr "
                                                "('pfnas: skipped: ...'); exit 3 when any was skipped, 2 when none "
                                                "was readable. Without it an unreadable image stops with exit 2.")):
@@ -244,7 +269,7 @@ def report(experiment: Optional[List[str]] = typer.Option(None, "--experiment", 
            out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write report.md, .csv, .tex and .png here."),
            fmt: Optional[str] = typer.Option(None, "--format", help="Print markdown, csv or latex instead of the "
                                                                      "terminal table."),
-           log_to_parent: bool = typer.Option(True, "--log-to-parent/--no-log-to-parent",
+           log_to_parent: bool = _flag(True, "--log-to-parent/--no-log-to-parent",
                                               help="Log the report files on each study's MLflow parent run.")):
     """Results table of studies' finals: methods x tasks (test mean ± std (n)), VTAB group means, params, cost."""
     from .tracking.report import build_report, write_report
@@ -270,10 +295,10 @@ def bench(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = S
           policy: Optional[Path] = typer.Option(None, "--policy", "-p",
                                                 help="Policy file for the retrained row (default: ops cycled)."),
           num_classes: int = typer.Option(10, "--num-classes", help="Head size of the benchmarked models."),
-          e2e: bool = typer.Option(False, "--e2e", help="Also run search+retrain+test on the config's task and "
+          e2e: bool = _flag(False, "--e2e", help="Also run search+retrain+test on the config's task and "
                                                         "compare its wall time with its pure step time."),
           e2e_dir: Optional[Path] = typer.Option(None, "--e2e-dir", help="Keep the end-to-end run here."),
-          torch_compile: bool = typer.Option(False, "--compile", help="torch.compile each row's model first "
+          torch_compile: bool = _flag(False, "--compile", help="torch.compile each row's model first "
                                                                       "(a row that fails to compile reports an error)."),
           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table as JSON here.")):
     """Images/s of frozen forward, VPT-deep, soft / single-path search and retrained-policy steps."""
@@ -310,8 +335,8 @@ def baseline_fixed(op: str = typer.Option(..., "--op", help="prepend|add|affine|
     from .methods import fixed_baseline
 
     cfg = _cfg(config, overrides)
-    console.print(fixed_baseline(cfg, op, seeds=seeds, out_dir=_out(cfg, out, f"-fixed-{op}"),
-                                 runner=_runner(tracking_uri, experiment, "baseline fixed")))
+    _print_seeds(fixed_baseline(cfg, op, seeds=seeds, out_dir=_out(cfg, out, f"-fixed-{op}"),
+                                runner=_runner(tracking_uri, experiment, "baseline fixed")))
 
 
 @baseline_app.command("probe")
@@ -322,23 +347,23 @@ def baseline_probe(config: Optional[Path] = ConfigOpt, overrides: Optional[List[
     from .methods import fixed_baseline
 
     cfg = _cfg(config, overrides)
-    console.print(fixed_baseline(cfg, "none", seeds=seeds, out_dir=_out(cfg, out, "-probe"),
-                                 runner=_runner(tracking_uri, experiment, "baseline probe")))
+    _print_seeds(fixed_baseline(cfg, "none", seeds=seeds, out_dir=_out(cfg, out, "-probe"),
+                                runner=_runner(tracking_uri, experiment, "baseline probe")))
 
 
 @baseline_app.command("random")
 def baseline_random(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
                     samples: int = typer.Option(8, "--samples", help="Policies sampled."),
-                    weight_sharing: bool = typer.Option(False, "--weight-sharing/--no-weight-sharing"),
+                    weight_sharing: bool = _flag(False, "--weight-sharing/--no-weight-sharing"),
                     out: Optional[Path] = OutOpt, tracking_uri: Optional[str] = TrackOpt,
                     experiment: Optional[str] = ExpOpt):
     """Random search over layer policies under the differentiable search's budget."""
     from .methods import random_search
 
     cfg = _cfg(config, overrides)
-    console.print(random_search(cfg, samples=samples, weight_sharing=weight_sharing,
-                                out_dir=_out(cfg, out, "-random"),
-                                runner=_runner(tracking_uri, experiment, "baseline random")))
+    out_dir = _out(cfg, out, "-random")
+    _print_result(random_search(cfg, samples=samples, weight_sharing=weight_sharing, out_dir=out_dir,
+                                runner=_runner(tracking_uri, experiment, "baseline random")), out_dir)
 
 
 @baseline_app.command("evolution")
@@ -350,9 +375,9 @@ def baseline_evolution(config: Optional[Path] = ConfigOpt, overrides: Optional[L
     from .methods import regularized_evolution
 
     cfg = _cfg(config, overrides)
-    console.print(regularized_evolution(cfg, population=population, sample=sample, cycles=cycles,
-                                        out_dir=_out(cfg, out, "-evolution"),
-                                        runner=_runner(tracking_uri, experiment, "baseline evolution")))
+    out_dir = _out(cfg, out, "-evolution")
+    _print_result(regularized_evolution(cfg, population=population, sample=sample, cycles=cycles, out_dir=out_dir,
+                                        runner=_runner(tracking_uri, experiment, "baseline evolution")), out_dir)
 
 
 def _usage_errors() -> tuple[type, ...]:

@@ -379,7 +379,8 @@ def resolve_config_path(path: str | Path) -> Path:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = resolve_config_path(path)
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+        embedded = ", ".join(sorted(f.stem for f in EMBEDDED_CONFIGS.glob("*.yaml")))
+        raise ConfigError(f"config file not found: {p} (a YAML file, or an embedded config: {embedded})")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:

@@ -269,11 +269,11 @@ def test_cli_process_exit_code_and_run(tmp_path):
                          "--tracking-uri", f"sqlite:///{db}"], capture_output=True, text=True, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
     res = json.loads((tmp_path / "o" / "result.json").read_text())
-    assert len(res["policy"]) == 4 and res["test_acc"] > 0.5  # the embedded demo learns (chance is 0.25)
+    assert len(res["policy"]) == 4 and res["test_acc"] > 0.5  # the embedded demo (no -c) learns (chance is 0.25)
     from pfnas.tracking import make_client
 
     client = make_client(f"sqlite:///{db}")
-    runs = client.search_runs([client.get_experiment_by_name("pfnas").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
     assert len(runs) == 1 and runs[0].data.tags["pfnas.kind"] == "run" and runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["test_acc"] == pytest.approx(res["test_acc"])
     assert (tmp_path / "o" / "mlflow_run_id").read_text() == runs[0].info.run_id

@@ -200,7 +200,7 @@ def test_a_trial_retried_after_its_worker_died_is_counted(ray_session, tmp_path,
     text = str(s.__rich__().renderables[0].title)
     assert "1 retried" in text and "0 errored" in text
     lines = str(s.__rich__().renderables[1])
-    assert f"trial {trial.trial_id} retried 1x from its last checkpoint after: " in lines
+    assert f"trial {trial.name} retried 1x from its last checkpoint after: " in lines
     parent = parent_run(tracking, "retry")
     assert parent.data.metrics["n_retried"] == 1 and parent.data.metrics["n_retries"] == 1
     assert parent.data.metrics["n_errored"] == 0

@@ -167,4 +167,104 @@ def test_cli_run_logs_a_diverged_run_as_failed(tmp_path, capsys):
     client = make_client(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
     assert run.info.status == "FAILED" and "non-finite loss" in run.data.tags["pfnas.error"]
-    assert run.data.tags["pfnas.kind"] == "run" and run.data.params["backbone.kwargs.init_values"] == "1e+30"
+    assert run.data.tags["pfnas.kind"] == "run"
+    saved = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))))
+    assert saved["backbone"]["kwargs"]["init_values"] == 1e30  # the whole config: its config.yaml artifact
+
+
+# ----------------------------------------------------------------------------- issue 41: what a user sees
+def _tiny_yaml(folder, **sections):
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(**sections).model_dump(mode="json")))
+    return str(path)
+
+
+def test_baseline_logged_to_an_experiment_appears_in_compare(tmp_path, monkeypatch, capsys):
+    """``pfnas baseline fixed --experiment X`` (no tracking URI: the default ./mlflow.db that compare reads) logs a
+    final-stage run with test_acc and no val_acc; ``pfnas compare --experiment X`` lists it apart (test mean ±
+    std, n, not ranked), beside a ranked run with val_acc, and the CSV carries run name and policy."""
+    from pfnas.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = _tiny_yaml(tmp_path)
+    assert main(["baseline", "fixed", "--op", "add", "-c", cfg, "--seeds", "2", "--experiment", "X",
+                 "-o", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "fixed add on every layer: test acc " in out and "(n=2;" in out and "{" not in out  # no raw dict
+    assert main(["compare", "--experiment", "X", "-o", str(tmp_path / "c1")]) == 0  # refused before: no val_acc
+    shown = capsys.readouterr().out
+    assert "final-stage runs in experiment 'X'" in shown and "not selectable" in shown and "all-add" in shown
+    lines = (tmp_path / "c1" / "compare.csv").read_text().splitlines()
+    assert lines[0].endswith(",run_name,policy") and len(lines) == 2
+    assert lines[1].startswith("no val,fixed:add,all-add,0,,,") and lines[1].endswith(",fixed:add-seed0 +1,\"add,add\"")
+    # a mixed experiment: a select-stage run is ranked, the baseline still listed apart
+    assert main(["run", "-c", cfg, "--set", "train.stage=select", "--experiment", "X", "-o", str(tmp_path / "r")]) == 0
+    capsys.readouterr()
+    assert main(["compare", "--experiment", "X", "-o", str(tmp_path / "c2")]) == 0
+    shown = capsys.readouterr().out
+    assert "pfnas runs in experiment 'X' by val_acc" in shown and "final-stage runs" in shown
+    rows = (tmp_path / "c2" / "compare.csv").read_text().splitlines()
+    assert rows[1].startswith("1,search,search,1,") and rows[2].startswith("no val,fixed:add")
+
+
+def test_experiment_opens_on_runs_and_runs_log_a_curated_param_set(uri, tmp_path):
+    """A new experiment has kind custom_model_development (the UI opens on its runs, not GenAI traces) and a
+    description; a run logs a few params (method, op, lengths, lrs...) instead of the whole flattened config, which
+    is its config.yaml artifact; its ``pfnas.method`` tag is the method as tables name it."""
+    cfg = tiny_config(method={"kind": "fixed", "op": "add"})
+    lg = RunLogger(uri, "ui", "fixed:add-seed0", cfg, tags={"pfnas.kind": "run"}, tuned=["train.optim.lr"])
+    lg.finish({"test_acc": 0.5, "policy": {0: "add", 1: "add"}})
+    client = make_client(uri)
+    exp = client.get_experiment_by_name("ui")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "pfnas compare" in exp.tags["mlflow.note.content"]
+    run = client.get_run(lg.run_id)
+    params = run.data.params
+    assert "backbone.kwargs.embed_dim" not in params and len(params) < 20
+    assert params["method.kind"] == "fixed" and params["method.op"] == "add" and params["policy"] == "add,add"
+    assert {"prompts.length", "search.arch_lr", "train.optim.lr", "search.optim.lr"} <= set(params)
+    assert run.data.tags["pfnas.method"] == "all-add"
+    saved = yaml.safe_load(open(client.download_artifacts(lg.run_id, "config.yaml", str(tmp_path))))
+    assert ExperimentConfig.model_validate(saved) == cfg  # the full config, as an artifact
+    # an experiment made before (no kind): tagged when pfnas next logs to it; a user's own kind is kept
+    old = client.create_experiment("older")
+    client.set_experiment_tag(client.create_experiment("mine"), "mlflow.experimentKind", "genai_development")
+    get_experiment_id(client, "older", uri)
+    get_experiment_id(client, "mine", uri)
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment_by_name("mine").tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_one_demo_config(tmp_path):
+    """`pfnas run` without -c, `-c demo` and the base of search_spaces/demo.yaml are one config."""
+    from conftest import REPO
+
+    from pfnas.cli import _cfg
+    from pfnas.config import load_config, merge_dotted
+    from pfnas.tune import load_space
+
+    plain, demo = _cfg(None, None), load_config("demo")
+    _, (plan,) = load_space(REPO / "search_spaces" / "demo.yaml")
+    assert plain == demo
+    assert plan.base == merge_dotted(demo, {"train.stage": "select", "train.test_every": None})
+
+
+def test_terminal_messages(tmp_path, monkeypatch, capsys):
+    """`-c nosuch` lists the embedded configs; `predict -m runs:/...` with no tracking URI is one line and makes
+    no ./mlflow.db; flags show no <bool> type."""
+    from pfnas.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "-c", "nosuch"]) == 2
+    assert "embedded config: demo, proxy" in capsys.readouterr().err
+    (tmp_path / "img.png").write_bytes(b"x")
+    assert main(["predict", "-m", "runs:/0123abcd/model", str(tmp_path / "img.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pfnas: error: runs:/0123abcd/model names an MLflow run, but no tracking URI is set")
+    assert not (tmp_path / "mlflow.db").exists()
+    monkeypatch.setenv("COLUMNS", "120")
+    assert main(["tune", "--help"]) == 0
+    flags = [ln for ln in capsys.readouterr().out.splitlines() if "--resume" in ln or "--verbose" in ln]
+    assert len(flags) == 2 and not any("<bool>" in ln for ln in flags)

@@ -53,16 +53,18 @@ def test_study_trials_have_nested_mlflow_runs(study):
     assert len(parents) == 1 and parents[0].info.run_id == s.parent_run_id
     assert parents[0].data.params["param.search.arch_lr"].startswith("loguniform")
     assert parents[0].data.metrics["best_val_acc"] == pytest.approx(s.best.value)
-    by_name = {r.data.tags["pfnas.trial_id"]: r for r in trials}  # run names are readable: t01 softmax ...
+    by_name = {r.data.tags["pfnas.trial_id"]: r for r in trials}
     assert sorted(by_name) == sorted(t.trial_id for t in s.trials)
+    assert sorted(r.info.run_name for r in trials) == ["t01", "t02", "t03", "t04"]  # one name: MLflow = tables
     for t in s.trials:
         run = by_name[t.trial_id]
-        assert run.info.status == "FINISHED"
+        assert run.info.status == "FINISHED" and run.info.run_name == t.name
         assert run.data.tags["mlflow.parentRunId"] == s.parent_run_id
-        # params: the flattened config, with this trial's sampled values
+        # params: a curated few (tuned keys first), with this trial's sampled values; the rest is config.yaml
         assert float(run.data.params["search.arch_lr"]) == pytest.approx(t.params["search.arch_lr"])
         assert int(run.data.params["prompts.length"]) == t.params["prompts.length"]
-        assert run.data.params["backbone.kwargs.embed_dim"] == "32"
+        assert "backbone.kwargs.embed_dim" not in run.data.params and len(run.data.params) < 25
+        assert run.data.tags["pfnas.method"] == "search"
         # per-epoch metrics with steps, final metrics equal to what Tune saw
         hist = client.get_metric_history(run.info.run_id, "search/val_acc")
         assert sorted(m.step for m in hist) == [1, 2]
@@ -85,10 +87,11 @@ def test_finals_retrain_the_val_selected_trial_and_test_once(study):
     client = make_client(study.uri)
     exp = client.get_experiment_by_name("study")
     finals = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("pfnas.kind") == "final"]
-    assert sorted(r.info.run_name for r in finals) == ["final s0", "final s1"]
+    assert sorted(r.info.run_name for r in finals) == [f"{s.best.name} final s0", f"{s.best.name} final s1"]
     policy = s.best.metrics["policy"].split(",")
     for r in finals:
         assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == s.parent_run_id
+        assert r.data.tags["pfnas.method"] == "search" and r.data.tags["pfnas.selected_run"] == s.best.name
         assert r.data.tags["pfnas.selected_trial"] == s.best.trial_id and r.data.tags["pfnas.stage"] == "final"
         assert r.data.params["train.stage"] == "final" and json.loads(r.data.params["method.policy"]) == policy
         hist = client.get_metric_history(r.info.run_id, "retrain/test_acc")
@@ -99,8 +102,16 @@ def test_finals_retrain_the_val_selected_trial_and_test_once(study):
     parent = client.get_run(s.parent_run_id)
     assert parent.data.metrics["final_test_acc_mean"] == pytest.approx(sum(accs) / 2)
     assert parent.data.metrics["final_n"] == 2
+    assert parent.data.tags["pfnas.best_trial"] == s.best.name  # the run name the MLflow UI shows
+    note = parent.data.tags["mlflow.note.content"]  # the parent's description: selection, the pick, its finals
+    mean = sum(accs) / 2
+    assert f"Selected: **{s.best.name}**" in note and s.best.metrics["policy"] in note and f"{mean:.4f}" in note
+    assert {"compare/compare.csv", "compare/acc_vs_params.png"} <= {
+        a.path for a in client.list_artifacts(s.parent_run_id, "compare")}
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development" and exp.tags["mlflow.note.content"]
     text = str(study.summary)
     assert "selected on validation" in text and "final: test_acc" in text
+    assert f"trial {s.best.name} " in text and s.best.trial_id not in text  # one name in the summary too
 
 
 def test_best_config_is_the_best_trial(study):
@@ -117,7 +128,7 @@ def test_best_config_is_the_best_trial(study):
     assert cfg.prompts.length == s.best.params["prompts.length"]
     assert cfg.backbone.kwargs["embed_dim"] == 32  # the rest comes from the base config
     text = str(study.summary)
-    assert "study study: 4 trials (4 finished" in text and s.best.trial_id in text
+    assert "study study: 4 trials (4 finished" in text and s.best.name in text
 
 
 @pytest.mark.slow
@@ -191,8 +202,8 @@ def test_val_acc_ties_go_to_the_lower_val_loss_then_the_earliest_trial():
             StudySummary("s", "val_acc", "max", [], trials, best_trial(trials, "max"), None, "", "", "", None))
         return buf.getvalue()
 
-    assert "tied on val_acc with trial t1, t4: the lowest val_loss decided (1.5900)" in shown(tied)
-    assert "tied on val_acc with trial t2: the earliest trial decided" in shown([rec(1, 0.36), rec(2, 0.36)])
+    assert "tied on val_acc with trial t01, t04: the lowest val_loss decided (1.5900)" in shown(tied)
+    assert "tied on val_acc with trial t02: the earliest trial decided" in shown([rec(1, 0.36), rec(2, 0.36)])
     assert "tied on" not in shown(tied[1:3])
 
 
@@ -517,7 +528,8 @@ def test_grid_study_runs_every_variant_and_seed(ray_session, tmp_path, tracking)
     assert sorted(fin) == sorted(f.trial_id for f in s.group_finals)
     for f in s.group_finals:
         r = fin[f.trial_id]
-        assert r.info.run_name == f"final s{f.seeds[0]}" and r.data.metrics["test_acc"] == pytest.approx(f.test_accs[0])
+        assert r.info.run_name == f"{f.name} final s{f.seeds[0]}"  # the trial it finalises, by its run name
+        assert r.data.metrics["test_acc"] == pytest.approx(f.test_accs[0])
     assert sorted((t.params["variant"], t.params["seed"]) for t in s.trials) == [
         ("kind=fixed op=prepend", 0), ("kind=fixed op=prepend", 1), ("kind=search", 0), ("kind=search", 1)]
     rows = compare_runs(tracking_uri=tracking, experiment="grid", out_dir=tmp_path / "cmp")
@@ -684,9 +696,9 @@ def test_context_pickled_by_an_older_pfnas_gets_the_new_fields():
     assert back.resolve({"seed": 3}) == (back, {"seed": 3})
 
 
-def test_finals_progress_line_names_each_config_verbatim():
-    """Finals of several configs share one Tune run: the progress line names the config of each final, brackets
-    included (rich would read ``[train.optim.lr=1]`` as markup and drop it), and shows no best test score."""
+def test_finals_progress_line_names_each_final_by_its_run_name():
+    """Finals of several configs share one Tune run: off a terminal a start line gives the plan, then each final's
+    line names it as its MLflow run does (``t03 final s2``: the trial it finalises, its seed), with no best test."""
     import io
 
     from rich.console import Console
@@ -696,7 +708,8 @@ def test_finals_progress_line_names_each_config_verbatim():
 
     base = tiny_config().model_dump(mode="json")
     one = TrialContext(study="s", base=base, tracking_uri="u", experiment="e", parent_run_id=None,
-                       param_keys=["seed"], kind="final", tags={"pfnas.label": "fixed:add [train.optim.lr=1]"})
+                       param_keys=["seed"], kind="final", tags={"pfnas.label": "fixed:add [train.optim.lr=1]",
+                                                                 "pfnas.selected_run": "t03"})
     other = tiny_config(train={"epochs": 7}).model_dump(mode="json")  # the dispatcher's placeholder base
     several = TrialContext(study="s", base=other, tracking_uri="u", experiment="e", parent_run_id=None,
                            param_keys=["seed"], kind="final", finals=[one])
@@ -705,9 +718,63 @@ def test_finals_progress_line_names_each_config_verbatim():
     trial = SimpleNamespace(trial_id="t0", status="TERMINATED", config={"final": {"config": 0, "seed": 2}},
                             last_result={"test_acc": 0.9, "phase": "done"}, experiment_tag="0")
     table.update(Progress("finals of 2 configs", "test_acc", several, 2), [trial], done=trial)
-    line = buf.getvalue().strip()
-    assert line.startswith("finals of 2 configs: fixed:add [train.optim.lr=1] seed 2 done test_acc=0.9000 | 1/2 done")
+    start, line = buf.getvalue().strip().splitlines()
+    assert start.startswith("finals of 2 configs: 2 trials of ") and "progress each minute" in start
+    assert line.startswith("finals of 2 configs: t03 final s2 done test_acc=0.9000 | 1/2 done")
     assert "best" not in line
     cfg = ExperimentConfig.model_validate(base)  # its planned epochs come from its own config, not the dispatcher's
     cb = Progress("finals of 2 configs", "test_acc", several, 2)
     assert table._plan(cb, trial) == ((cfg.search.epochs if cfg.method.kind == "search" else 0), cfg.train.epochs)
+
+
+def test_live_table_fits_100_columns_and_names_trials_as_mlflow_does():
+    """The demo study's live table: one line per trial at 100 columns (one-word param headers, the phase on one
+    line), each trial named as its MLflow run (``t01``), not by its Tune id."""
+    import io
+
+    from rich.console import Console
+
+    from pfnas.tune.display import LiveTable, Progress
+    from pfnas.tune.trial import TrialContext
+
+    _, (plan,) = load_space(REPO / "search_spaces" / "demo.yaml")
+    ctx = TrialContext(study="demo", base=plan.base.model_dump(mode="json"), tracking_uri="u", experiment="demo",
+                       parent_run_id=None, param_keys=plan.param_keys)
+    params = {"prompts.length": 8, "search.mode": "softmax", "search.arch_lr": 1.23456789,
+              "search.optim.lr": 0.123456789, "train.optim.lr": 0.98765432}
+    trials = [SimpleNamespace(trial_id=f"abc{i}_0000{i}", status="RUNNING", config=params, experiment_tag=f"{i}_x",
+                              last_result={"phase": "retrain", "epoch": 7, "val_acc": 0.61234, "time_total_s": 30.0})
+              for i in range(1, 9)]
+    table = LiveTable(console=Console(file=io.StringIO(), width=100))
+    table.t0 = time.monotonic()
+    rendered, _ = table._table(Progress("study demo", "val_acc", ctx, 8), trials)
+    out = Console(file=io.StringIO(), width=100, record=True)
+    out.print(rendered)
+    lines = [ln for ln in out.export_text().splitlines() if ln.strip()]
+    assert len(lines) == 2 + len(trials), "\n".join(lines)  # header, rule, one line per trial
+    assert lines[2].split()[0] == "t01" and "abc1" not in out.export_text() and "retrain 7/8" in lines[2]
+
+
+def test_off_a_terminal_a_study_says_its_plan_and_progress_every_minute(monkeypatch):
+    """Piped to a log, a study prints its plan first, then a progress line at least every LOG_EVERY_S seconds
+    while trials run (not only when one finishes): minutes of silence read as a hang."""
+    import io
+
+    from rich.console import Console
+
+    from pfnas.tune.display import LiveTable, Progress
+    from pfnas.tune.trial import TrialContext
+
+    ctx = TrialContext(study="s", base=tiny_config().model_dump(mode="json"), tracking_uri="u", experiment="e",
+                       parent_run_id=None, param_keys=[])
+    running = SimpleNamespace(trial_id="abc_00001", status="RUNNING", config={}, experiment_tag="1_x",
+                              last_result={"phase": "search", "epoch": 1})
+    buf = io.StringIO()
+    table = LiveTable(console=Console(file=buf, width=80, force_terminal=False))
+    cb = Progress("study s", "val_acc", ctx, 3)
+    table.update(cb, [running])
+    table.update(cb, [running])  # within the minute: nothing new
+    assert len(buf.getvalue().splitlines()) == 1 and buf.getvalue().startswith("study s: 3 trials of 2+2 epochs")
+    monkeypatch.setattr(LiveTable, "LOG_EVERY_S", 0.0)
+    table.update(cb, [running])
+    assert buf.getvalue().splitlines()[1].startswith("study s: 0/3 done, 1 running (t01 search 1/2)")

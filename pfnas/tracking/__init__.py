@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pfnas.config import config_hash
 from pfnas.tracking.compare import collect_rows, compare_runs, pareto_figure
-from pfnas.tracking.logger import FINAL_METRICS, RunLogger, alpha_heatmap
+from pfnas.tracking.logger import FINAL_METRICS, RunLogger, alpha_heatmap, method_tag
 from pfnas.tracking.store import (
     DEFAULT_TRACKING_URI,
     absolute_sqlite_url,
@@ -31,6 +31,8 @@ from pfnas.tracking.store import (
     get_experiment_id,
     make_client,
     resolve_tracking_uri,
+    runs_table_url,
+    set_runs_view,
     sqlite_corruption,
     sqlite_store_lock,
 )
@@ -38,6 +40,7 @@ from pfnas.tracking.values import (
     RESULT_METRICS,
     TEST_NAME,
     config_params,
+    curated_params,
     finite_scalar,
     flatten,
     format_value,
@@ -54,5 +57,5 @@ __all__ = [
     "collect_rows",
     "pareto_figure", "alpha_heatmap", "resolve_tracking_uri", "absolute_sqlite_url", "check_reachable",
     "get_experiment_id", "make_client", "sqlite_store_lock", "sqlite_corruption", "config_hash", "config_params", "flatten", "method_label", "metric_mode",
-    "reads_test", "pareto_front", "policy_agreement", "format_value", "finite_scalar", "mean_std",
+    "method_tag", "curated_params", "runs_table_url", "set_runs_view", "reads_test", "pareto_front", "policy_agreement", "format_value", "finite_scalar", "mean_std",
 ]

@@ -13,7 +13,7 @@ import torch
 from pfnas.errors import PfnasError
 from pfnas.export import MLFLOW_SCHEMES, PfnasModel, find_export
 from pfnas.export import load_model as load_local_model
-from pfnas.tracking.store import resolve_tracking_uri
+from pfnas.tracking.store import DEFAULT_TRACKING_URI, resolve_tracking_uri
 
 
 def download(uri: str, dst: str, tracking_uri: str | None) -> Path:
@@ -22,6 +22,10 @@ def download(uri: str, dst: str, tracking_uri: str | None) -> Path:
         import mlflow.artifacts
     except ImportError:
         raise PfnasError(f"loading {uri} needs mlflow (pip install mlflow)") from None
+    if not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")) and not Path(DEFAULT_TRACKING_URI[10:]).is_file():
+        # MLflow would create an empty ./mlflow.db and then not find the run in it
+        raise PfnasError(f"{uri} names an MLflow run, but no tracking URI is set and there is no ./mlflow.db here; "
+                         "pass --tracking-uri (or set MLFLOW_TRACKING_URI) to the store that holds it")
     tracking = resolve_tracking_uri(tracking_uri)
     registry = os.environ.get("MLFLOW_REGISTRY_URI") or tracking
     # models:/ URIs are resolved through mlflow's global tracking/registry URIs, not the arguments below

@@ -39,12 +39,35 @@ def _human(n: float | None) -> str:
     return f"{n:.0f}"
 
 
+_OPS = {"prepend": "pre", "add": "add", "affine": "aff", "cross_attn": "xat", "none": "-"}
+
+
+def short_policy(policy: str) -> str:
+    """``prepend,prepend,add`` -> ``pre×2 add``: a per-layer policy in one short cell."""
+    ops = [_OPS.get(op, op) for op in policy.split(",") if op]
+    out: list[list[Any]] = []
+    for op in ops:
+        if out and out[-1][0] == op:
+            out[-1][1] += 1
+        else:
+            out.append([op, 1])
+    return " ".join(op if n == 1 else f"{op}×{n}" for op, n in out)
+
+
 def collect_rows(tracking_uri: str | None, experiment: str | None, metric: str) -> list[dict[str, Any]]:
     """Finished pfnas trial/run records with ``metric``, grouped by config hash (seeds averaged).
 
     Each row also carries its final test score (``final_mean/std/n``): the study finals that name the row's
     config as selected (tag ``pfnas.selected``), or for a final-stage ``pfnas run`` its own ``test_acc``.
     """
+    return collect(tracking_uri, experiment, metric)[0]
+
+
+def collect(tracking_uri: str | None, experiment: str | None,
+            metric: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """:func:`collect_rows`' ranked rows, and the final-stage runs without ``metric`` (``pfnas baseline``,
+    ``pfnas run``: trained on train+val, so no val score), grouped by config hash: test mean ± std, n. Those are
+    listed apart and never ranked: with no val score they cannot be selected."""
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a server that dies mid-way: seconds, not minutes
@@ -63,6 +86,7 @@ def collect_rows(tracking_uri: str | None, experiment: str | None, metric: str) 
     except Exception as e:  # noqa: BLE001 - unreachable server, bad URI
         raise PfnasError(f"cannot read MLflow at {uri}: {str(e).splitlines()[0][:200]}") from None
     groups: dict[str, dict[str, Any]] = {}
+    final_only: dict[str, dict[str, Any]] = {}  # config hash -> final-stage runs with a test score but no metric
     finals: dict[str, list[dict[str, Any]]] = {}  # selected config hash -> final runs
     for run in _iter_runs(client, exp_ids) if exp_ids else []:
         tags, metrics = run.data.tags, run.data.metrics
@@ -72,12 +96,21 @@ def collect_rows(tracking_uri: str | None, experiment: str | None, metric: str) 
             finals.setdefault(tags["pfnas.selected"], []).append(
                 {"run_id": run.info.run_id, "test_acc": metrics["test_acc"]})
             continue
+        key = tags.get("pfnas.config_hash") or run.info.run_id
+        head = {"label": tags.get("pfnas.label") or run.info.run_name, "config_hash": key,
+                "method": tags.get("pfnas.method", ""), "runs": []}
+        if (tags.get("pfnas.kind") == "run" and tags.get("pfnas.stage") == "final" and metric not in metrics
+                and "test_acc" in metrics):
+            final_only.setdefault(key, dict(head))["runs"].append(
+                {"run_id": run.info.run_id, "run_name": run.info.run_name, "test_acc": metrics["test_acc"],
+                 "policy": tags.get("pfnas.policy", ""), "tuned_params": metrics.get("tuned_params"),
+                 "cost_images": metrics.get("cost_images")})
+            continue
         if tags.get("pfnas.kind") not in ("trial", "run") or metric not in metrics:
             continue
-        key = tags.get("pfnas.config_hash") or run.info.run_id
-        g = groups.setdefault(key, {"label": tags.get("pfnas.label") or run.info.run_name, "config_hash": key,
-                                    "method": tags.get("pfnas.method", ""), "runs": []})
+        g = groups.setdefault(key, {**head, "runs": []})
         g["runs"].append({"run_id": run.info.run_id, "value": metrics[metric], "test_acc": metrics.get("test_acc"),
+                          "run_name": run.info.run_name, "policy": tags.get("pfnas.policy", ""),
                           "final_stage": tags.get("pfnas.stage") == "final",
                           "tuned_params": metrics.get("tuned_params"), "tuned_percent": metrics.get("tuned_percent"),
                           "cost_images": metrics.get("cost_images"), "study": tags.get("pfnas.study", ""),
@@ -98,11 +131,22 @@ def collect_rows(tracking_uri: str | None, experiment: str | None, metric: str) 
                      "tuned_percent": _avg(runs, "tuned_percent"), "cost_images": _avg(runs, "cost_images"),
                      "infer_ms_per_image": _avg(runs, "infer_ms_per_image"),
                      "best_run_id": best["run_id"], "run_ids": [r["run_id"] for r in runs],
+                     "run_name": best["run_name"], "policy": best["policy"],
                      "study": ",".join(sorted({r["study"] for r in runs if r["study"]}))})
     sign = -1 if lower else 1
     # ties: the study's own selection (it has finals), then fewer params
     rows.sort(key=lambda r: (sign * r["mean"], r["final_n"] > 0, -(r["tuned_params"] or 0)), reverse=True)
-    return rows
+    apart = []
+    for g in final_only.values():
+        runs = g.pop("runs")
+        fmean, fstd = mean_std([r["test_acc"] for r in runs])
+        names = sorted(r["run_name"] for r in runs)
+        apart.append({**g, "final_mean": fmean, "final_std": fstd, "final_n": len(runs),
+                      "run_name": names[0] + (f" +{len(names) - 1}" if len(names) > 1 else ""),
+                      "policy": runs[0]["policy"], "tuned_params": _avg(runs, "tuned_params"),
+                      "cost_images": _avg(runs, "cost_images"), "run_ids": [r["run_id"] for r in runs]})
+    apart.sort(key=lambda r: (r["method"], r["label"]))  # not ranked: no val score to rank on
+    return rows, apart
 
 
 def pareto_figure(points: list[tuple[float, float]], front: list[int], labels: list[str], xlabel: str, ylabel: str,
@@ -192,9 +236,9 @@ def compare_runs(tracking_uri: str | None = None, experiment: str | None = None,
     ``metric`` against that cost over every configuration, single-op baselines marked; rows get ``pareto: True``
     when on it.
     """
-    rows = collect_rows(tracking_uri, experiment, metric)
+    rows, apart = collect(tracking_uri, experiment, metric)
     where = f"experiment {experiment!r}" if experiment else "any experiment"
-    if not rows:
+    if not rows and not apart:
         hint = ("; `pfnas run`/`pfnas baseline` runs are final-stage (train+val -> test): list them with "
                 "--metric test_acc, or select with a study (`pfnas tune`)") if metric == "val_acc" else ""
         raise PfnasError(f"no finished pfnas runs with metric {metric!r} in {where} at "
@@ -205,21 +249,26 @@ def compare_runs(tracking_uri: str | None = None, experiment: str | None = None,
         w = csv.writer(f)
         w.writerow(["rank", "label", "method", "n", f"{metric}_mean", f"{metric}_std", "final_test_acc_mean",
                     "final_test_acc_std", "final_n", "tuned_params", "tuned_percent", "cost_images", "study",
-                    "config_hash", "best_run_id", "run_ids"])
+                    "config_hash", "best_run_id", "run_ids", "run_name", "policy"])
         for i, r in enumerate(rows, 1):
             w.writerow([i, r["label"], r["method"], r["n"], r["mean"], r["std"], r["final_mean"], r["final_std"],
                         r["final_n"], r["tuned_params"], r["tuned_percent"], r["cost_images"], r["study"],
-                        r["config_hash"], r["best_run_id"], " ".join(r["run_ids"])])
-    _plot(rows, metric, out / "acc_vs_params.png")
-    if pareto:
+                        r["config_hash"], r["best_run_id"], " ".join(r["run_ids"]), r["run_name"], r["policy"]])
+        for r in apart:  # final-stage runs: no val score, no rank
+            w.writerow(["no val", r["label"], r["method"], 0, "", "", r["final_mean"], r["final_std"], r["final_n"],
+                        r["tuned_params"], "", r["cost_images"], "", r["config_hash"], "", " ".join(r["run_ids"]),
+                        r["run_name"], r["policy"]])
+    if rows:
+        _plot(rows, metric, out / "acc_vs_params.png")
+    if pareto and rows:
         _pareto(rows, metric, pareto, out, where)
     best_cfg = None
     bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
         client = make_client(resolve_tracking_uri(tracking_uri))
-        if reads_test(metric):
-            raise PfnasError("ranked on a test metric: no best config")
+        if reads_test(metric) or not rows:
+            raise PfnasError("ranked on a test metric, or nothing ranked: no best config")
         top = rows[0]
         with tempfile.TemporaryDirectory() as tmp:
             p = Path(client.download_artifacts((top["final_run_ids"] or [top["best_run_id"]])[0], "config.yaml", tmp))
@@ -240,17 +289,26 @@ def compare_runs(tracking_uri: str | None = None, experiment: str | None = None,
         from rich.text import Text
 
         t = Table(title=f"pfnas runs in {where} by {metric}")
-        for col in ("#", "label", "n", metric, "final test (n)", "tuned params", "tuned %", "search cost"):
-            t.add_column(col, justify="left" if col == "label" else "right", overflow="fold")
+        for col in ("#", "run", "method", "policy", "n", metric, "final test (n)", "tuned params", "search cost"):
+            t.add_column(col, justify="left" if col in ("run", "method", "policy") else "right", overflow="fold")
         for i, r in enumerate(rows, 1):
             val = f"{r['mean']:.4f}" + (f" ± {r['std']:.4f}" if r["n"] > 1 else "")
             fin = "-" if not r["final_n"] else f"{r['final_mean']:.4f} ± {r['final_std']:.4f} ({r['final_n']})"
-            pct = f"{r['tuned_percent']:.3f}" if r["tuned_percent"] is not None else "-"
-            t.add_row(str(i), Text(r["label"]), str(r["n"]), val, fin, _human(r["tuned_params"]), pct,
+            t.add_row(str(i), Text(r["run_name"]), Text(r["method"]), Text(short_policy(r["policy"]) or "-"),
+                      str(r["n"]), val, fin, _human(r["tuned_params"]),
                       _human(r["cost_images"]) + (" img" if r["cost_images"] else ""))
-        console.print(t)
+        if rows:
+            console.print(t)
+        if apart:
+            f = Table(title=f"final-stage runs in {where} (train+val -> test; no val: not selectable, not ranked)")
+            for col in ("run", "method", "policy", "test mean ± std", "n", "tuned params"):
+                f.add_column(col, justify="left" if col in ("run", "method", "policy") else "right", overflow="fold")
+            for r in apart:
+                f.add_row(Text(r["run_name"]), Text(r["method"]), Text(short_policy(r["policy"]) or "-"),
+                          f"{r['final_mean']:.4f} ± {r['final_std']:.4f}", str(r["final_n"]), _human(r["tuned_params"]))
+            console.print(f)
         if reads_test(metric):
             console.print(f"note: {metric} is a test metric; this ranking selects nothing (no best config)")
-        console.print(f"wrote {out / 'compare.csv'}, {out / 'acc_vs_params.png'}"
+        console.print(f"wrote {out / 'compare.csv'}" + (f", {out / 'acc_vs_params.png'}" if rows else "")
                       + (f", {best_cfg}" if best_cfg else ""))
     return rows

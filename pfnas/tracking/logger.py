@@ -14,7 +14,8 @@ from pfnas.config import ExperimentConfig, RunFileError, config_hash
 from pfnas.provenance import dataset_input, dataset_tags, provenance_tags
 from pfnas.runtime import write_atomic
 from pfnas.tracking.store import get_experiment_id, make_client
-from pfnas.tracking.values import config_params, finite_scalar, method_label
+from pfnas.tracking.report import display_name
+from pfnas.tracking.values import curated_params, finite_scalar, method_label
 
 log = logging.getLogger("pfnas.tracking")  # one logger name for the package
 
@@ -23,6 +24,11 @@ log = logging.getLogger("pfnas.tracking")  # one logger name for the package
 FINAL_METRICS = ("test_acc", "val_acc", "select_val_acc", "tuned_params", "tuned_percent", "cost_images",
                  "search_time_s", "retrain_time_s", "time_s", "cost_step_s", "infer_images_per_s",
                  "infer_ms_per_image", "eval_images", "kendall_tau")  # kendall_tau: one-shot's supernet diagnostic
+
+
+def method_tag(cfg: ExperimentConfig) -> str:
+    """The ``pfnas.method`` tag: the method as tables name it (``search-gdas``, ``all-add``, ``linear probe``)."""
+    return display_name(method_label(cfg))
 
 
 def alpha_heatmap(alpha: list[list[float]], ops: list[str], title: str = "softmax(alpha)"):
@@ -75,13 +81,14 @@ class RunLogger:
                  *, parent_run_id: str | None = None, run_id: str | None = None, tags: dict[str, str] | None = None,
                  reuse_tags: dict[str, str] | None = None, retry_s: float = 60.0, folder: str | Path | None = None,
                  finish_tries: int = 3, finish_wait_s: float = 1.0, source: str = "pfnas run",
-                 source_type: str = "LOCAL"):
+                 source_type: str = "LOCAL", tuned: list[str] | tuple[str, ...] = ()):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail fast when a server is down
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.tracking_uri, self.experiment, self.run_name, self.cfg = tracking_uri, experiment, run_name, cfg
         self.parent_run_id, self.run_id, self.retry_s = parent_run_id, run_id, retry_s
         self.finish_tries, self.finish_wait_s = finish_tries, finish_wait_s
         self.tags = dict(tags or {})
+        self.tuned = tuple(tuned)  # a study's tuned keys: the first param columns (curated_params)
         self.source, self.source_type = source, source_type  # provenance tags at run creation (pfnas.provenance)
         self.reuse_tags = dict(reuse_tags or {})
         self.folder = Path(folder) if folder is not None else None
@@ -197,14 +204,14 @@ class RunLogger:
                     tags["mlflow.parentRunId"] = self.parent_run_id
                 if self.cfg is not None:
                     tags.setdefault("pfnas.label", method_label(self.cfg))
-                    tags.setdefault("pfnas.method", self.cfg.method.kind)
+                    tags.setdefault("pfnas.method", method_tag(self.cfg))
                     tags.setdefault("pfnas.config_hash", config_hash(self.cfg))
                     tags.setdefault("pfnas.stage", self.cfg.train.stage)  # select: scored on val; final: on test
                 run = self.client.create_run(exp_id, tags=tags, run_name=self.run_name)
                 self.run_id, self._need_params, self._seen_steps = run.info.run_id, self.cfg is not None, {}
                 self._save_run_id()
             if self._need_params:  # retried until logged: a run never ends up without its config
-                params = [Param(k, v) for k, v in config_params(self.cfg).items()]
+                params = [Param(k, v) for k, v in curated_params(self.cfg, self.tuned).items()]
                 for i in range(0, len(params), 100):
                     self.client.log_batch(self.run_id, params=params[i:i + 100])
                 self.client.log_dict(self.run_id, self.cfg.model_dump(mode="json"), "config.yaml")

@@ -80,14 +80,80 @@ def sqlite_corruption(url: str, err: BaseException, hint: str = "") -> PfnasErro
     return None
 
 
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's UI opens such an experiment on its runs table, not on traces
+EXPERIMENT_DESCRIPTION = (
+    "pfnas runs (prompt fusion search on a frozen ViT).\n\n"
+    "* A study is one parent run (`pfnas.kind=study`); its description names the selected trial, its policy, its "
+    "val score and the finals' test mean ± std, and its artifacts hold the compare table and plot.\n"
+    "* Its trials `t01`, `t02`... are nested under it: each searched/trained on train and scored on **val_acc**, "
+    "the only score a study selects on.\n"
+    "* The finals (`t01 final s0`...) retrain the selected trial's policy on train+val and report **test_acc** "
+    "once per seed.\n"
+    "* `pfnas run` / `pfnas baseline` runs are top-level (`pfnas.kind=run`); final-stage ones report test_acc only "
+    "and are not selectable.\n\n"
+    "Params show the tuned values, method, op, policy, prompt length and learning rates; every run's full config "
+    "is its `config.yaml` artifact. `pfnas compare --experiment <name>` prints the same table.")
+
+
+RUNS_VIEW = "pfnas"  # share key of the runs-table view pfnas keeps on each experiment (``runs_table_url``)
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW}"
+VIEW_METRICS = ("val_acc", "test_acc", "tuned_params")
+VIEW_TAGS = ("pfnas.method", "pfnas.policy")
+
+
+def set_runs_view(client, experiment_id: str, params: list[str] | tuple[str, ...] = (),
+                  expand: str | None = None) -> None:
+    """The experiment's shared runs-table view (an MLflow "shared view": experiment tag
+    ``mlflow.sharedViewState.pfnas``): sorted by val_acc, showing val_acc, test_acc and tuned params, the
+    method and policy tags and the ``params`` given (a study's tuned keys; earlier ones kept), and ``expand``
+    (a study's parent run) expanded so its trials show. :func:`runs_table_url` opens it."""
+    import json
+
+    old: dict = {}
+    exp = client.get_experiment(experiment_id)
+    if RUNS_VIEW_TAG in (exp.tags or {}):
+        try:
+            old = json.loads(exp.tags[RUNS_VIEW_TAG])
+        except ValueError:
+            old = {}
+    cols = [f"metrics.`{m}`" for m in VIEW_METRICS] + [f"params.`{p}`" for p in params]
+    cols += [c for c in old.get("selectedColumns", []) if c.startswith("params.") and c not in cols]
+    cols += [f"tags.`{t}`" for t in VIEW_TAGS]
+    expanded = dict(old.get("runsExpanded") or {}, **({expand: True} if expand else {}))
+    state = {"selectedColumns": cols, "orderByKey": "metrics.`val_acc`", "orderByAsc": False,
+             "runsExpanded": expanded}
+    client.set_experiment_tag(experiment_id, RUNS_VIEW_TAG, json.dumps(state))
+
+
+def runs_table_url(ui_url: str, experiment_id: str) -> str:
+    """The MLflow UI address of an experiment's runs table in pfnas's view (``ui_url``: the server's base URL):
+    the "Model training" side of the UI (a fresh browser opens MLflow 3 on its GenAI side)."""
+    return (f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={RUNS_VIEW}")
+
+
+def _label_experiment(client, exp) -> None:
+    """Give an experiment pfnas made (or logs to) its kind and description when it has none yet."""
+    tags = getattr(exp, "tags", None) or {}
+    if tags.get("mlflow.experimentKind") is None:
+        client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
+    if not tags.get("mlflow.note.content"):
+        client.set_experiment_tag(exp.experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
+    if RUNS_VIEW_TAG not in tags:
+        set_runs_view(client, exp.experiment_id)
+
+
 def get_experiment_id(client, name: str, tracking_uri: str) -> str:
-    """Id of MLflow experiment ``name``, created (artifacts next to a sqlite file) if missing."""
+    """Id of MLflow experiment ``name``, created (artifacts next to a sqlite file) if missing; it is tagged
+    ``mlflow.experimentKind=custom_model_development`` (the UI opens on its runs) and described, unless it already
+    has a kind or description of its own."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        _label_experiment(client, exp)
         return exp.experiment_id
     location = None
     db = _sqlite_path(tracking_uri)
@@ -95,7 +161,10 @@ def get_experiment_id(client, name: str, tracking_uri: str) -> str:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "default"
         location = (db.parent / "mlruns" / safe).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        exp_id = client.create_experiment(name, artifact_location=location, tags={
+            "mlflow.experimentKind": EXPERIMENT_KIND, "mlflow.note.content": EXPERIMENT_DESCRIPTION})
+        set_runs_view(client, exp_id)
+        return exp_id
     except MlflowException:  # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:

@@ -28,6 +28,22 @@ def config_params(cfg: ExperimentConfig) -> dict[str, str]:
             for k, v in flatten(cfg.model_dump(mode="json")).items()}
 
 
+# what the runs table shows as param columns besides a study's tuned keys (the full config is config.yaml)
+CURATED_PARAMS = ("method.kind", "method.op", "method.policy", "method.weight_sharing", "method.supernet",
+                  "search.mode", "prompts.length", "search.arch_lr", "search.optim.lr", "train.optim.lr", "train.stage",
+                  "seed", "data.task")
+
+
+def curated_params(cfg: ExperimentConfig, tuned: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    """The few config values a run logs as MLflow params: ``tuned`` keys first (a study's searched values, its
+    variants' overrides), then :data:`CURATED_PARAMS` that are set (what names the method, the prompt length, the
+    lrs); the whole config is the run's ``config.yaml`` artifact."""
+    flat = config_params(cfg)
+    keys = [k for k in tuned if k in flat]
+    keys += [k for k in CURATED_PARAMS if flat.get(k, "None") not in ("None", "null")]
+    return {k: flat[k] for k in dict.fromkeys(keys)}
+
+
 def method_label(cfg: ExperimentConfig) -> str:
     """Short name of what ``cfg`` runs: ``search``, ``fixed:prepend``, ``probe``, ``random+ws``..."""
     m = cfg.method

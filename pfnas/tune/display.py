@@ -13,7 +13,7 @@ from ray.tune import Callback
 
 from ..tracking import finite_scalar, format_value, policy_agreement
 from .select import FinalsRecord, TrialRecord, finished, tie_loss
-from .trial import TrialContext, trial_index
+from .trial import ABBREV, TrialContext, trial_index
 
 
 def _short_names(keys: list[str]) -> list[str]:
@@ -27,6 +27,13 @@ def _short_names(keys: list[str]) -> list[str]:
                 break
         out.append(cand)
     return out
+
+
+def _headers(keys: list[str]) -> list[str]:
+    """Column headers of tuned params in one short word (``search.optim.lr`` -> ``slr``): tables fit 100 columns."""
+    short = _short_names(keys)
+    heads = [ABBREV.get(k) or s for k, s in zip(keys, short)]
+    return [h if heads.count(h) == 1 else s for h, s in zip(heads, short)]
 
 
 _OP_ABBREV = {"prepend": "pre", "add": "add", "affine": "aff", "cross_attn": "xat", "none": "-"}
@@ -144,14 +151,14 @@ class StudySummary:
                  f"{counts['STOPPED']} stopped, {counts['ERROR']} errored"
                  + (f", {retried} retried)" if retried else ")"))
         t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-        for col in ["#", "trial", "state"]:
+        for col in ["trial", "state"]:
             t.add_column(col, no_wrap=True)
-        short = _short_names(self.param_keys)
+        short = _headers(self.param_keys)
         if compact:
             t.add_column("config", ratio=1, min_width=12)
         else:
             for key in short:
-                t.add_column(key.replace(".", ".\n"), no_wrap=True)
+                t.add_column(key, no_wrap=True)
         t.add_column(self.metric.replace("_", "\n"), no_wrap=True)
         entropy = any(finite_scalar(r.metrics.get("search/alpha_entropy")) for r in self.trials)
         if entropy:  # mean normalised entropy of softmax(alpha) after the search: 1 = uniform, 0 = decided
@@ -165,7 +172,7 @@ class StudySummary:
             tp = r.metrics.get("tuned_params")
             h = r.metrics.get("search/alpha_entropy")
             values = [format_value(r.params.get(k, "")) for k in self.param_keys]
-            t.add_row(str(r.index), r.trial_id + star, _STATUS.get(r.status, r.status),
+            t.add_row(r.name + star, _STATUS.get(r.status, r.status),
                       *([Text(" ".join(f"{k}={v}" for k, v in zip(short, values)))] if compact
                         else [Text(v) for v in values]),
                       f"{r.value:.4f}" if r.value is not None else "-",
@@ -179,13 +186,13 @@ class StudySummary:
 
         t = _FitTable(self._table)
         lines = ["policy per layer: pre=prepend add=add aff=affine xat=cross_attn; * best trial"]
-        lines += [f"trial {r.trial_id} failed: {r.error}" for r in self.trials if r.error]
-        lines += [f"trial {r.trial_id} retried {r.retries}x from its last checkpoint"
+        lines += [f"trial {r.name} failed: {r.error}" for r in self.trials if r.error]
+        lines += [f"trial {r.name} retried {r.retries}x from its last checkpoint"
                   + (f" after: {r.retry_error}" if r.retry_error else "") for r in self.trials if r.retries]
         if self.best is not None:
-            lines.append(f"selected on validation: trial {self.best.trial_id} {self.metric}={self.best.value:.4f}, "
+            lines.append(f"selected on validation: trial {self.best.name} {self.metric}={self.best.value:.4f}, "
                          f"policy {self.best.metrics.get('policy', '?')}; config -> {self.best_config_path}")
-            tied = [r.trial_id for r in finished(self.trials) if r.value == self.best.value and r is not self.best]
+            tied = [r.name for r in finished(self.trials) if r.value == self.best.value and r is not self.best]
             if tied:
                 loss = tie_loss(self.best, self.metric)
                 lines.append(f"tied on {self.metric} with trial {', '.join(tied)}: " + (
@@ -196,13 +203,13 @@ class StudySummary:
             lines.append(f"no trial reported {self.metric}")
         if self.front:
             lines.append(f"Pareto front of ({', '.join(self.objectives)}), + in the table: "
-                         + "; ".join(f"{r.trial_id} (" + ", ".join(format_value(v) for v in r.values) + ")"
+                         + "; ".join(f"{r.name} (" + ", ".join(format_value(v) for v in r.values) + ")"
                                      for r in self.front))
         for f in self.group_finals:
             if f.test_accs:
                 mean, std = f.mean_std()
                 lines.append(f"final [{f.label}]: test_acc {mean:.4f} ± {std:.4f} (n={len(f.test_accs)}, "
-                             f"trial {f.trial_id})")
+                             f"trial {f.name or f.trial_id})")
         lines += [g.describe() for g in self.seed_groups()]
         lines.append(f"MLflow: {self.tracking_uri} experiment {self.mlflow_experiment!r} parent run {self.parent_run_id}")
         lines.append(f"Tune: {self.experiment_path}")
@@ -285,7 +292,11 @@ def _eta(seconds: float | None) -> str:
 class LiveTable:
     """One live rich table per Tune run: trial, state, key params, phase (epoch of planned), the latest value of the
     study metric and an ETA from epochs done vs planned (search.epochs + train.epochs). On a terminal it redraws in
-    place (at most twice a second); elsewhere (a log file, a pipe) it prints one line per finished trial."""
+    place (at most twice a second); elsewhere (a log file, a pipe) it prints a start line with the plan, one line per
+    finished trial and a progress line at least every :attr:`LOG_EVERY_S` seconds. Trials go by their MLflow run
+    name (``t03``, ``t03 final s1``)."""
+
+    LOG_EVERY_S = 60.0  # off a terminal: a progress line at least this often
 
     def __init__(self, console=None, refresh_s: float = 0.5):
         from rich.console import Console
@@ -327,7 +338,6 @@ class LiveTable:
     def _table(self, cb: Progress, trials: list, done=None):
         from rich import box
         from rich.table import Table
-        from rich.text import Text
 
         now = time.monotonic()
         rows, done_all, planned_all, best = [], 0, 0, None
@@ -357,15 +367,12 @@ class LiveTable:
                  + (f", best {cb.metric} {best:.4f}" if best is not None else "") + f", elapsed {_eta(elapsed)}"
                  + (f", ETA {_eta(eta)}" if n_done < cb.total else ""))
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-        for col in ("#", "trial", "state"):
-            table.add_column(col, no_wrap=True)
+        table.add_column("trial", no_wrap=True)  # its MLflow run name: t03, a final t03 final s1
+        table.add_column("state", no_wrap=True)
         keys = [k for k in cb.ctx.param_keys]
-        for k in _short_names(keys):
-            table.add_column(k, overflow="fold")
-        several = bool(cb.ctx.finals)  # finals of several configs in one run: name each row's config
-        if several:
-            table.add_column("config", overflow="fold")
-        table.add_column("phase", overflow="fold")
+        for k in _headers(keys):
+            table.add_column(k, no_wrap=True, max_width=10, overflow="ellipsis")
+        table.add_column("phase", no_wrap=True)
         table.add_column(cb.metric, no_wrap=True)
         table.add_column("ETA", no_wrap=True)
         for t, phase, v, done, planned, r in rows:
@@ -373,10 +380,9 @@ class LiveTable:
             if t.status == "RUNNING" and done and finite_scalar(r.get("time_total_s")):
                 t_eta = float(r["time_total_s"]) * (planned - done) / done
             state = {"TERMINATED": "done", "ERROR": "error"}.get(t.status, t.status.lower())
-            tctx, params = _resolve(cb, t)
-            table.add_row(str(trial_index(t)), t.trial_id, state,
-                          *[format_value(params.get(k, "")) for k in keys],
-                          *([Text(tctx.tags.get("pfnas.label", ""))] if several else []), phase,
+            params = _resolve(cb, t)[1]
+            table.add_row(self._name(cb, t), state,
+                          *[format_value(params.get(k, "")) for k in keys], phase,
                           f"{v:.4f}" if finite_scalar(v) else "-", _eta(t_eta) if t.status == "RUNNING" else "")
         return table, title
 
@@ -387,23 +393,8 @@ class LiveTable:
             self.close()
             self._owner, self.t0, self._said = cb, time.monotonic(), set()
         terminal = self.console.is_terminal and not self.console.is_dumb_terminal
-        if not terminal:  # one line per finished trial
-            if done is not None and done.trial_id not in self._said:
-                self._said.add(done.trial_id)
-                table, title = self._table(cb, trials, done)
-                r = done.last_result or {}
-                v = r.get(cb.metric)
-                state = "error" if done.status == "ERROR" or r.get("error") else "done"
-                n_done, best = self._counts
-                dctx, params = _resolve(cb, done)
-                label = (f"seed {params.get('seed')}" if cb.ctx.kind == "final" else f"t{trial_index(done):02d}")
-                if cb.ctx.finals:
-                    label = f"{dctx.tags.get('pfnas.label', '')} {label}"
-                self.console.print(f"{cb.title}: {label} {state}"
-                                   + (f" {cb.metric}={v:.4f}" if finite_scalar(v) else "")
-                                   + f" | {n_done}/{cb.total} done" + (f", best {best:.4f}" if best is not None else "")
-                                   + f", {_eta(time.monotonic() - self.t0)}"
-                                   + (f", ETA {_eta(self._eta)}" if n_done < cb.total else ""), highlight=False, markup=False)
+        if not terminal:  # a start line, one line per finished trial, and progress at least once a minute
+            self._log_lines(cb, trials, done)
             return
         now = time.monotonic()
         if not (end or done is not None) and now - self._last < self.refresh_s:
@@ -420,6 +411,45 @@ class LiveTable:
         self.live.update(table, refresh=True)
         if end:
             self.close()
+
+    @staticmethod
+    def _name(cb: Progress, trial) -> str:
+        """A trial's name, as its MLflow run's."""
+        tctx, params = _resolve(cb, trial)
+        return tctx.run_name(params, trial.trial_id, trial_index(trial))
+
+    def _log_lines(self, cb: Progress, trials: list, done=None) -> None:
+        """Off a terminal (a log file, a pipe): what the live table would show, as plain lines."""
+        now = time.monotonic()
+
+        def say(text: str) -> None:
+            self.console.print(text, highlight=False, markup=False)
+            self._last = now
+
+        if not self._said:  # the plan, once per Tune run
+            self._said.add("")
+            search_e, train_e = self._plan(cb, trials[0]) if trials else (0, 0)
+            epochs = f" of {search_e}+{train_e} epochs" if search_e else (f" of {train_e} epochs" if train_e else "")
+            say(f"{cb.title}: {cb.total} trials{epochs}; a line per trial, progress each minute")
+        if done is not None and done.trial_id not in self._said:
+            self._said.add(done.trial_id)
+            self._table(cb, trials, done)
+            r = done.last_result or {}
+            v = r.get(cb.metric)
+            state = "error" if done.status == "ERROR" or r.get("error") else "done"
+            n_done, best = self._counts
+            say(f"{cb.title}: {self._name(cb, done)} {state}"
+                + (f" {cb.metric}={v:.4f}" if finite_scalar(v) else "")
+                + f" | {n_done}/{cb.total} done" + (f", best {best:.4f}" if best is not None else "")
+                + f", {_eta(now - self.t0)}" + (f", ETA {_eta(self._eta)}" if n_done < cb.total else ""))
+        elif now - self._last >= self.LOG_EVERY_S:
+            self._table(cb, trials, done)
+            n_done, best = self._counts
+            running = [t for t in trials if t.status == "RUNNING"]
+            phases = ", ".join(f"{self._name(cb, t)} {self._progress(cb, t)[2]}" for t in running[:4])
+            say(f"{cb.title}: {n_done}/{cb.total} done, {len(running)} running"
+                + (f" ({phases})" if phases else "") + (f", best {best:.4f}" if best is not None else "")
+                + f", {_eta(now - self.t0)}" + (f", ETA {_eta(self._eta)}" if self._eta is not None else ""))
 
     def close(self) -> None:
         if self.live is not None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..tracking import finite_scalar, mean_std, pareto_front
-from .trial import error_line
+from .trial import error_line, trial_run_name
 
 
 @dataclass
@@ -25,6 +25,11 @@ class TrialRecord:
     retries: int = 0  # times Tune retried it after a failure (a killed worker), from its last checkpoint
     retry_error: str | None = None  # the failure it was last retried after
 
+    @property
+    def name(self) -> str:
+        """``t03``: its MLflow run name, and its name in every table."""
+        return trial_run_name(self.index, self.trial_id)
+
 
 @dataclass
 class FinalsRecord:
@@ -35,14 +40,15 @@ class FinalsRecord:
     test_accs: list[float]
     errors: list[tuple[int, str]] = field(default_factory=list)
     label: str = ""  # per-variant finals: the variant's overrides
+    name: str = ""  # the finalised trial's name (``t03``)
 
     def mean_std(self) -> tuple[float, float]:
         return mean_std(self.test_accs)
 
     def describe(self) -> str:
         mean, std = self.mean_std()
-        return (f"test_acc {mean:.4f} ± {std:.4f} (n={len(self.test_accs)}, trial {self.trial_id}'s config and "
-                f"policy retrained on train+val, tested once per seed)")
+        return (f"test_acc {mean:.4f} ± {std:.4f} (n={len(self.test_accs)}, trial {self.name or self.trial_id}'s "
+                "config and policy retrained on train+val, tested once per seed)")
 
 
 def records(results, objectives: list[str], param_keys: list[str],

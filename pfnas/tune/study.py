@@ -29,13 +29,17 @@ from ..provenance import provenance_tags
 from ..runtime import try_lock
 from ..tracking import (
     absolute_sqlite_url,
+    compare_runs,
     config_hash,
     finite_scalar,
     format_value,
     get_experiment_id,
     make_client,
+    method_tag,
     pareto_figure,
     resolve_tracking_uri,
+    runs_table_url,
+    set_runs_view,
     sqlite_corruption,
     sqlite_store_lock,
 )
@@ -148,6 +152,11 @@ def _parent_run(client, exp_id: str, plan: StudyPlan, space: SpaceConfig, space_
               **{f"param.{k}": v.describe() for k, v in plan.params.items()}}
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     client.log_dict(run.info.run_id, plan.base.model_dump(mode="json"), "base_config.yaml")
+    try:  # the runs table shows this study's tuned params, its trials expanded under the parent
+        tuned = [k for k in plan.param_keys if k != "variant"] + [k for v in plan.variants for k in v]
+        set_runs_view(client, exp_id, list(dict.fromkeys(tuned)), expand=run.info.run_id)
+    except Exception as e:  # noqa: BLE001 - a view is a convenience
+        log.debug("no runs view on experiment %s: %s", exp_id, e)
     return run.info.run_id
 
 
@@ -480,13 +489,22 @@ def _log_parent(run: StudyRun, space: SpaceConfig, out: StudyOutcome) -> None:
                    Metric("n_retries", sum(r.retries for r in recs), 0, 0)]  # their retries in all
         if out.best is not None:
             metrics.append(Metric(f"best_{primary}", out.best.value, 0, 0))
-            client.set_tag(parent, "pfnas.best_trial", out.best.trial_id)
+            if primary == "val_acc":  # the parent's row in the runs table: the selected trial's val score
+                metrics.append(Metric("val_acc", out.best.value, 0, 0))
+            client.set_tag(parent, "pfnas.best_trial", out.best.name)  # the run name the MLflow UI shows
             client.log_dict(parent, out.best_cfg, "best_config.yaml")
         if out.finals is not None and out.finals.test_accs:
             mean, std = out.finals.mean_std()
             metrics += [Metric("final_test_acc_mean", mean, 0, 0), Metric("final_test_acc_std", std, 0, 0),
-                        Metric("final_n", len(out.finals.test_accs), 0, 0)]
+                        Metric("final_n", len(out.finals.test_accs), 0, 0),
+                        Metric("test_acc", mean, 0, 0)]  # the parent's row: the finals' mean test score
         client.log_batch(parent, metrics=metrics)
+        client.set_tag(parent, "mlflow.note.content", _parent_description(run, space, out))
+        if out.best is not None:
+            client.set_tag(parent, "pfnas.policy", str(out.best.metrics.get("policy", "")))
+        _log_compare(run, space)
+        if run.ctx.tracking_uri.startswith(("http://", "https://")):
+            run.notes.append(f"MLflow runs table: {runs_table_url(run.ctx.tracking_uri, run.exp_id)}")
         unfinished = out.interrupted or (any(r.status == "STOPPED" for r in recs) and space.scheduler.type == "none")
         orphans = _close_orphans(client, run.exp_id, parent)
         if orphans:
@@ -494,6 +512,44 @@ def _log_parent(run: StudyRun, space: SpaceConfig, out: StudyOutcome) -> None:
         client.set_terminated(parent, "KILLED" if unfinished else "FINISHED")
     except Exception as e:  # noqa: BLE001 - the study itself is done; say so instead of failing
         run.notes.append(f"warning: could not finish the MLflow parent run: {error_line(e)}")
+
+
+def _parent_description(run: StudyRun, space: SpaceConfig, out: StudyOutcome) -> str:
+    """The parent run's description (markdown, MLflow's "Description"): the study, how it selects, the selected
+    trial by its run name with its policy and val score, and the finals' test mean ± std."""
+    plan, primary = run.plan, space.metrics[0]
+    tuned = ", ".join(f"`{k}`" for k in plan.param_keys) or "no params"
+    lines = [f"Study **{plan.name}**: {len(out.recs)} trials ({space.algorithm} over {tuned}"
+             + (f", {len(plan.variants)} variants" if plan.variants else "") + "), nested below as `t01`, `t02`...",
+             f"Selection: the finished trial with the {'highest' if space.modes[0] == 'max' else 'lowest'} "
+             f"**{primary}** on the validation split; test is never read to select."]
+    if out.best is not None:
+        best = out.best
+        lines.append(f"Selected: **{best.name}** ({run.ctx.label(run.ctx.config(best.params, 'x'), best.params)}), "
+                     f"{primary} = {best.value:.4f}, policy `{best.metrics.get('policy', '?')}`.")
+        if out.finals is not None and out.finals.test_accs:
+            mean, std = out.finals.mean_std()
+            lines.append(f"Finals (`{best.name} final s*`): {best.name}'s config and policy retrained on train+val, "
+                         f"**test_acc {mean:.4f} ± {std:.4f}** (n={len(out.finals.test_accs)} seeds).")
+        else:
+            lines.append("Finals: none" + (" yet (interrupted)" if out.interrupted else "") + ".")
+    else:
+        lines.append("Selected: nothing" + (" yet (interrupted)." if out.interrupted else " (no trial finished)."))
+    lines.append("Artifacts: `compare/` (the experiment's `pfnas compare` table and plot), `trials.json`, "
+                 "`best_config.yaml`.")
+    return "\n\n".join(lines)
+
+
+def _log_compare(run: StudyRun, space: SpaceConfig) -> None:
+    """``pfnas compare`` of the study's experiment (table CSV and plot) as the parent's ``compare/`` artifacts."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="pfnas-compare-") as tmp:
+            compare_runs(run.ctx.tracking_uri, run.ctx.experiment, space.metrics[0], out_dir=tmp)
+            run.client.log_artifacts(run.parent, tmp, "compare")
+    except Exception as e:  # noqa: BLE001 - the study is done; the table is a convenience
+        run.notes.append(f"note: no compare table on the MLflow parent run: {error_line(e)}")
 
 
 def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage: str, tracking_uri: str,
@@ -579,7 +635,9 @@ def _final_context(ctx: TrialContext, plan: StudyPlan, best: TrialRecord,
     final = merge_dotted(trial_cfg, {"name": f"{plan.name}-final", "train.stage": "final",
                                      **({"method.kind": "fixed", "method.policy": policy} if policy else {})})
     tags = {"pfnas.label": ctx.label(trial_cfg, best.params), "pfnas.selected": config_hash(trial_cfg),
-            "pfnas.selected_trial": best.trial_id, f"pfnas.selected_{metric}": f"{best.value:.6g}"}
+            "pfnas.selected_trial": best.trial_id, "pfnas.selected_run": best.name,
+            "pfnas.method": method_tag(trial_cfg),  # the method that chose the policy, not the final's fixed one
+            f"pfnas.selected_{metric}": f"{best.value:.6g}"}
     fctx = TrialContext(study=ctx.study, base=final.model_dump(mode="json"), tracking_uri=ctx.tracking_uri,
                         experiment=ctx.experiment, parent_run_id=ctx.parent_run_id, param_keys=["seed"],
                         kind="final", tags=tags)
@@ -615,7 +673,7 @@ def _run_finals(ctx: TrialContext, plan: StudyPlan, chosen: list[TrialRecord], s
         if selection is not None:  # another selection's finals: replaced, if pfnas made that folder
             _fresh_owned_dir(selection.parent)
             _write_file(selection, ids)
-        title = f"finals of trial {chosen[0].trial_id}" if len(chosen) == 1 else f"finals of {len(chosen)} configs"
+        title = f"finals of trial {chosen[0].name}" if len(chosen) == 1 else f"finals of {len(chosen)} configs"
         tuner = tune.Tuner(
             trainable, param_space={"final": tune.grid_search(runs)},
             tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=space.max_concurrent_trials,
@@ -625,7 +683,7 @@ def _run_finals(ctx: TrialContext, plan: StudyPlan, chosen: list[TrialRecord], s
                                       callbacks=[] if verbose else [Progress(title, "test_acc", mctx, len(runs))],
                                       failure_config=tune.FailureConfig(max_failures=space.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints)))
-    out = {r.trial_id: FinalsRecord(r.trial_id, [], []) for r in chosen}
+    out = {r.trial_id: FinalsRecord(r.trial_id, [], [], name=r.name) for r in chosen}
     grid = _fit(tuner, f"the finals of study {ctx.study}")
     results = [(dict((r.config or {}).get("final") or {}), r) for r in grid]
     for pick, r in sorted(results, key=lambda x: (x[0].get("config", -1), x[0].get("seed", -1))):

@@ -70,14 +70,16 @@ class TrialContext:
         return merge_dotted(base, {**self._values(params), "name": name})
 
     def run_name(self, params: dict[str, Any], trial_id: str, index: int | None = None) -> str:
-        """``final s1`` for a final; for a trial ``t03 gumbel len8``: its index, the method and its sampled values."""
+        """A trial's one name (MLflow run, live table, summary, compare): ``t03`` by its creation order; a final
+        ``t03 final s1`` (the trial it finalises, its seed)."""
         if self.kind == "final":
-            return f"final s{params['seed']}"
-        try:
-            cfg = self.config(params, "name")
-        except Exception:  # noqa: BLE001 - a name never fails a trial
-            return trial_id
-        return readable_name(index, cfg, self._values(params)) if index else trial_id
+            picked = self.tags.get("pfnas.selected_run")
+            return f"{picked} final s{params['seed']}" if picked else f"final s{params['seed']}"
+        return trial_run_name(index, trial_id)
+
+    def tuned_keys(self, params: dict[str, Any]) -> list[str]:
+        """The dotted config keys this trial's variant and sampled params set (its first MLflow param columns)."""
+        return list(self._values(params))
 
     def label(self, cfg: ExperimentConfig, params: dict[str, Any]) -> str:
         """Method label plus the values that make this configuration (seeds and method fields left out)."""
@@ -88,7 +90,12 @@ class TrialContext:
         return f"{method_label(cfg)} [{tuned}]" if tuned else method_label(cfg)
 
 
-_ABBREV = {"prompts.length": "len", "prompts.fusion_dim": "r", "prompts.dropout": "drop", "search.arch_lr": "alr",
+def trial_run_name(index: int | None, trial_id: str) -> str:
+    """``t03``: the name of a study's trial number ``index`` (1-based creation order); the Tune id without one."""
+    return f"t{index:02d}" if index else trial_id
+
+
+ABBREV = {"prompts.length": "len", "prompts.fusion_dim": "r", "prompts.dropout": "drop", "search.arch_lr": "alr",
            "search.optim.lr": "slr", "train.optim.lr": "lr", "search.epochs": "se", "train.epochs": "te",
            "search.tau.start": "tau", "search.tau.end": "tauend", "search.order": "ord", "search.cost_weight": "cw",
            "pae.enabled": "pae", "data.task": "", "seed": "s"}
@@ -112,7 +119,7 @@ def _abbrev(key: str, value: Any) -> str:
     if isinstance(value, str) or value is None:
         return str(value)
     leaf = key.split(".")[-1]
-    short = _ABBREV.get(key, "".join(w[0] for w in leaf.split("_")) if "_" in leaf else leaf[:4])
+    short = ABBREV.get(key, "".join(w[0] for w in leaf.split("_")) if "_" in leaf else leaf[:4])
     if isinstance(value, bool):
         return short if value else f"no{short}"
     if isinstance(value, float):
@@ -244,6 +251,7 @@ def pfnas_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     logger = RunLogger(ctx.tracking_uri, ctx.experiment, ctx.run_name(config, trial_id, int(m.group(1)) if m else None),
                        cfg, parent_run_id=ctx.parent_run_id, run_id=rid.read_text().strip() if rid.is_file() else None,
                        reuse_tags={"pfnas.trial_id": trial_id}, folder=work, source="pfnas tune", source_type="JOB",
+                       tuned=ctx.tuned_keys(config),
                        tags={**ctx.tags, "pfnas.kind": ctx.kind, "pfnas.study": ctx.study, "pfnas.trial_id": trial_id,
                              "pfnas.label": ctx.label(cfg, config)})
     reporter = _TrialReporter(work, logger, restored=ckpt is not None)
@@ -274,4 +282,8 @@ def trial_dirname(trial) -> str:
 
 
 def trial_name(trial) -> str:
-    return trial.trial_id
+    """Tune's display name of a trial: ``t03`` as its MLflow run (``f03`` for the finals' Tune run)."""
+    index = trial_index(trial)
+    if not index:
+        return trial.trial_id
+    return f"{'f' if 'final' in (trial.config or {}) else 't'}{index:02d}"
