@@ -132,7 +132,9 @@ class PfnasOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result, error or bool(result and result.get("error")))  # FAIL, not PRUNED
 
 
-ASHA_STATE = "asha_rungs.json"  # in a local study's folder: its ASHA rungs, for a resume
+# in a local study's folder: its ASHA rungs (JSON), for a resume. Not *.json: Tune copies those into its driver
+# staging folder on restore and back over the study folder at every save, which would put back the old rungs
+ASHA_STATE = "asha_rungs.state"
 
 
 class PfnasASHA(ASHAScheduler):
