@@ -152,3 +152,37 @@ def test_resume_of_a_multi_task_run_keeps_asha_rungs_and_optuna_studies(ray_sess
         assert len(study.trials) == 3  # the same study continued: no trial asked twice, none lost
         for number, params in trials_before[s.name].items():
             assert study.trials[number].params == params
+
+
+def test_task_board_has_a_row_per_study_and_an_overall_line():
+    """The several-study view on a terminal: per study done/running/queued trials, best val, finals, ETA; a study
+    not started yet says waiting; the title counts every study's trials."""
+    from types import SimpleNamespace
+
+    from pfnas.tune.display import Progress, TaskBoard
+    from pfnas.tune.trial import TrialContext
+
+    base = tiny_config().model_dump(mode="json")
+
+    def ctx(study, kind="trial"):
+        return TrialContext(study=study, base=base, tracking_uri="u", experiment="e", parent_run_id=None,
+                            param_keys=["seed"], kind=kind)
+
+    def trial(tid, status, **result):
+        return SimpleNamespace(trial_id=tid, status=status, config={"seed": 1}, last_result=result,
+                               experiment_tag=tid[-1])
+
+    buf = io.StringIO()
+    board = TaskBoard(Console(file=buf, width=120, force_terminal=True, color_system=None), ["x-a", "x-b", "x-c"], 2)
+    a = [trial("a1", "TERMINATED", val_acc=0.5, phase="done"), trial("a2", "RUNNING", phase="retrain", epoch=1)]
+    board.update(Progress("study x-a", "val_acc", ctx("x-a"), 3), a, done=a[0])
+    board.update(Progress("finals of trial a1", "test_acc", ctx("x-a", "final"), 2), [], end=False)
+    b = [trial("b1", "TERMINATED", val_acc=0.75, phase="done"), trial("b2", "TERMINATED", val_acc=0.25, phase="done")]
+    board.update(Progress("study x-b", "val_acc", ctx("x-b"), 2), b, done=b[1])
+    board.study_ended("x-b")
+    board.finish()
+    rows = {ln.split()[0]: ln.split() for ln in buf.getvalue().splitlines() if ln.strip().startswith("x-")}
+    assert rows["x-a"][1:6] == ["1/3", "1", "1", "0.5000", "0/2"], rows
+    assert rows["x-b"][1:5] == ["2/2", "0", "0", "0.7500"] and rows["x-b"][-1] == "done", rows
+    assert rows["x-c"][1:4] == ["-", "-", "waiting"], rows
+    assert "3 studies (1 running, 2 at a time): 3/5 trials done" in buf.getvalue()

@@ -594,6 +594,8 @@ class TaskBoard:
         with self.lock:
             row = self.rows.setdefault(name, _TaskRow())
             row.ended = time.monotonic()
+            if self.live is not None:
+                self.live.update(self._view(), refresh=True)
 
     def close(self) -> None:
         """A study's Tune run ended (``_fit``): the board stays up for the others."""

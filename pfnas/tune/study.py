@@ -150,7 +150,8 @@ class PfnasASHA(ASHAScheduler):
 
     def rungs(self) -> list[list[tuple[float, dict[str, float]]]]:
         """Per bracket, (milestone, {trial id: score x mode sign}) from the highest milestone down."""
-        return [[(float(m), {str(k): float(v) for k, v in rec.items()}) for m, rec in b._rungs] for b in self._brackets]
+        return [[(float(m), {str(k): float(v) for k, v in rec.items()}) for m, rec in b._rungs]
+                for b in self._brackets]
 
     def _load(self) -> None:
         if self._loaded:
@@ -947,8 +948,10 @@ def _run_side_by_side(plans: list[StudyPlan], run_one, slots: int) -> list:
             for t in list(threads.values()):
                 t.join(timeout=0.2)  # short: signals reach the main thread between joins
         except BaseException as e:  # Ctrl-C, SIGTERM: stop every study where Tune kept its state
-            if stop is None:
-                stop = e
+            if stop is not None:  # a second one: stop waiting
+                STOP_STUDIES.clear()
+                raise
+            stop = e
             STOP_STUDIES.set()
     STOP_STUDIES.clear()
     if stop is not None:
@@ -970,7 +973,7 @@ def _run_side_by_side(plans: list[StudyPlan], run_one, slots: int) -> list:
 def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri: str | None = None,
              experiment: str | None = None, storage: str | None = None, resume: bool = False,
              overrides: list[str] | None = None, num_samples: int | None = None, optuna_storage: str | None = None,
-             verbose: bool = False, console=None) -> TuneSummary:
+             verbose: bool = False, console=None, max_concurrent_studies: int | None = None) -> TuneSummary:
     """Run (or with ``resume`` continue) the studies of a space YAML; returns a printable summary.
 
     ``address``: Ray cluster (``auto``, ``ray://host:10001``); None starts a local Ray unless one is
@@ -982,6 +985,7 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
     next to a sqlite MLflow db, else in the Tune storage folder; ``none``: in memory). ``verbose`` keeps Ray Tune's
     own output (per-trial tables and results); otherwise Ray, Tune and Optuna stay quiet and a live pfnas view is
     drawn on ``console`` (:class:`LiveTable` for one study at a time, :class:`TaskBoard` for studies side by side).
+    ``max_concurrent_studies`` overrides the space's field of that name.
 
     The studies of a ``tasks`` space run side by side (:func:`study_slots` at once), each with its own Tune
     experiment, Optuna study, MLflow parent, state file and lock; ``resume`` continues every unfinished one.
@@ -990,6 +994,10 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
     space, plans = load_space(space_path, overrides, experiment)
     if num_samples is not None and num_samples < 1:
         raise ConfigError("--num-samples must be >= 1")
+    if max_concurrent_studies is not None:
+        if max_concurrent_studies < 1:
+            raise ConfigError("--max-concurrent-studies must be >= 1")
+        space = space.model_copy(update={"max_concurrent_studies": max_concurrent_studies})
     stores = _resolve_stores(space, space_path, tracking_uri=tracking_uri, experiment=experiment, storage=storage,
                              optuna_storage=optuna_storage)
     data_cfgs = data_configs(plans)
