@@ -66,6 +66,12 @@ def test_study_slots_from_the_field_or_the_cluster(ray_session, tmp_path):
     assert slots(n_studies=2, max_concurrent_studies=5) == 2
 
 
+def _trial_data(exp_dir: Path) -> list[tuple[dict, dict]]:
+    """(trial, metadata) of every trial in a Tune experiment's last saved state."""
+    state = json.loads(sorted(exp_dir.glob("experiment_state-*.json"))[-1].read_text())
+    return [(json.loads(t), json.loads(m)) for t, m in state["trial_data"]]
+
+
 def _intervals(uri: str, experiment: str) -> dict[str, list[tuple[int, int]]]:
     """Each study's trial runs as (start, end) ms, from MLflow."""
     client = make_client(uri)
@@ -93,6 +99,9 @@ def test_task_studies_run_side_by_side(ray_session, tmp_path, tracking):  # noqa
     assert sorted(ln.split(":")[0] for ln in lines) == ["two-a", "two-a", "two-b", "two-b"], buf.getvalue()
     assert all("trials done" in ln and "all: elapsed" in ln for ln in lines)
     assert {s.parent_run_id for s in summary.studies}.__len__() == 2
+    for study in ("two-a", "two-b"):  # Tune fetches trainables by name: one name would run one study's context twice
+        names = {trial["trainable_name"] for trial, _ in _trial_data(tmp_path / "ray" / study)}
+        assert names == {f"pfnas_trial_{study}"}, names
     assert sorted(optuna.study.get_all_study_names(summary.studies[0].optuna_storage)) == ["two-a", "two-b"]
 
 

@@ -226,6 +226,28 @@ def _release_start() -> None:
         _START.release()
 
 
+OLD_TRAINABLE = "pfnas_trial"  # the name every study's trainable had before studies ran side by side
+
+
+def _trainable(ctx: TrialContext, resources: dict[str, float], name: str):
+    """:func:`pfnas_trial` with ``ctx`` and ``resources``, registered with Tune as ``name``. Tune keeps trainables
+    in one registry by name (``__name__``), and its actors fetch them by that name: two studies side by side under
+    one name would both run the one registered last, with its study's context (task, parent run)."""
+    fn = tune.with_resources(tune.with_parameters(pfnas_trial, ctx=ctx), resources)
+    fn.__name__ = name
+    return fn
+
+
+def _restore(path: str, ctx: TrialContext, resources: dict[str, float], name: str):
+    """``Tuner.restore`` of a study or its finals; one started by an older pfnas has the old trainable name."""
+    try:
+        return tune.Tuner.restore(path, trainable=_trainable(ctx, resources, name), resume_errored=True)
+    except ValueError as e:
+        if "Invalid `trainable` input" not in str(e):
+            raise
+        return tune.Tuner.restore(path, trainable=_trainable(ctx, resources, OLD_TRAINABLE), resume_errored=True)
+
+
 class StopWhenAsked(Callback):
     """Ends a study's Tune loop once :data:`STOP_STUDIES` is set. Tune handles Ctrl-C itself only in the main thread;
     a study in another thread stops here, Tune stops its trials, and its last saved state is what --resume
@@ -509,10 +531,11 @@ def _fit_trials(run: StudyRun, space: SpaceConfig, space_path: Path, storage: st
             "optuna_storage": optuna_storage if run.optuna_study else None, "optuna_study": run.optuna_study},
             indent=1), then="rerun the command")
     with _starting():
-        trainable = tune.with_resources(tune.with_parameters(pfnas_trial, ctx=run.ctx), run.resources)
+        name = f"pfnas_trial_{plan.name}"
         if run.restoring:  # the search state (OptunaSearch with its RDB study) comes back from Tune's folder
-            tuner = tune.Tuner.restore(run.exp_path, trainable=trainable, resume_errored=True)
+            tuner = _restore(run.exp_path, run.ctx, run.resources, name)
         else:
+            trainable = _trainable(run.ctx, run.resources, name)
             tuner = _tuner(plan, space, trainable, storage, num_samples, verbose=verbose,
                            optuna_storage=optuna_storage if run.optuna_study else None, optuna_study=run.optuna_study,
                            progress=Progress(f"study {plan.name}", space.metrics[0], run.ctx,
@@ -738,11 +761,12 @@ def _run_finals(ctx: TrialContext, plan: StudyPlan, chosen: list[TrialRecord], s
     ids = "\n".join(r.trial_id for r in chosen)
     out = {r.trial_id: FinalsRecord(r.trial_id, [], []) for r in chosen}
     with _starting():  # one study at a time through Ray's trainable registry
-        trainable = tune.with_resources(tune.with_parameters(pfnas_trial, ctx=mctx), trainable_resources)
         same = selection is not None and selection.is_file() and selection.read_text().strip() == ids
+        tname = f"pfnas_trial_{name}"
         if same and tune.Tuner.can_restore(path):
-            tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+            tuner = _restore(path, mctx, trainable_resources, tname)
         else:
+            trainable = _trainable(mctx, trainable_resources, tname)
             if selection is not None:  # another selection's finals: replaced, if pfnas made that folder
                 _fresh_owned_dir(selection.parent)
                 _write_file(selection, ids)
