@@ -162,6 +162,9 @@ def tune(space: Path = typer.Option(..., "--space", help="Search-space YAML (sea
          storage: Optional[str] = typer.Option(None, "--storage", help="Ray Tune storage path or URI (s3://...)."),
          resume: bool = _flag(False, "--resume", help="Continue an interrupted study (Tuner.restore)."),
          num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Override the space's num_samples."),
+         max_concurrent_studies: Optional[int] = typer.Option(
+             None, "--max-concurrent-studies", min=1, help="Task studies at once (override the space's "
+                                                           "max_concurrent_studies; default: as the cluster holds)."),
          optuna_storage: Optional[str] = typer.Option(
              None, "--optuna-storage", help="Optuna study storage (RDB URL, e.g. sqlite:///optuna.db; none: in memory). "
                                             "Default: optuna.db next to a sqlite MLflow db, else in --storage."),
@@ -173,7 +176,8 @@ def tune(space: Path = typer.Option(..., "--space", help="Search-space YAML (sea
 
     summary = run_tune(space, address=address, tracking_uri=tracking_uri, experiment=experiment,
                        storage=str(storage) if storage else None, resume=resume, overrides=overrides,
-                       num_samples=num_samples, optuna_storage=optuna_storage, verbose=verbose, console=console)
+                       num_samples=num_samples, optuna_storage=optuna_storage, verbose=verbose, console=console,
+                       max_concurrent_studies=max_concurrent_studies)
     console.print(summary)
     failures = summary.failures()
     if failures:  # the table above shows each failed trial; a study without any result is not a success

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny timm ViT configs, the optional ../shared resources, one Ray session."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -195,3 +196,49 @@ def write_space(folder: Path, name: str = "study", **fields) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     return path
+
+
+# ----------------------------------------------------------------------------- studies
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory) -> str:
+    """One sqlite tracking store for this module (creating a store costs seconds); tests use own experiments."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+def _children() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            out.setdefault(ppid, []).append(int(p.name))
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process it started (its local Ray cluster included), by pid."""
+    kids, todo, tree = _children(), [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += kids.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def tune_state(exp_dir: Path) -> dict[str, tuple[str, dict]]:
+    files = sorted(exp_dir.glob("experiment_state-*.json"))
+    try:
+        data = json.loads(files[-1].read_text()) if files else {"trial_data": []}
+    except json.JSONDecodeError:  # being replaced
+        return {}
+    out = {}
+    for trial, meta in data["trial_data"]:
+        trial, meta = json.loads(trial), json.loads(meta)
+        out[trial["trial_id"]] = (trial["status"], meta.get("last_result") or {})
+    return out

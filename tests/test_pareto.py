@@ -67,7 +67,7 @@ def test_retrained_policy_records_inference_latency(exp, tmp_path):
 
 @pytest.mark.slow
 def test_two_objective_study_through_tune_optuna_mlflow(ray_session, tmp_path):
-    from test_tune import write_space
+    from conftest import write_space
 
     from pfnas.tune import run_tune
 

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import DIVERGING_BACKBONE, OVERFLOW, PARAMS, REPO, MlflowServer, free_port, tiny_config, write_space
+from conftest import (DIVERGING_BACKBONE, OVERFLOW, PARAMS, REPO, MlflowServer, free_port, kill_tree, tiny_config,
+                      tune_state, write_space)
 
 from pfnas.config import ConfigError, ExperimentConfig, PfnasError
 from pfnas.tracking import compare_runs, get_experiment_id, make_client
@@ -26,12 +27,6 @@ def trial_runs(uri: str, experiment: str):
     parents = [r for r in runs if r.data.tags.get("pfnas.kind") == "study"]
     trials = [r for r in runs if r.data.tags.get("pfnas.kind") == "trial"]
     return client, parents, trials
-
-
-@pytest.fixture(scope="module")
-def tracking(tmp_path_factory) -> str:
-    """One sqlite tracking store for this module (creating a store costs seconds); tests use own experiments."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
 
 
 @pytest.fixture(scope="module")
@@ -287,45 +282,6 @@ def test_a_study_continues_when_rays_own_loop_stops(ray_session, tmp_path, track
 
 
 # ----------------------------------------------------------------------------- kill and resume
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            out.setdefault(ppid, []).append(int(p.name))
-    return out
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and every process it started (its local Ray cluster included), by pid."""
-    kids, todo, tree = _children(), [pid], []
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += kids.get(p, [])
-    for p in tree:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _tune_state(exp_dir: Path) -> dict[str, tuple[str, dict]]:
-    files = sorted(exp_dir.glob("experiment_state-*.json"))
-    try:
-        data = json.loads(files[-1].read_text()) if files else {"trial_data": []}
-    except json.JSONDecodeError:  # being replaced
-        return {}
-    out = {}
-    for trial, meta in data["trial_data"]:
-        trial, meta = json.loads(trial), json.loads(meta)
-        out[trial["trial_id"]] = (trial["status"], meta.get("last_result") or {})
-    return out
-
-
 # a trial stopped between a report and its checkpoint repeats that epoch on resume; Optuna keeps the first value
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The reported value is ignored because this `step=")
@@ -344,7 +300,7 @@ def test_ctrl_c_selects_nothing_and_resume_finishes(ray_session, tmp_path, track
     try:
         deadline = time.time() + 180
         while time.time() < deadline:
-            state = _tune_state(exp_dir)
+            state = tune_state(exp_dir)
             if any(st == "TERMINATED" for st, _ in state.values()) and any(
                     st == "RUNNING" and r.get("training_iteration", 0) >= 1 for st, r in state.values()):
                 break
@@ -356,7 +312,7 @@ def test_ctrl_c_selects_nothing_and_resume_finishes(ray_session, tmp_path, track
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            _kill_tree(proc.pid)
+            kill_tree(proc.pid)
     assert proc.returncode == 2, out[-2000:] + err[-2000:]
     assert err.strip().splitlines()[-1] == ("pfnas: error: study ctrlc was interrupted before its trials ended, "
                                            "nothing was selected: rerun with --resume to continue it")
@@ -386,7 +342,7 @@ def test_kill_and_resume(ray_session, tmp_path, tracking):
     try:
         deadline = time.time() + 180
         while time.time() < deadline:
-            state = _tune_state(exp_dir)
+            state = tune_state(exp_dir)
             done = [t for t, (st, _) in state.items() if st == "TERMINATED"]
             # the first trial finished and is recorded; the second has a recorded mid-run checkpoint
             running = [r for st, r in state.values() if st == "RUNNING" and r.get("training_iteration", 0) >= 2]
@@ -397,9 +353,9 @@ def test_kill_and_resume(ray_session, tmp_path, tracking):
         else:
             pytest.fail("the study never reached its first finished trial:\n" + log.read_text()[-3000:])
     finally:
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
         proc.wait(timeout=30)
-    before = {t: r for t, (st, r) in _tune_state(exp_dir).items() if st == "TERMINATED"}
+    before = {t: r for t, (st, r) in tune_state(exp_dir).items() if st == "TERMINATED"}
     assert before and len(before) < 3
     (exp_dir / "pfnas_study.json").unlink()  # as with s3:// storage: the parent run is found by its MLflow tags
     # a trial killed with the driver before Tune recorded it: its MLflow run exists, Tune will never resume it

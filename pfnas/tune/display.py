@@ -458,3 +458,180 @@ class LiveTable:
         self._owner = None
 
 
+
+
+@dataclass
+class FailedStudy:
+    """A study of a several-study run that ended in an error (or never started): the others went on; one line in
+    the summary, and ``pfnas tune`` exits 2."""
+
+    name: str
+    error: str
+
+    def failure(self) -> str:
+        return f"study {self.name} failed: {self.error}"
+
+    def __rich__(self):
+        from rich.text import Text
+
+        return Text(self.failure())
+
+
+@dataclass
+class _TaskRow:
+    """What :class:`TaskBoard` knows of one study: its trials' counts and epochs, the best val score, its finals."""
+
+    started: float | None = None
+    done: int = 0
+    running: int = 0
+    total: int = 0
+    best: float | None = None
+    epochs_done: int = 0
+    epochs_planned: int = 0
+    finals_done: int = 0
+    finals_total: int = 0
+    ended: float | None = None
+
+    def eta(self, now: float) -> float | None:
+        """Seconds left for its trials, from the epochs done so far (None before the first)."""
+        if self.started is None or not self.epochs_done:
+            return None
+        return (now - self.started) * max(self.epochs_planned - self.epochs_done, 0) / self.epochs_done
+
+
+class TaskBoard:
+    """The live view of studies running side by side: one row per study (trials done/running/queued, best
+    validation score, finals, ETA) under an overall line. On a terminal it redraws in place (at most twice a second);
+    elsewhere it prints one line per finished trial, prefixed by its study. Fed by the studies' :class:`Progress`
+    callbacks from their driver threads (hence the lock)."""
+
+    def __init__(self, console=None, studies: list[str] | None = None, slots: int = 1, refresh_s: float = 0.5):
+        import threading
+
+        from rich.console import Console
+
+        self.console = console or Console()
+        self.rows: dict[str, _TaskRow] = {name: _TaskRow() for name in studies or []}
+        self.slots, self.refresh_s = max(int(slots), 1), refresh_s
+        self.t0 = time.monotonic()
+        self.lock = threading.RLock()
+        self.meter = LiveTable(self.console)  # its epoch bookkeeping (planned epochs per trial), never drawn
+        self.live = None
+        self._last = 0.0
+        self._said: set[tuple[str, str]] = set()
+
+    def _count(self, cb: Progress, trials: list, done=None) -> _TaskRow:
+        row = self.rows.setdefault(cb.ctx.study, _TaskRow())
+        now = time.monotonic()
+        if row.started is None:
+            row.started = now
+        finished_ids = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        if done is not None:  # Tune sets its status after the callbacks
+            finished_ids.add(done.trial_id)
+        if cb.ctx.kind == "final":
+            row.finals_done, row.finals_total = len(finished_ids), cb.total
+            return row
+        row.done, row.total = len(finished_ids), cb.total
+        row.running = sum(t.status == "RUNNING" and t.trial_id not in finished_ids for t in trials)
+        n_all = planned_all = 0
+        for t in trials:
+            n, planned, _ = self.meter._progress(cb, t)
+            n_all += planned if t.trial_id in finished_ids else n
+            planned_all += planned
+            r = t.last_result or {}
+            v = r.get(cb.metric)
+            if t.trial_id in finished_ids and finite_scalar(v) and not r.get("error"):
+                row.best = v if row.best is None else (max(row.best, v) if cb.mode == "max" else min(row.best, v))
+        if trials and cb.total > len(trials):  # trials not created yet: planned like the last one
+            planned_all += (cb.total - len(trials)) * self.meter._progress(cb, trials[-1])[1]
+        row.epochs_done, row.epochs_planned = n_all, planned_all
+        return row
+
+    def overall_eta(self, now: float) -> float | None:
+        """Rough seconds left for the whole run: the running studies' longest ETA, plus the waiting studies at the
+        mean duration of the started ones, ``slots`` at a time."""
+        started = [r for r in self.rows.values() if r.started is not None]
+        etas = [r.eta(now) for r in started if r.ended is None]
+        if not started or any(e is None for e in etas):
+            return None
+        spans = [(r.ended or now) - r.started + (r.eta(now) or 0.0) if r.ended is None else r.ended - r.started
+                 for r in started]
+        waiting = len(self.rows) - len(started)
+        return max(etas, default=0.0) + math.ceil(waiting / self.slots) * sum(spans) / len(spans)
+
+    def _view(self):
+        from rich import box
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        now = time.monotonic()
+        done = sum(r.done for r in self.rows.values())
+        total = sum(r.total for r in self.rows.values())
+        running = sum(r.started is not None and r.ended is None for r in self.rows.values())
+        title = (f"{len(self.rows)} studies ({running} running, {self.slots} at a time): {done}/{total or '?'} trials "
+                 f"done, elapsed {_eta(now - self.t0)}, ETA {_eta(self.overall_eta(now))}")
+        t = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for col in ("study", "done", "run", "queued", "best", "finals", "ETA"):
+            t.add_column(col, no_wrap=col != "study", overflow="fold")
+        for name, r in self.rows.items():
+            waiting = r.started is None
+            queued = max(r.total - r.done - r.running, 0)
+            t.add_row(name, "-" if waiting else f"{r.done}/{r.total}", "-" if waiting else str(r.running),
+                      "waiting" if waiting else str(queued), f"{r.best:.4f}" if r.best is not None else "-",
+                      f"{r.finals_done}/{r.finals_total}" if r.finals_total else "-",
+                      "done" if r.ended is not None else ("" if waiting else _eta(r.eta(now))))
+        return Group(Text(title, style="bold"), t)
+
+    def _line(self, cb: Progress, row: _TaskRow, done) -> str:
+        r = done.last_result or {}
+        v = r.get(cb.metric)
+        state = "error" if done.status == "ERROR" or r.get("error") else "done"
+        _, params = _resolve(cb, done)
+        if cb.ctx.kind == "final":
+            what, counts = f"final seed {params.get('seed')}", f"{row.finals_done}/{row.finals_total} finals done"
+        else:
+            what, counts = f"t{trial_index(done):02d}", f"{row.done}/{row.total} trials done"
+            if row.best is not None:
+                counts += f", best {cb.metric} {row.best:.4f}"
+        now = time.monotonic()
+        return (f"{cb.ctx.study}: {what} {state}" + (f" {cb.metric}={v:.4f}" if finite_scalar(v) else "")
+                + f" | {counts} | all: elapsed {_eta(now - self.t0)}, ETA {_eta(self.overall_eta(now))}")
+
+    def update(self, cb: Progress, trials: list, done=None, end: bool = False) -> None:
+        from rich.live import Live
+
+        with self.lock:
+            row = self._count(cb, trials, done)
+            terminal = self.console.is_terminal and not self.console.is_dumb_terminal
+            if not terminal:
+                key = (cb.ctx.study, f"{cb.ctx.kind}:{done.trial_id}") if done is not None else None
+                if key is not None and key not in self._said:
+                    self._said.add(key)
+                    self.console.print(self._line(cb, row, done), highlight=False, markup=False)
+                return
+            now = time.monotonic()
+            if not (end or done is not None) and now - self._last < self.refresh_s:
+                return
+            self._last = now
+            if self.live is None:
+                self.live = Live(self._view(), console=self.console, auto_refresh=False, transient=True)
+                self.live.start()
+            self.live.update(self._view(), refresh=True)
+
+    def study_ended(self, name: str) -> None:
+        """Study ``name`` is over (selected, finals run, or failed): its row says done."""
+        with self.lock:
+            row = self.rows.setdefault(name, _TaskRow())
+            row.ended = time.monotonic()
+            if self.live is not None:
+                self.live.update(self._view(), refresh=True)
+
+    def close(self) -> None:
+        """A study's Tune run ended (``_fit``): the board stays up for the others."""
+
+    def finish(self) -> None:
+        with self.lock:
+            if self.live is not None:
+                self.live.stop()
+                self.live = None

@@ -156,6 +156,9 @@ class SpaceConfig(_Strict):
     final: FinalSpec = Field(default_factory=FinalSpec)
     num_samples: int | None = Field(None, ge=1)  # optuna: trials (8); grid: repeats of the grid (1)
     max_concurrent_trials: int = Field(1, ge=1)
+    # studies of a ``tasks`` space run side by side, at most this many at once (each with its own
+    # max_concurrent_trials); None: as many as the Ray cluster's CPUs and GPUs hold, at least 1
+    max_concurrent_studies: int | None = Field(None, ge=1)
     sync_batches: bool = True
     seed: int = 0
     startup_trials: int = Field(10, ge=0)  # TPE's random warm-up trials

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -18,7 +19,7 @@ import ray
 import yaml
 from mlflow.entities import Metric, Param
 from ray import tune
-from ray.tune import ExperimentAnalysis
+from ray.tune import Callback, ExperimentAnalysis
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
@@ -45,7 +46,7 @@ from ..tracking import (
 )
 from .space import SpaceConfig, StudyPlan, load_space
 from .cluster import Quiet, check_data_on_nodes, check_ray_address, check_trial_fits, data_configs
-from .display import DISPLAY, LiveTable, Progress, StudySummary, TuneSummary
+from .display import DISPLAY, FailedStudy, LiveTable, Progress, StudySummary, TaskBoard, TuneSummary
 from .select import FinalsRecord, TrialRecord, best_trial, pareto_trials, records
 from .trial import TrialContext, error_line, pfnas_trial, trial_dirname, trial_name
 
@@ -123,9 +124,137 @@ class PfnasOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result, error or bool(result and result.get("error")))  # FAIL, not PRUNED
 
 
+# in a local study's folder: its ASHA rungs (JSON), for a resume. Not *.json: Tune copies those into its driver
+# staging folder on restore and back over the study folder at every save, which would put back the old rungs
+ASHA_STATE = "asha_rungs.state"
+
+
+class PfnasASHA(ASHAScheduler):
+    """ASHA whose rungs (the scores recorded at each milestone, by trial id) are kept in a JSON file, so that a
+    restored study continues with them. Tune restores its searcher and callbacks from the experiment folder but
+    rebuilds the scheduler from the tuner pickled at the start, with empty rungs (ray-project/ray#30838): every
+    trial would then pass the rungs it reaches after a resume."""
+
+    def __init__(self, *args, state_file: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.state_file = state_file
+        self._loaded = False
+
+    def rungs(self) -> list[list[tuple[float, dict[str, float]]]]:
+        """Per bracket, (milestone, {trial id: score x mode sign}) from the highest milestone down."""
+        return [[(float(m), {str(k): float(v) for k, v in rec.items()}) for m, rec in b._rungs]
+                for b in self._brackets]
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        if not self.state_file or not os.path.isfile(self.state_file):
+            return
+        try:
+            data = json.loads(Path(self.state_file).read_text())
+            for bracket, saved in zip(self._brackets, data["brackets"]):
+                by_milestone = {float(m): rec for m, rec in saved}
+                for milestone, recorded in bracket._rungs:
+                    for tid, v in by_milestone.get(float(milestone), {}).items():
+                        recorded.setdefault(str(tid), float(v))
+            self._num_stopped = int(data.get("num_stopped", 0))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("cannot read ASHA's saved rungs %s (%s); they start empty", self.state_file, e)
+
+    def _save(self) -> None:
+        if not self.state_file:
+            return
+        tmp = f"{self.state_file}.tmp"
+        try:
+            Path(tmp).write_text(json.dumps({"brackets": self.rungs(), "num_stopped": self._num_stopped}))
+            os.replace(tmp, self.state_file)
+        except OSError as e:
+            log.warning("cannot save ASHA's rungs to %s: %s", self.state_file, e.strerror or e)
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._load()
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._load()
+        action = super().on_trial_result(tune_controller, trial, result)
+        self._save()
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._load()
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save()
+
+
+STOP_STUDIES = threading.Event()  # set while studies run in driver threads and the run is interrupted
+
+
+class StudiesStopped(Exception):
+    """Raised inside a study's Tune loop (a driver thread) to end it: see :class:`StopWhenAsked`."""
+
+
+_START = threading.Lock()  # one study at a time from building its Tuner to its loop's first step
+_START_HELD = threading.local()
+
+
+@contextmanager
+def _starting():
+    """Hold :data:`_START` while a study builds and starts its Tuner: Ray Tune's trainable registry (filled by
+    ``tune.with_parameters`` and at the start of ``fit``) is not thread-safe ("dictionary changed size during
+    iteration" with two studies starting at once). The loop's first step (:class:`StopWhenAsked`) lets go."""
+    _START.acquire()
+    _START_HELD.on = True
+    try:
+        yield
+    finally:
+        _release_start()
+
+
+def _release_start() -> None:
+    if getattr(_START_HELD, "on", False):
+        _START_HELD.on = False
+        _START.release()
+
+
+OLD_TRAINABLE = "pfnas_trial"  # the name every study's trainable had before studies ran side by side
+
+
+def _trainable(ctx: TrialContext, resources: dict[str, float], name: str):
+    """:func:`pfnas_trial` with ``ctx`` and ``resources``, registered with Tune as ``name``. Tune keeps trainables
+    in one registry by name (``__name__``), and its actors fetch them by that name: two studies side by side under
+    one name would both run the one registered last, with its study's context (task, parent run)."""
+    fn = tune.with_resources(tune.with_parameters(pfnas_trial, ctx=ctx), resources)
+    fn.__name__ = name
+    return fn
+
+
+def _restore(path: str, ctx: TrialContext, resources: dict[str, float], name: str):
+    """``Tuner.restore`` of a study or its finals; one started by an older pfnas has the old trainable name."""
+    try:
+        return tune.Tuner.restore(path, trainable=_trainable(ctx, resources, name), resume_errored=True)
+    except ValueError as e:
+        if "Invalid `trainable` input" not in str(e):
+            raise
+        return tune.Tuner.restore(path, trainable=_trainable(ctx, resources, OLD_TRAINABLE), resume_errored=True)
+
+
+class StopWhenAsked(Callback):
+    """Ends a study's Tune loop once :data:`STOP_STUDIES` is set. Tune handles Ctrl-C itself only in the main thread;
+    a study in another thread stops here, Tune stops its trials, and its last saved state is what --resume
+    continues. Plain data: Tune pickles it with the run config, and a restored study's copy sees this process's
+    event."""
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        _release_start()  # the loop runs: another study may start
+        if STOP_STUDIES.is_set():
+            raise StudiesStopped("interrupted")
+
+
 def _space_digest(space: SpaceConfig, plan: StudyPlan) -> str:
-    blob = json.dumps([space.model_dump(mode="json"), plan.base.model_dump(mode="json"), sorted(plan.params)],
-                      sort_keys=True)
+    spec = space.model_dump(mode="json", exclude={"max_concurrent_studies"})  # how studies share the cluster
+    blob = json.dumps([spec, plan.base.model_dump(mode="json"), sorted(plan.params)], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -247,6 +376,8 @@ def _fit(tuner, what: str):
         return tuner.fit()
     except PfnasError:
         raise
+    except StudiesStopped:  # the run was interrupted while this study ran in a driver thread
+        raise KeyboardInterrupt from None
     except OSError as e:  # the driver's own files (experiment state, a full disk): continuing by itself cannot help
         log.debug("%s stopped", what, exc_info=True)
         raise PfnasError(f"{what} stopped: cannot write {e.filename or 'its Tune files'}: {e.strerror or e}; fix that, "
@@ -270,13 +401,16 @@ def _tuner(plan: StudyPlan, space: SpaceConfig, trainable, storage: str, num_sam
     sched = None
     if space.scheduler.type == "asha":
         s = space.scheduler
-        sched = ASHAScheduler(time_attr="training_iteration", metric=s.metric, mode=s.mode, max_t=s.max_t,
-                              grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+        local = "://" not in storage
+        sched = PfnasASHA(time_attr="training_iteration", metric=s.metric, mode=s.mode, max_t=s.max_t,
+                          grace_period=s.grace_period, reduction_factor=s.reduction_factor,
+                          state_file=str(Path(storage) / plan.name / ASHA_STATE) if local else None)
     run_config = tune.RunConfig(name=plan.name, storage_path=storage,
                                 failure_config=tune.FailureConfig(max_failures=space.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints),
                                 verbose=1 if verbose else 0,
-                                callbacks=[progress] if progress is not None and not verbose else None)
+                                callbacks=[StopWhenAsked()] + ([progress] if progress is not None and not verbose
+                                                               else []))
     if space.algorithm == "grid":  # the full cross product, num_samples repeats, in plan.grid_points' order
         points = plan.grid_points(num_samples)  # Tune presets them over the grid (each key must be in it)
         grid = {"variant": tune.grid_search(list(range(len(plan.variants))))} if plan.variants else {}
@@ -387,21 +521,23 @@ def _fit_trials(run: StudyRun, space: SpaceConfig, space_path: Path, storage: st
                 num_samples: int, verbose: bool):
     """Write the state file, then run (or restore and continue) the study's Tune experiment; Tune's result grid."""
     plan = run.plan
-    trainable = tune.with_resources(tune.with_parameters(pfnas_trial, ctx=run.ctx), run.resources)
     if run.state_path is not None:
         _write_file(run.state_path, json.dumps({
             "study": plan.name, "parent_run_id": run.parent, "tracking_uri": run.ctx.tracking_uri,
             "mlflow_experiment": run.ctx.experiment, "digest": _space_digest(space, plan), "space": str(space_path),
             "optuna_storage": optuna_storage if run.optuna_study else None, "optuna_study": run.optuna_study},
             indent=1), then="rerun the command")
-    if run.restoring:  # the search state (OptunaSearch with its RDB study) comes back from Tune's experiment folder
-        tuner = tune.Tuner.restore(run.exp_path, trainable=trainable, resume_errored=True)
-    else:
-        tuner = _tuner(plan, space, trainable, storage, num_samples, verbose=verbose,
-                       optuna_storage=optuna_storage if run.optuna_study else None, optuna_study=run.optuna_study,
-                       progress=Progress(f"study {plan.name}", space.metrics[0], run.ctx,
-                                         _n_trials(space, plan, num_samples), space.modes[0]))
-    return _fit(tuner, f"study {plan.name}")
+    with _starting():
+        name = f"pfnas_trial_{plan.name}"
+        if run.restoring:  # the search state (OptunaSearch with its RDB study) comes back from Tune's folder
+            tuner = _restore(run.exp_path, run.ctx, run.resources, name)
+        else:
+            trainable = _trainable(run.ctx, run.resources, name)
+            tuner = _tuner(plan, space, trainable, storage, num_samples, verbose=verbose,
+                           optuna_storage=optuna_storage if run.optuna_study else None, optuna_study=run.optuna_study,
+                           progress=Progress(f"study {plan.name}", space.metrics[0], run.ctx,
+                                             _n_trials(space, plan, num_samples), space.modes[0]))
+        return _fit(tuner, f"study {plan.name}")
 
 
 def _select(run: StudyRun, space: SpaceConfig, results) -> StudyOutcome:
@@ -590,17 +726,21 @@ def _close_parent(client, parent: str, err: BaseException) -> None:
         log.warning("could not close MLflow parent run %s: %s", parent, error_line(e))
 
 
+_QUIET_ANALYSIS = threading.Lock()
+
+
 def _saved_trials(results) -> list | None:
     """The trials in the experiment state Tune saved for a resume (statuses, failure counts); None if unreadable."""
     quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # "failed to fetch metrics" of trials that never started
-    try:
-        return ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem).trials
-    except Exception:  # noqa: BLE001 - no saved state to read
-        return None
-    finally:
-        quiet.setLevel(level)
+    with _QUIET_ANALYSIS:  # studies in other threads change the same logger's level
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # "failed to fetch metrics" of trials that never started
+        try:
+            return ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem).trials
+        except Exception:  # noqa: BLE001 - no saved state to read
+            return None
+        finally:
+            quiet.setLevel(level)
 
 
 def _interrupted(results, saved: list | None) -> bool:
@@ -665,26 +805,31 @@ def _run_finals(ctx: TrialContext, plan: StudyPlan, chosen: list[TrialRecord], s
                         kind="final", finals=contexts)
     selection = Path(path) / FINALS_SELECTION if "://" not in storage else None
     ids = "\n".join(r.trial_id for r in chosen)
-    trainable = tune.with_resources(tune.with_parameters(pfnas_trial, ctx=mctx), trainable_resources)
-    same = selection is not None and selection.is_file() and selection.read_text().strip() == ids
-    if same and tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-    else:
-        if selection is not None:  # another selection's finals: replaced, if pfnas made that folder
-            _fresh_owned_dir(selection.parent)
-            _write_file(selection, ids)
-        title = f"finals of trial {chosen[0].name}" if len(chosen) == 1 else f"finals of {len(chosen)} configs"
-        tuner = tune.Tuner(
-            trainable, param_space={"final": tune.grid_search(runs)},
-            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=space.max_concurrent_trials,
-                                        reuse_actors=True, trial_name_creator=trial_name,
-                                        trial_dirname_creator=trial_dirname),
-            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1 if verbose else 0,
-                                      callbacks=[] if verbose else [Progress(title, "test_acc", mctx, len(runs))],
-                                      failure_config=tune.FailureConfig(max_failures=space.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints)))
     out = {r.trial_id: FinalsRecord(r.trial_id, [], [], name=r.name) for r in chosen}
-    grid = _fit(tuner, f"the finals of study {ctx.study}")
+    with _starting():  # one study at a time through Ray's trainable registry
+        same = selection is not None and selection.is_file() and selection.read_text().strip() == ids
+        tname = f"pfnas_trial_{name}"
+        if same and tune.Tuner.can_restore(path):
+            tuner = _restore(path, mctx, trainable_resources, tname)
+        else:
+            trainable = _trainable(mctx, trainable_resources, tname)
+            if selection is not None:  # another selection's finals: replaced, if pfnas made that folder
+                _fresh_owned_dir(selection.parent)
+                _write_file(selection, ids)
+            title = (f"finals of trial {chosen[0].name}" if len(chosen) == 1
+                     else f"finals of {len(chosen)} configs")
+            tuner = tune.Tuner(
+                trainable, param_space={"final": tune.grid_search(runs)},
+                tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=space.max_concurrent_trials,
+                                            reuse_actors=True, trial_name_creator=trial_name,
+                                            trial_dirname_creator=trial_dirname),
+                run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1 if verbose else 0,
+                                          callbacks=[StopWhenAsked()] + ([] if verbose else [
+                                              Progress(title, "test_acc", mctx, len(runs))]),
+                                          failure_config=tune.FailureConfig(max_failures=space.max_failures),
+                                          checkpoint_config=tune.CheckpointConfig(
+                                              num_to_keep=space.keep_checkpoints)))
+        grid = _fit(tuner, f"the finals of study {ctx.study}")
     results = [(dict((r.config or {}).get("final") or {}), r) for r in grid]
     for pick, r in sorted(results, key=lambda x: (x[0].get("config", -1), x[0].get("seed", -1))):
         if "config" not in pick:
@@ -706,32 +851,29 @@ def _storage_root(storage: str | None) -> str:
     return str(Path(storage or "ray_results").expanduser().resolve())
 
 
-def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri: str | None = None,
-             experiment: str | None = None, storage: str | None = None, resume: bool = False,
-             overrides: list[str] | None = None, num_samples: int | None = None, optuna_storage: str | None = None,
-             verbose: bool = False, console=None) -> TuneSummary:
-    """Run (or with ``resume`` continue) the studies of a space YAML; returns a printable summary.
+@dataclass
+class Stores:
+    """Where a ``run_tune`` call keeps things: the MLflow tracking URI and experiment, the Tune storage root and the
+    Optuna RDB URL (None: in memory)."""
 
-    ``address``: Ray cluster (``auto``, ``ray://host:10001``); None starts a local Ray unless one is
-    already initialised. ``tracking_uri``: explicit > env ``MLFLOW_TRACKING_URI`` > the space's
-    ``mlflow.tracking_uri`` > ``sqlite:///mlflow.db``, made absolute and handed to every trial.
-    ``experiment`` names both the study and the MLflow experiment. ``storage``: Tune storage path
-    (default ``./ray_results``); ``<storage>/<study>/best_config.yaml`` receives the best config.
-    ``optuna_storage``: the RDB URL of the Optuna study (explicit > the space's ``optuna_storage`` > ``optuna.db``
-    next to a sqlite MLflow db, else in the Tune storage folder; ``none``: in memory). ``verbose`` keeps Ray Tune's
-    own output (per-trial tables and results); otherwise Ray, Tune and Optuna stay quiet and a live pfnas table
-    (:class:`LiveTable`) is drawn on ``console``.
-    """
-    space_path = Path(space_path)
-    space, plans = load_space(space_path, overrides, experiment)
-    if num_samples is not None and num_samples < 1:
-        raise ConfigError("--num-samples must be >= 1")
+    tracking_uri: str
+    mlflow_experiment: str
+    root: str
+    optuna: str | None
+
+    def study_path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+
+def _resolve_stores(space: SpaceConfig, space_path: Path, *, tracking_uri: str | None, experiment: str | None,
+                    storage: str | None, optuna_storage: str | None) -> Stores:
+    """Tracking URI (explicit > env > the space's > ``sqlite:///mlflow.db``), MLflow experiment, Tune root and
+    Optuna storage (explicit > the space's > beside the MLflow db or the Tune root; ``none``/``memory``: None)."""
     if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         uri = resolve_tracking_uri(tracking_uri)
     else:
         uri = resolve_tracking_uri(space.mlflow.tracking_uri, base_dir=space_path.resolve().parent
                                    if space.mlflow.tracking_uri else None)
-    mlflow_experiment = experiment or space.mlflow.experiment or space.name
     root = _storage_root(storage)
     if optuna_storage:
         ostore = absolute_sqlite_url(optuna_storage)
@@ -741,69 +883,224 @@ def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri
         ostore = default_optuna_storage(uri, root)
     if ostore and ostore.strip().lower() in ("none", "memory"):
         ostore = None
+    return Stores(uri, experiment or space.mlflow.experiment or space.name, root, ostore)
 
-    data_cfgs = data_configs(plans)
-    if address is None:  # a local study reads data on this machine: a missing path fails here, before Ray starts
-        for d in data_cfgs:
-            check_data_paths(d)
 
-    paths = {p.name: f"{root.rstrip('/')}/{p.name}" for p in plans}
-    with ExitStack() as held:  # each local study held by this call: a second pfnas tune of it is refused
-        if "://" not in root:
-            for name in paths:
-                held.enter_context(_study_lock(root, name))
-                if space.final.seeds:  # never replace a finals folder pfnas did not make
-                    _check_replaceable(Path(root) / f"{name}-final")
-        existing = [n for n, path in paths.items() if tune.Tuner.can_restore(path)]
-        if resume and not existing:
-            raise ConfigError(f"nothing to resume: no Tune study at {' or '.join(paths.values())}")
-        if not resume and existing:
-            raise ConfigError(f"study {paths[existing[0]]} already exists; pass --resume to continue it, or pick "
-                              "another --experiment name or --storage")
+def _hold_studies(held: ExitStack, space: SpaceConfig, plans: list[StudyPlan], stores: Stores,
+                  resume: bool) -> set[str]:
+    """Lock every local study of this call (a second ``pfnas tune`` of one is refused), check that no finals folder
+    pfnas did not make would be replaced, and check ``--resume`` against what exists; the studies that exist."""
+    if "://" not in stores.root:
+        for p in plans:
+            held.enter_context(_study_lock(stores.root, p.name))
+            if space.final.seeds:  # never replace a finals folder pfnas did not make
+                _check_replaceable(Path(stores.root) / f"{p.name}-final")
+    existing = {p.name for p in plans if tune.Tuner.can_restore(stores.study_path(p.name))}
+    if resume and not existing:
+        raise ConfigError("nothing to resume: no Tune study at "
+                          + " or ".join(stores.study_path(p.name) for p in plans))
+    if not resume and existing:
+        first = next(p.name for p in plans if p.name in existing)
+        raise ConfigError(f"study {stores.study_path(first)} already exists; pass --resume to continue it, or pick "
+                          "another --experiment name or --storage")
+    return existing
 
-        quiet = Quiet(not verbose)
-        started = False
+
+@contextmanager
+def _ray_session(address: str | None, verbose: bool):
+    """Ray connected (started locally when ``address`` is None and none is up; shut down afterwards), Ray/Tune/Optuna
+    quiet unless ``verbose``, and the environment Tune runs under for pfnas."""
+    quiet = Quiet(not verbose)
+    started = False
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+           # a checkpoint per epoch with num_to_keep forces frequent state snapshots (wanted, for resume): no warning
+           "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    strict = os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # the study metric only appears once it is real
+    try:
         if not ray.is_initialized():
             check_ray_address(address)
             ray.init(address=address, ignore_reinit_error=True, **quiet.init_kwargs())
             started = True
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-        # a checkpoint per epoch with num_to_keep forces frequent state snapshots (wanted, for resume): no warning
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        strict = os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
-        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # the study metric only appears once it is real
-        if not verbose:
-            DISPLAY.append(LiveTable(console))
+        yield
+    finally:
+        quiet.restore()
+        if strict is None:
+            os.environ.pop("TUNE_DISABLE_STRICT_METRIC_CHECKING", None)
+        else:
+            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = strict
+        if started:
+            ray.shutdown()
+
+
+def study_slots(space: SpaceConfig, n_studies: int) -> int:
+    """How many studies run at once: ``max_concurrent_studies``, else as many as the Ray cluster's CPUs and GPUs hold
+    at ``max_concurrent_trials`` x ``resources`` each; at least 1, at most ``n_studies``."""
+    if space.max_concurrent_studies is not None:
+        return max(1, min(space.max_concurrent_studies, n_studies))
+    have = ray.cluster_resources()
+    fits = []
+    for key, per_trial in (("CPU", space.resources.cpu), ("GPU", space.resources.gpu)):
+        if per_trial:
+            fits.append(int(float(have.get(key, 0.0)) // (per_trial * space.max_concurrent_trials) + 1e-9))
+    return max(1, min([n_studies, *fits]))
+
+
+def _run_with_restarts(plan: StudyPlan, space: SpaceConfig, space_path: Path, stores: Stores, *, resume: bool,
+                       num_samples: int, verbose: bool) -> StudySummary:
+    """One study; when Ray's own loop stops it, continued from its saved state (what --resume would do) up to
+    :data:`RAY_RESTARTS` times."""
+    for restart in range(RAY_RESTARTS + 1):
         try:
-            check_trial_fits(space, local=address is None)
-            if address is not None:  # a cluster study: the data must be there on every node a trial may land on
-                check_data_on_nodes(data_cfgs)
-            samples = num_samples or space.num_samples or (1 if space.algorithm == "grid" else 8)
-            studies = []
-            for p in plans:
-                again = resume and p.name in existing
-                for restart in range(RAY_RESTARTS + 1):
-                    try:
-                        studies.append(_run_study(p, space, space_path, storage=root, tracking_uri=uri,
-                                                  mlflow_experiment=mlflow_experiment, resume=again,
-                                                  num_samples=samples, verbose=verbose, optuna_storage=ostore))
-                        break
-                    except RayStopped as e:  # what --resume would do, done here: the run's state is in Tune's folder
-                        if restart == RAY_RESTARTS or not tune.Tuner.can_restore(paths[p.name]):
-                            raise
-                        log.warning("%s; continuing it from its saved state in %.0f s (restart %d of %d)",
-                                    e.stopped, RAY_RESTART_WAIT_S, restart + 1, RAY_RESTARTS)
-                        time.sleep(RAY_RESTART_WAIT_S)
-                        again = True
+            return _run_study(plan, space, space_path, storage=stores.root, tracking_uri=stores.tracking_uri,
+                              mlflow_experiment=stores.mlflow_experiment, resume=resume, num_samples=num_samples,
+                              verbose=verbose, optuna_storage=stores.optuna)
+        except RayStopped as e:  # the run's state is in Tune's folder
+            if restart == RAY_RESTARTS or not tune.Tuner.can_restore(stores.study_path(plan.name)):
+                raise
+            log.warning("%s; continuing it from its saved state in %.0f s (restart %d of %d)",
+                        e.stopped, RAY_RESTART_WAIT_S, restart + 1, RAY_RESTARTS)
+            time.sleep(RAY_RESTART_WAIT_S)
+            resume = True
+    raise AssertionError("unreachable")
+
+
+def _failed(name: str, err: BaseException) -> FailedStudy:
+    return FailedStudy(name, str(err) if isinstance(err, PfnasError) else error_line(err))
+
+
+def _run_in_turn(plans: list[StudyPlan], run_one) -> list:
+    """The studies one after another in this thread (Tune's own Ctrl-C handling: the study returns interrupted and
+    the rest do not start). With several studies an error ends only its own study; a single study's error is
+    raised as before."""
+    out: list = []
+    for p in plans:
+        if out and getattr(out[-1], "interrupted", False):
+            out.append(FailedStudy(p.name, "not started: the run was interrupted; rerun with --resume"))
+            continue
+        try:
+            out.append(run_one(p))
+        except Exception as e:  # noqa: BLE001 - reported in the summary; the other studies go on
+            if len(plans) == 1:
+                raise
+            log.debug("study %s failed", p.name, exc_info=True)
+            out.append(_failed(p.name, e))
+    return out
+
+
+def _run_side_by_side(plans: list[StudyPlan], run_one, slots: int) -> list:
+    """At most ``slots`` studies at once, each ``Tuner.fit`` in its own driver thread (Tune installs no signal handler
+    off the main thread: Ctrl-C or SIGTERM here sets :data:`STOP_STUDIES`, each study's :class:`StopWhenAsked`
+    ends its loop, its parent run is closed KILLED, and the interrupt is raised once all have stopped). An error
+    ends only its own study (a :class:`FailedStudy` in the summary)."""
+    results: dict[str, Any] = {}
+    threads: dict[str, threading.Thread] = {}
+
+    def work(p: StudyPlan) -> None:
+        try:
+            results[p.name] = run_one(p)
+        except BaseException as e:  # noqa: BLE001 - the main thread decides
+            results[p.name] = e
+
+    STOP_STUDIES.clear()
+    waiting = list(plans)
+    stop: BaseException | None = None
+    while waiting or any(t.is_alive() for t in threads.values()):
+        try:
+            while waiting and stop is None and sum(t.is_alive() for t in threads.values()) < slots:
+                p = waiting.pop(0)
+                threads[p.name] = threading.Thread(target=work, args=(p,), name=f"pfnas-study-{p.name}", daemon=True)
+                threads[p.name].start()
+            if stop is not None:
+                waiting.clear()
+            for t in list(threads.values()):
+                t.join(timeout=0.2)  # short: signals reach the main thread between joins
+        except BaseException as e:  # Ctrl-C, SIGTERM: stop every study where Tune kept its state
+            if stop is not None:  # a second one: stop waiting
+                STOP_STUDIES.clear()
+                raise
+            stop = e
+            STOP_STUDIES.set()
+    STOP_STUDIES.clear()
+    if stop is not None:
+        raise stop
+    out = []
+    for p in plans:
+        r = results.get(p.name)
+        if isinstance(r, KeyboardInterrupt):
+            raise r
+        if isinstance(r, BaseException):
+            if not isinstance(r, Exception):
+                raise r
+            out.append(_failed(p.name, r))
+        else:
+            out.append(r if r is not None else FailedStudy(p.name, "not started"))
+    return out
+
+
+def run_tune(space_path: str | Path, *, address: str | None = None, tracking_uri: str | None = None,
+             experiment: str | None = None, storage: str | None = None, resume: bool = False,
+             overrides: list[str] | None = None, num_samples: int | None = None, optuna_storage: str | None = None,
+             verbose: bool = False, console=None, max_concurrent_studies: int | None = None) -> TuneSummary:
+    """Run (or with ``resume`` continue) the studies of a space YAML; returns a printable summary.
+
+    ``address``: Ray cluster (``auto``, ``ray://host:10001``); None starts a local Ray unless one is
+    already initialised. ``tracking_uri``: explicit > env ``MLFLOW_TRACKING_URI`` > the space's
+    ``mlflow.tracking_uri`` > ``sqlite:///mlflow.db``, made absolute and handed to every trial.
+    ``experiment`` names both the study and the MLflow experiment. ``storage``: Tune storage path
+    (default ``./ray_results``); ``<storage>/<study>/best_config.yaml`` receives the best config.
+    ``optuna_storage``: the RDB URL of the Optuna study (explicit > the space's ``optuna_storage`` > ``optuna.db``
+    next to a sqlite MLflow db, else in the Tune storage folder; ``none``: in memory). ``verbose`` keeps Ray Tune's
+    own output (per-trial tables and results); otherwise Ray, Tune and Optuna stay quiet and a live pfnas view is
+    drawn on ``console`` (:class:`LiveTable` for one study at a time, :class:`TaskBoard` for studies side by side).
+    ``max_concurrent_studies`` overrides the space's field of that name.
+
+    The studies of a ``tasks`` space run side by side (:func:`study_slots` at once), each with its own Tune
+    experiment, Optuna study, MLflow parent, state file and lock; ``resume`` continues every unfinished one.
+    """
+    space_path = Path(space_path)
+    space, plans = load_space(space_path, overrides, experiment)
+    if num_samples is not None and num_samples < 1:
+        raise ConfigError("--num-samples must be >= 1")
+    if max_concurrent_studies is not None:
+        if max_concurrent_studies < 1:
+            raise ConfigError("--max-concurrent-studies must be >= 1")
+        space = space.model_copy(update={"max_concurrent_studies": max_concurrent_studies})
+    stores = _resolve_stores(space, space_path, tracking_uri=tracking_uri, experiment=experiment, storage=storage,
+                             optuna_storage=optuna_storage)
+    data_cfgs = data_configs(plans)
+    if address is None:  # a local study reads data on this machine: a missing path fails here, before Ray starts
+        for d in data_cfgs:
+            check_data_paths(d)
+    samples = num_samples or space.num_samples or (1 if space.algorithm == "grid" else 8)
+    with ExitStack() as held:
+        existing = _hold_studies(held, space, plans, stores, resume)
+        held.enter_context(_ray_session(address, verbose))
+        check_trial_fits(space, local=address is None)
+        if address is not None:  # a cluster study: the data must be there on every node a trial may land on
+            check_data_on_nodes(data_cfgs)
+        slots = study_slots(space, len(plans))
+
+        display = None
+        if not verbose:
+            display = TaskBoard(console, [p.name for p in plans], slots) if slots > 1 else LiveTable(console)
+            DISPLAY.append(display)
+
+        def run_one(p: StudyPlan) -> StudySummary:
+            try:
+                return _run_with_restarts(p, space, space_path, stores, resume=resume and p.name in existing,
+                                          num_samples=samples, verbose=verbose)
+            finally:
+                if isinstance(display, TaskBoard):
+                    display.study_ended(p.name)
+        try:
+            studies = _run_side_by_side(plans, run_one, slots) if slots > 1 else _run_in_turn(plans, run_one)
         finally:
-            if not verbose:
-                DISPLAY.pop().close()
-            quiet.restore()
-            if strict is None:
-                os.environ.pop("TUNE_DISABLE_STRICT_METRIC_CHECKING", None)
-            else:
-                os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = strict
-            if started:
-                ray.shutdown()
+            if display is not None:
+                DISPLAY.remove(display)
+                display.close()
+                if isinstance(display, TaskBoard):
+                    display.finish()
         return TuneSummary(studies)
