@@ -68,6 +68,9 @@ def test_fixed_method_runs_an_explicit_policy(exp, tmp_path):
         merge_dotted(cfg, {"method.policy": ["prepend", "bogus"]})
 
 
+NOT_RESULTS = {"width-proxy.yaml"}  # measures slot occupancy of task studies (docs/results/width.md), not accuracy
+
+
 def test_no_shipped_space_selects_on_test():
     from pfnas.tune import SpaceConfig, load_space, reads_test
     from pfnas.config import read_yaml
@@ -77,7 +80,8 @@ def test_no_shipped_space_selects_on_test():
     for path in spaces:
         space = SpaceConfig.model_validate(read_yaml(path))
         assert not any(reads_test(m) for m in space.metrics + [space.scheduler.metric]), path.name
-        assert space.final.seeds >= 3, path.name
+        if path.name not in NOT_RESULTS:
+            assert space.final.seeds >= 3, path.name
         _, plans = load_space(path)
         assert all(p.base.train.stage == "select" and p.base.train.test_every is None for p in plans), path.name
 
