@@ -3,7 +3,6 @@ finals beside them; CSV, plots and accuracy / cost Pareto fronts."""
 from __future__ import annotations
 
 import csv
-import math
 import os
 import tempfile
 from collections.abc import Iterable
@@ -12,7 +11,7 @@ from typing import Any
 
 from pfnas.config import PfnasError
 from pfnas.tracking.store import check_reachable, make_client, resolve_tracking_uri
-from pfnas.tracking.values import mean_std, metric_mode, pareto_front, reads_test
+from pfnas.tracking.values import human_count, mean_std, metric_mode, pareto_front, reads_test
 
 
 def _iter_runs(client, experiment_ids: list[str]) -> Iterable[Any]:
@@ -28,15 +27,6 @@ def _iter_runs(client, experiment_ids: list[str]) -> Iterable[Any]:
 def _avg(runs: list[dict[str, Any]], key: str) -> float | None:
     vals = [r[key] for r in runs if r[key] is not None]
     return sum(vals) / len(vals) if vals else None
-
-
-def _human(n: float | None) -> str:
-    if n is None or not math.isfinite(n):
-        return "-"
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:.0f}"
 
 
 _OPS = {"prepend": "pre", "add": "add", "affine": "aff", "cross_attn": "xat", "none": "-"}
@@ -295,8 +285,8 @@ def compare_runs(tracking_uri: str | None = None, experiment: str | None = None,
             val = f"{r['mean']:.4f}" + (f" ± {r['std']:.4f}" if r["n"] > 1 else "")
             fin = "-" if not r["final_n"] else f"{r['final_mean']:.4f} ± {r['final_std']:.4f} ({r['final_n']})"
             t.add_row(str(i), Text(r["run_name"]), Text(r["method"]), Text(short_policy(r["policy"]) or "-"),
-                      str(r["n"]), val, fin, _human(r["tuned_params"]),
-                      _human(r["cost_images"]) + (" img" if r["cost_images"] else ""))
+                      str(r["n"]), val, fin, human_count(r["tuned_params"]),
+                      human_count(r["cost_images"]) + (" img" if r["cost_images"] else ""))
         if rows:
             console.print(t)
         if apart:
@@ -305,7 +295,7 @@ def compare_runs(tracking_uri: str | None = None, experiment: str | None = None,
                 f.add_column(col, justify="left" if col in ("run", "method", "policy") else "right", overflow="fold")
             for r in apart:
                 f.add_row(Text(r["run_name"]), Text(r["method"]), Text(short_policy(r["policy"]) or "-"),
-                          f"{r['final_mean']:.4f} ± {r['final_std']:.4f}", str(r["final_n"]), _human(r["tuned_params"]))
+                          f"{r['final_mean']:.4f} ± {r['final_std']:.4f}", str(r["final_n"]), human_count(r["tuned_params"]))
             console.print(f)
         if reads_test(metric):
             console.print(f"note: {metric} is a test metric; this ranking selects nothing (no best config)")

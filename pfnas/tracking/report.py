@@ -39,7 +39,7 @@ from typing import Any
 
 from pfnas.config import ExperimentConfig, PfnasError
 from pfnas.tracking.store import check_reachable, make_client, resolve_tracking_uri
-from pfnas.tracking.values import finite_scalar, flatten, mean_std, method_label
+from pfnas.tracking.values import finite_scalar, flatten, human_count, mean_std, method_label
 
 VTAB_GROUPS: dict[str, tuple[str, ...]] = {
     "Natural": ("cifar100", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"),
@@ -207,7 +207,7 @@ class Report:
                 line.append(_counted(*s["mean_of_groups"], len(self.vtab_groups)))
             line += [_counted(*s["mean"], len(self.tasks)),
                      "-" if s["tuned_percent"] is None else f"{s['tuned_percent']:.3f}",
-                     _human(s["tuned_params"]), _human(s["cost_images"])]
+                     human_count(s["tuned_params"]), human_count(s["cost_images"])]
             out.append(line)
         return out
 
@@ -330,15 +330,6 @@ def _counted(value: float | None, have: int, of: int) -> str:
 
 def _num(v: float | None) -> str:
     return "" if v is None else f"{v:.6g}"
-
-
-def _human(n: float | None) -> str:
-    if n is None or not math.isfinite(n):
-        return "-"
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:.0f}"
 
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",

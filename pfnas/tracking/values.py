@@ -116,3 +116,13 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     if len(xs) < 2:
         return m, 0.0
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def human_count(n: float | None) -> str:
+    """A count for a table cell: ``1.23M``, ``45.6k``, ``789``; ``-`` when unknown or not finite."""
+    if n is None or not math.isfinite(n):
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
