@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 import pytest
-import yaml
+import conftest
 from conftest import one_error_line, tiny_config
 
 from pfnas.cli import main
@@ -21,13 +21,8 @@ PARAMS = {"train.optim.lr": {"type": "loguniform", "low": 0.1, "high": 10.0}}
 
 def write_space(folder: Path, name: str, **fields) -> Path:
     """A one-trial space over the conftest tiny config (no finals unless asked)."""
-    space = {"name": name, "base": tiny_config().model_dump(mode="json"), "params": PARAMS, "num_samples": 1,
-             "max_concurrent_trials": 1, "seed": 3, "startup_trials": 1, "final": {"seeds": 0}}
-    space.update(fields)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(space, sort_keys=False))
-    return path
+    return conftest.write_space(folder, name, **{"params": PARAMS, "num_samples": 1, "max_concurrent_trials": 1,
+                                                 "seed": 3, "startup_trials": 1, **fields})
 
 
 def cli(capsys, *args: str) -> tuple[int, str]:
