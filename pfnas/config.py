@@ -247,8 +247,11 @@ class MethodConfig(_Strict):
     rungs: list[int] = Field(default_factory=lambda: [5, 15, 30])  # epochs per successive-halving rung (capped
     # by train.epochs)
     eta: int = Field(2, ge=2, le=4)  # each rung keeps ceil(n / eta) candidates
+    verify_init: Literal["inherited", "scratch"] = "inherited"  # verification candidates start from the supernet's
+    # weights of their path (prompts, op weights, head) or from a fresh init; the K-fold rung always from scratch
     select_folds: int | None = Field(None, ge=2, le=20)  # the last rung scored by K-fold CV over train+val
     tau_policies: int = Field(16, ge=0, le=512)  # random policies trained alone for the Kendall tau (0: off)
+    tau_epochs: int | None = Field(None, ge=1, le=10_000)  # their training from scratch; None: the last rung's epochs
     tau_supernets: list[Literal["fair", "uniform", "darts"]] = Field(
         default_factory=lambda: ["fair", "uniform", "darts"])  # supernets whose inherited ranking tau measures
 

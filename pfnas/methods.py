@@ -42,7 +42,7 @@ import torch
 
 from .config import ExperimentConfig, PfnasError, config_hash, merge_dotted, selection_hash
 from .engine import (EpochCallback, Experiment, OneShotPhase, Phase, backbone_param_count, claim_run_dir, evaluate,
-                     fit, inherited_score, lr_at, rng_state, run_experiment, run_retrain, run_search, set_rng_state,
+                     fit, inherited_score, inherited_state, lr_at, rng_state, run_experiment, run_retrain, run_search, set_rng_state,
                      waiting_lock)
 from .export import model_files
 from .model import PromptedViT
@@ -278,10 +278,14 @@ def _save_state(out: Path, st: dict[str, Any]) -> None:
     write_atomic(out / "state.json", json.dumps(st, indent=1))
 
 
-def _train_candidate(exp: Experiment, policy: dict[int, str], folder: Path, steps: int) -> dict[str, Any]:
-    """Train ``policy`` on ``train`` for ``steps`` steps (resumable), return its record with ``val_acc``."""
+def _train_candidate(exp: Experiment, policy: dict[int, str], folder: Path, steps: int,
+                     init: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Train ``policy`` on ``train`` for ``steps`` steps (resumable), return its record with ``val_acc``;
+    ``init``: the trainable state it starts from (else a fresh init)."""
     folder.mkdir(parents=True, exist_ok=True)
     model = exp.fixed(policy)
+    if init is not None:
+        model.load_trainable_state_dict(init)
     phase = BudgetPhase(exp.cfg, model, exp.data, exp.device, steps, exp.pae(model))
     fit(phase, folder / "candidate.pt", log_path=folder / "log.jsonl")
     last = phase.history[-1]
@@ -460,20 +464,24 @@ def _select_evolution(exp: Experiment, out: Path, on_epoch, progress, cycles: in
 
 # ----------------------------------------------------------------------------- one-shot (FairNAS / SPOS / NOAH)
 def _alone(exp: Experiment, out: Path, st: dict[str, Any], policy: dict[int, str], epochs: int,
-           fold: tuple[int, Experiment] | None = None) -> tuple[dict[str, Any], bool]:
-    """``policy`` trained alone from scratch on ``train`` for ``epochs`` epochs and scored on ``val`` (``fold``:
-    (index, experiment on that fold's task)); kept in ``st["alone"]``, so a policy met again (a tau sample that is
-    also a candidate, a resumed run) is trained once. Returns (record, trained now)."""
+           fold: tuple[int, Experiment] | None = None, supernet: PromptedViT | None = None) -> tuple[dict[str, Any], bool]:
+    """``policy`` trained alone on ``train`` for ``epochs`` epochs and scored on ``val`` (``fold``: (index,
+    experiment on that fold's task)), from scratch or, given a ``supernet``, from its inherited weights; kept in
+    ``st["alone"]``, so a policy met again (a tau sample that is also a candidate, a resumed run) is trained once.
+    Returns (record, trained now)."""
     folds = exp.cfg.method.select_folds
+    if supernet is not None and fold is not None:
+        raise PfnasError("a K-fold rung trains from scratch (the supernet has seen its held-out fold)")
     name = (hashlib.sha1(json.dumps(_policy_json(policy)).encode()).hexdigest()[:10] + f"-e{epochs}"
-            + (f"-fold{fold[0]}of{folds}" if fold is not None else ""))
+            + (f"-fold{fold[0]}of{folds}" if fold is not None else "") + ("-inh" if supernet is not None else ""))
     done = st.setdefault("alone", {})
     if name in done:
         return done[name], False
     e = fold[1] if fold is not None else exp
     steps = epochs * steps_per_epoch(e.data.num_images("train"), exp.cfg.data.batch_size)
-    done[name] = {"name": name, "n_val": e.data.num_images("val"), **_train_candidate(e, policy, out / "alone" / name,
-                                                                                    steps)}
+    init = inherited_state(supernet, policy) if supernet is not None else None
+    done[name] = {"name": name, "n_val": e.data.num_images("val"), "init": "scratch" if init is None else "inherited",
+                  **_train_candidate(e, policy, out / "alone" / name, steps, init)}
     _save_state(out, st)
     return done[name], True
 
@@ -542,9 +550,10 @@ def _inherited_evolution(exp: Experiment, model: PromptedViT, out: Path, st: dic
 
 
 def _verify(exp: Experiment, out: Path, st: dict[str, Any], candidates: list[dict[int, str]], rungs: list[int],
-            on_epoch, spent: int, budget: int) -> list[dict[str, Any]]:
-    """Successive halving over ``candidates``, each trained alone at each rung; the last trained rung is scored by
-    K-fold cross-validation over train+val when ``method.select_folds`` is set. Returns every rung's records."""
+            on_epoch, spent: int, budget: int, supernet: PromptedViT | None = None) -> list[dict[str, Any]]:
+    """Successive halving over ``candidates``, each trained alone at each rung (from ``supernet``'s inherited
+    weights when given, else from scratch); the last trained rung is scored by K-fold cross-validation over
+    train+val, from scratch, when ``method.select_folds`` is set. Returns every rung's records."""
     cfg, mc = exp.cfg, exp.cfg.method
     sched = halving_schedule(len(candidates), rungs, mc.eta)
     folds = {}
@@ -557,7 +566,7 @@ def _verify(exp: Experiment, out: Path, st: dict[str, Any], candidates: list[dic
         for i in alive[:n]:
             policy = candidates[i]
             parts = ([_alone(exp, out, st, policy, epochs, (k, folds[k])) for k in sorted(folds)] if last and folds
-                     else [_alone(exp, out, st, policy, epochs)])
+                     else [_alone(exp, out, st, policy, epochs, supernet=supernet)])
             recs = [p[0] for p in parts]
             rec = {"candidate": i, "rung": r, "epochs": epochs, "policy": _policy_json(policy),
                    "val_acc": statistics.fmean(x["val_acc"] for x in recs),
@@ -580,7 +589,7 @@ def _verify(exp: Experiment, out: Path, st: dict[str, Any], candidates: list[dic
 def _tau_diagnostic(exp: Experiment, out: Path, st: dict[str, Any], own: PromptedViT, epochs: int, rung_epochs: int,
                     on_epoch, progress) -> dict[str, Any]:
     """Kendall tau between inherited-weight and standalone val accuracy of ``method.tau_policies`` random policies
-    (each trained alone for the first rung's epochs) for every supernet of ``method.tau_supernets`` (the method's
+    (each trained alone from scratch for ``rung_epochs``: ``method.tau_epochs``, else the last rung's) for every supernet of ``method.tau_supernets`` (the method's
     own is reused; the others are trained here for the same epochs; ``darts`` is the differentiable search's
     supernet of ``search.*``). A diagnostic: it never feeds the choice."""
     cfg, mc = exp.cfg, exp.cfg.method
@@ -642,12 +651,13 @@ def _select_oneshot(exp: Experiment, out: Path, on_epoch, progress, cycles=None)
         if policy_key(p) not in seen:
             seen.add(policy_key(p))
             candidates.append(_policy_int(p))
-    history = _verify(exp, out, st, candidates, plan["rungs"], on_epoch, sup.images, budget)
+    history = _verify(exp, out, st, candidates, plan["rungs"], on_epoch, sup.images, budget,
+                      model if mc.verify_init == "inherited" else None)
     last_rung = max(h["rung"] for h in history)
     winner = _best([h for h in history if h["rung"] == last_rung])
     runs = {name for h in history for name in h["runs"]}
     verify_images = sum(st["alone"][n]["images"] for n in runs)
-    res = {"policy": winner["policy"], "supernet": mc.supernet, "select_val_acc": winner["val_acc"],
+    res = {"policy": winner["policy"], "supernet": mc.supernet, "verify_init": mc.verify_init, "select_val_acc": winner["val_acc"],
            "select_val_loss": winner["val_loss"], "selected": winner["candidate"],
            "cost_images": sup.images + verify_images,
            "cost_step_s": sum(h["epoch_time_s"] for h in sup.history) + sum(st["alone"][n]["time_s"] for n in runs),
@@ -659,7 +669,8 @@ def _select_oneshot(exp: Experiment, out: Path, on_epoch, progress, cycles=None)
            "inherited": inherited, "supernet_history": sup.history, "kendall_tau": None, "kendall_tau_by_supernet": {}}
     pref_records = list(inherited)
     if mc.tau_policies:
-        diag = _tau_diagnostic(exp, out, st, model, plan["supernet_epochs"], plan["rungs"][0], on_epoch, progress)
+        diag = _tau_diagnostic(exp, out, st, model, plan["supernet_epochs"], mc.tau_epochs or plan["rungs"][-1],
+                               on_epoch, progress)
         res.update(diag, kendall_tau=diag["kendall_tau_by_supernet"].get(mc.supernet))
         tau_only = set(diag["tau_runs"]) - runs
         res["diagnostic_images"] = sum(st["alone"][n]["images"] for n in tau_only) + diag["tau_supernet_images"]

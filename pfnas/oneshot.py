@@ -8,9 +8,12 @@ The method (FairNAS / SPOS / NOAH lineage), all on ``train`` and ``val``, never 
    paths: ``fair`` (every op of every layer once per step, gradients of the K passes summed) or ``uniform``;
 2. an evolution of policies (population, crossover, mutation, generations) scored on ``val`` forward only with
    the supernet's inherited weights, under a budget of val forward images;
-3. the ``top_k`` policies of 2 plus the single-op policies, each retrained alone from scratch on ``train``
-   under successive halving (rungs in epochs, ``ceil(n / eta)`` kept per rung) and scored on ``val`` (or the
-   last rung by K-fold cross-validation over train+val); the winner by val accuracy, ties by the lower val loss.
+3. the ``top_k`` policies of 2 plus the single-op policies, each trained alone on ``train`` under successive
+   halving (rungs in epochs, ``ceil(n / eta)`` kept per rung) and scored on ``val`` (or the last rung by K-fold
+   cross-validation over train+val, from scratch); ``verify_init: inherited`` (the default) starts each from the
+   supernet's weights of its path, so a short rung ranks ops by what they become, not by how fast they leave
+   their initialisation (affine and cross_attn start as the identity); the winner by val accuracy, ties by the
+   lower val loss.
 """
 from __future__ import annotations
 

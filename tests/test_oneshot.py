@@ -14,7 +14,7 @@ import pfnas.methods as bl
 from conftest import one_error_line, tiny_config
 from pfnas.config import ConfigError, PfnasError, load_config, merge_dotted, selection_hash
 from pfnas.data import TaskData
-from pfnas.engine import Experiment, OneShotPhase
+from pfnas.engine import Experiment, OneShotPhase, inherited_state
 from pfnas.model import PromptLayer
 from pfnas.tracking import RunLogger, make_client
 from pfnas.oneshot import (fold_assignment, fold_task, halving_schedule, keep_top, kendall_tau, next_generation,
@@ -135,7 +135,7 @@ def test_successive_halving_keeps_the_best_by_val_acc_then_lower_val_loss(exp, t
         ("add", 2): (0.5, 0.3), ("cross_attn", 2): (0.5, 0.2)}
     trained = []
 
-    def fake_alone(exp_, out, st, policy, epochs, fold=None):
+    def fake_alone(exp_, out, st, policy, epochs, fold=None, supernet=None):
         trained.append((policy[0], epochs))
         acc, loss = scores[(policy[0], epochs)]
         return {"name": f"{policy[0]}-{epochs}", "val_acc": acc, "val_loss": loss, "images": 1, "time_s": 0.0,
@@ -147,6 +147,56 @@ def test_successive_halving_keeps_the_best_by_val_acc_then_lower_val_loss(exp, t
     assert trained == [(op, 1) for op in OPS] + [("add", 2), ("cross_attn", 2)]  # 4 -> ceil(4/2) = 2
     last = [h for h in hist if h["rung"] == 1]
     assert bl._best(last)["policy"]["0"] == "cross_attn"  # equal accuracy, lower loss
+
+
+def test_inherited_state_gives_the_fixed_model_the_supernets_path(exp):
+    """The fixed model of a policy, loaded with the supernet's weights of that path, computes what the supernet
+    pinned to the path computes (eval mode); one trained step first, so no weight is still at its init."""
+    e = _exp(exp)
+    phase = _phase(e)
+    x, y = _batch(e)
+    phase._weight_step(x, y)
+    sup = phase.model.eval()
+    for policy in ({0: "affine", 1: "cross_attn"}, {0: "prepend", 1: "add"}):
+        fixed = e.fixed(policy)
+        before = fixed.eval()(x)
+        fixed.load_trainable_state_dict(inherited_state(sup, policy))
+        sup.path = [sup.candidates.index(policy[l]) for l in range(sup.depth)]
+        with torch.no_grad():
+            want, got = sup(x), fixed(x)
+        sup.path = None
+        torch.testing.assert_close(got, want)
+        assert not torch.allclose(before, want)
+    with pytest.raises(PfnasError, match="not a candidate"):
+        inherited_state(sup, {0: "none", 1: "add"})
+    with pytest.raises(PfnasError, match="supernet"):
+        inherited_state(e.fixed({0: "add", 1: "add"}), {0: "add", 1: "add"})
+
+
+def test_verification_starts_from_inherited_weights_unless_scratch(exp, tmp_path, monkeypatch):
+    """verify_init inherited: each candidate's first step starts from the supernet's path (its val score before
+    training is the supernet's inherited score); scratch: from a fresh init; the runs are kept apart by name."""
+    starts: list[torch.Tensor] = []
+    real = bl._train_candidate
+
+    def spy(exp_, policy, folder, steps, init=None):
+        starts.append(None if init is None else init["layers.0.prompts"])
+        return real(exp_, policy, folder, steps, init)
+
+    monkeypatch.setattr(bl, "_train_candidate", spy)
+    e = _exp(exp)
+    phase = _phase(e)
+    phase._weight_step(*_batch(e))
+    cands = [{0: "affine", 1: "add"}, {0: "prepend", 1: "prepend"}]
+    hist = bl._verify(e, tmp_path / "inh", {}, cands, [1], None, 0, 10**6, phase.model)
+    assert [h["runs"][0].endswith("-inh") for h in hist] == [True, True]
+    torch.testing.assert_close(starts[0], phase.model.layers[0].prompts[2])  # affine's own prompts of layer 0
+    torch.testing.assert_close(starts[1], phase.model.layers[0].prompts[0])
+    starts.clear()
+    hist = bl._verify(e, tmp_path / "scratch", {}, cands, [1], None, 0, 10**6, None)
+    assert starts == [None, None] and not any(h["runs"][0].endswith("-inh") for h in hist)
+    with pytest.raises(PfnasError, match="from scratch"):
+        bl._alone(e, tmp_path, {}, cands[0], 1, (0, e), supernet=phase.model)
 
 
 def test_kfold_splits_train_and_val_only_stratified(exp):
@@ -220,6 +270,8 @@ def test_oneshot_end_to_end_costs_diagnostics_and_resume(exp, tmp_path, monkeypa
     assert ("kendall_tau" in metrics) == (ref["kendall_tau"] is not None)  # undefined on a constant ranking
     assert any(k.startswith("oneshot/pref_l0_") for k in metrics) and "oneshot_evolution/best_val_acc" in metrics
     assert set(ref["policy"]) == {"0", "1"} and ref["policy"] in ref["candidates"]
+    assert ref["verify_init"] == "inherited" and all(n.endswith("-inh") for h in ref["history"] for n in h["runs"])
+    assert not any(n.endswith("-inh") for n in ref["tau_runs"])  # tau's standalone runs start from scratch
     assert len(ref["candidates"]) in (4, 5)  # the top-1 inherited policy and the single-op policies
     last = [h for h in ref["history"] if h["rung"] == max(h["rung"] for h in ref["history"])]
     assert ref["select_val_acc"] == bl._best(last)["val_acc"] and 0 <= ref["val_acc"] <= 1
@@ -227,7 +279,7 @@ def test_oneshot_end_to_end_costs_diagnostics_and_resume(exp, tmp_path, monkeypa
     assert cb["supernet_images"] == cb["supernet_epochs"] * 128 and cb["supernet_passes"] == 4
     assert ref["cost_images"] == cb["supernet_images"] + cb["verification_images"] <= ref["budget_images"] == 1000
     assert ref["inherited_eval_images"] <= ref["eval_budget_images"] and ref["cost_step_s"] > 0
-    assert set(ref["kendall_tau_by_supernet"]) == {"fair", "uniform", "darts"} and ref["tau_rung_epochs"] == 1
+    assert set(ref["kendall_tau_by_supernet"]) == {"fair", "uniform", "darts"} and ref["tau_rung_epochs"] == 2
     assert ref["kendall_tau"] == ref["kendall_tau_by_supernet"]["fair"] and ref["tau_policies"] == 3
     assert (tmp_path / "ref" / "tau_uniform" / "supernet.pt").is_file() and (tmp_path / "ref" / "tau_darts").is_dir()
     pref = ref["layer_preference"]["0"]

@@ -113,3 +113,21 @@ def inherited_score(model: PromptedViT, path: Sequence[int], data: TaskData, spl
         return evaluate(model, data, split, batch_size, device, precision)
     finally:
         model.path = before
+
+
+def inherited_state(supernet: PromptedViT, policy: dict[int, str]) -> dict[str, torch.Tensor]:
+    """The trainable state of the fixed model of ``policy`` taken from a per-op supernet: each layer's prompts and
+    op weights of the op ``policy`` names there, and the shared head (copies; load with
+    :meth:`PromptedViT.load_trainable_state_dict`)."""
+    if supernet.policy is not None:
+        raise PfnasError("inherited weights come from a supernet (a PromptedViT built with policy=None)")
+    out: dict[str, torch.Tensor] = {}
+    for l, layer in enumerate(supernet.layers):
+        op = policy[l]
+        if op not in supernet.candidates:
+            raise PfnasError(f"policy layer {l}: op {op!r} is not a candidate of this supernet {supernet.candidates}")
+        i = supernet.candidates.index(op)
+        out[f"layers.{l}.prompts"] = layer.op_prompts(i).detach().clone()
+        out.update({f"layers.{l}.ops.0.{k}": v.detach().clone() for k, v in layer.ops[i].state_dict().items()})
+    out.update({f"head.{k}": v.detach().clone() for k, v in supernet.head.state_dict().items()})
+    return out
