@@ -198,3 +198,48 @@ def test_task_board_has_a_row_per_study_and_an_overall_line():
     assert rows["x-b"][1:5] == ["2/2", "0", "0", "0.7500"] and rows["x-b"][-1] == "done", rows
     assert rows["x-c"][1:4] == ["-", "-", "waiting"], rows
     assert "3 studies (1 running, 2 at a time): 3/5 trials done" in buf.getvalue()
+
+
+def test_task_board_off_a_terminal_says_each_start_and_progress_each_minute(monkeypatch):
+    """In a log file several studies side by side print a start line per study, a line per finished trial and a
+    progress line (every study's counts and running phases) at least every LOG_EVERY_S, never more often."""
+    from types import SimpleNamespace
+
+    import pfnas.tune.display as display
+    from pfnas.tune.display import Progress, TaskBoard
+    from pfnas.tune.trial import TrialContext
+
+    base = tiny_config().model_dump(mode="json")
+    clock = [1000.0]
+    monkeypatch.setattr(display.time, "monotonic", lambda: clock[0])
+
+    def ctx(study):
+        return TrialContext(study=study, base=base, tracking_uri="u", experiment="e", parent_run_id=None,
+                            param_keys=["seed"], kind="trial")
+
+    def trial(tid, status, **result):
+        return SimpleNamespace(trial_id=tid, status=status, config={"seed": 1}, last_result=result,
+                               experiment_tag=tid[-1])
+
+    buf = io.StringIO()
+    board = TaskBoard(Console(file=buf, width=120, color_system=None), ["x-a", "x-b"], 2)
+    pa, pb = Progress("study x-a", "val_acc", ctx("x-a"), 3), Progress("study x-b", "val_acc", ctx("x-b"), 3)
+    a = [trial("a1", "RUNNING", phase="supernet", epoch=2)]
+    b = [trial("b1", "RUNNING", phase="retrain", epoch=1)]
+    board.update(pa, a)
+    board.update(pb, b)
+    lines = buf.getvalue().splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["x-a", "x-b"] and all("started, 3 trials" in ln for ln in lines)
+    for _ in range(5):  # within the minute: nothing more
+        clock[0] += 10
+        board.update(pa, a)
+    assert len(buf.getvalue().splitlines()) == 2
+    clock[0] += 15
+    board.update(pb, b)
+    last = buf.getvalue().splitlines()[-1]
+    assert last.startswith("progress") and "x-a 0/3 (1 running: supernet)" in last and "x-b 0/3" in last, last
+    a = [trial("a1", "TERMINATED", phase="done", val_acc=0.5)]
+    board.update(pa, a, done=a[0])
+    assert "x-a: t" in buf.getvalue().splitlines()[-1] and "val_acc=0.5000" in buf.getvalue().splitlines()[-1]
+    board.update(pa, a)
+    assert len(buf.getvalue().splitlines()) == 4  # the finished trial's line counts as progress

@@ -491,6 +491,7 @@ class _TaskRow:
     finals_done: int = 0
     finals_total: int = 0
     ended: float | None = None
+    phases: tuple[str, ...] = ()  # what its running trials do now (their phase text)
 
     def eta(self, now: float) -> float | None:
         """Seconds left for its trials, from the epochs done so far (None before the first)."""
@@ -502,8 +503,9 @@ class _TaskRow:
 class TaskBoard:
     """The live view of studies running side by side: one row per study (trials done/running/queued, best
     validation score, finals, ETA) under an overall line. On a terminal it redraws in place (at most twice a second);
-    elsewhere it prints one line per finished trial, prefixed by its study. Fed by the studies' :class:`Progress`
-    callbacks from their driver threads (hence the lock)."""
+    elsewhere (a log file, a pipe) it prints a start line per study, one line per finished trial, prefixed by its
+    study, and a progress line over every study at least every :attr:`LiveTable.LOG_EVERY_S` seconds. Fed by the
+    studies' :class:`Progress` callbacks from their driver threads (hence the lock)."""
 
     def __init__(self, console=None, studies: list[str] | None = None, slots: int = 1, refresh_s: float = 0.5):
         import threading
@@ -533,6 +535,8 @@ class TaskBoard:
             return row
         row.done, row.total = len(finished_ids), cb.total
         row.running = sum(t.status == "RUNNING" and t.trial_id not in finished_ids for t in trials)
+        row.phases = tuple(self.meter._progress(cb, t)[2] for t in trials
+                           if t.status == "RUNNING" and t.trial_id not in finished_ids)
         n_all = planned_all = 0
         for t in trials:
             n, planned, _ = self.meter._progress(cb, t)
@@ -598,17 +602,47 @@ class TaskBoard:
         return (f"{cb.ctx.study}: {what} {state}" + (f" {cb.metric}={v:.4f}" if finite_scalar(v) else "")
                 + f" | {counts} | all: elapsed {_eta(now - self.t0)}, ETA {_eta(self.overall_eta(now))}")
 
+    def _progress_line(self, now: float) -> str:
+        parts = []
+        for name, r in self.rows.items():
+            if r.started is None:
+                parts.append(f"{name} waiting")
+                continue
+            text = f"{name} {r.done}/{r.total or '?'}"
+            if r.ended is not None:
+                text += " done"
+            elif r.running:
+                text += f" ({r.running} running: {', '.join(p for p in r.phases if p) or 'starting'})"
+            if r.finals_total:
+                text += f", finals {r.finals_done}/{r.finals_total}"
+            parts.append(text)
+        return (f"progress, elapsed {_eta(now - self.t0)}, ETA {_eta(self.overall_eta(now))}: "
+                + "; ".join(parts))
+
     def update(self, cb: Progress, trials: list, done=None, end: bool = False) -> None:
         from rich.live import Live
 
         with self.lock:
             row = self._count(cb, trials, done)
             terminal = self.console.is_terminal and not self.console.is_dumb_terminal
-            if not terminal:
+            if not terminal:  # a start line per study, a line per finished trial, progress at least once a minute
+                now = time.monotonic()
+
+                def say(text: str) -> None:
+                    self.console.print(text, highlight=False, markup=False)
+                    self._last = now
+
+                start = (cb.ctx.study, f"{cb.ctx.kind}:start")
+                if start not in self._said:
+                    self._said.add(start)
+                    what = "finals" if cb.ctx.kind == "final" else "trials"
+                    say(f"{cb.ctx.study}: started, {cb.total} {what}")
                 key = (cb.ctx.study, f"{cb.ctx.kind}:{done.trial_id}") if done is not None else None
                 if key is not None and key not in self._said:
                     self._said.add(key)
-                    self.console.print(self._line(cb, row, done), highlight=False, markup=False)
+                    say(self._line(cb, row, done))
+                elif now - self._last >= LiveTable.LOG_EVERY_S:
+                    say(self._progress_line(now))
                 return
             now = time.monotonic()
             if not (end or done is not None) and now - self._last < self.refresh_s:
