@@ -37,8 +37,9 @@ def _batch(e):
     return next(iter(e.data.batches("train", 16)))
 
 
-def test_fair_step_gradient_is_the_sum_of_single_path_gradients(exp):
-    """Prompt dropout is 0 in tiny_config: the K passes are deterministic and their gradients add up."""
+def test_fair_step_gradient_is_the_sum_of_single_path_gradients_and_the_mean_for_the_head(exp):
+    """Prompt dropout is 0 in tiny_config: the K passes are deterministic and their gradients add up; the head,
+    which every pass shares, gets their mean (one standalone step's size)."""
     e = _exp(exp)
     phase = _phase(e)
     model, (x, y) = phase.model, _batch(e)
@@ -54,8 +55,10 @@ def test_fair_step_gradient_is_the_sum_of_single_path_gradients(exp):
     model.path = None
     phase.opt.zero_grad(set_to_none=True)
     phase.accumulate(x, y, paths)
+    head = {id(p) for p in model.head.parameters()}
+    assert len(head) == 2 and {id(p) for p in phase.shared} == head  # per-op prompts are not shared
     for p, w in zip(params, want):
-        torch.testing.assert_close(p.grad if p.grad is not None else torch.zeros_like(p), w)
+        torch.testing.assert_close(p.grad if p.grad is not None else torch.zeros_like(p), w / 4 if id(p) in head else w)
     for layer in model.layers:  # every op trained: prepend's and add's own prompts, the zero-initialised maps of
         # affine (up) and cross_attn (o), which pass no gradient to their prompts yet
         g = layer.prompts.grad
