@@ -238,6 +238,7 @@ def test_task_board_off_a_terminal_says_each_start_and_progress_each_minute(monk
     board.update(pb, b)
     last = buf.getvalue().splitlines()[-1]
     assert last.startswith("progress") and "x-a 0/3 (1 running: supernet)" in last and "x-b 0/3" in last, last
+    assert len(last) > 80  # one line in the log, not wrapped at the console's 80 columns
     a = [trial("a1", "TERMINATED", phase="done", val_acc=0.5)]
     board.update(pa, a, done=a[0])
     assert "x-a: t" in buf.getvalue().splitlines()[-1] and "val_acc=0.5000" in buf.getvalue().splitlines()[-1]

@@ -423,7 +423,7 @@ class LiveTable:
         now = time.monotonic()
 
         def say(text: str) -> None:
-            self.console.print(text, highlight=False, markup=False)
+            self.console.print(text, highlight=False, markup=False, soft_wrap=True)  # a log line: never wrapped
             self._last = now
 
         if not self._said:  # the plan, once per Tune run
@@ -629,7 +629,7 @@ class TaskBoard:
                 now = time.monotonic()
 
                 def say(text: str) -> None:
-                    self.console.print(text, highlight=False, markup=False)
+                    self.console.print(text, highlight=False, markup=False, soft_wrap=True)  # a log line: never wrapped
                     self._last = now
 
                 start = (cb.ctx.study, f"{cb.ctx.kind}:start")
