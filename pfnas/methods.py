@@ -47,7 +47,7 @@ from .engine import (EpochCallback, Experiment, OneShotPhase, Phase, backbone_pa
 from .export import model_files
 from .model import PromptedViT
 from .oneshot import (fold_task, halving_schedule, keep_top, kendall_tau, layer_preference, next_generation,
-                      oneshot_plan, policy_key, val_rank_key)
+                      oneshot_plan, policy_key, tau_ceiling, val_rank_key)
 from .runtime import write_atomic
 from .timing import steps_per_epoch, time_steps
 
@@ -624,6 +624,7 @@ def _tau_diagnostic(exp: Experiment, out: Path, st: dict[str, Any], own: Prompte
                              else sum(h.get("images", 0) for h in hist[-1:]))
         taus[kind] = kendall_tau([r["val_acc"] for r in tau_st["inherited"][kind]], [r["val_acc"] for r in alone])
     return {"kendall_tau_by_supernet": taus, "tau_policies": len(policies), "tau_rung_epochs": rung_epochs,
+            "tau_ceiling": tau_ceiling([r["val_acc"] for r in alone], exp.data.num_images("val")),
             "tau_standalone": [{"policy": r["policy"], "val_acc": r["val_acc"], "val_loss": r["val_loss"]}
                                for r in alone],
             "tau_inherited": tau_st["inherited"], "tau_runs": [r["name"] for r in alone],
@@ -678,6 +679,8 @@ def _select_oneshot(exp: Experiment, out: Path, on_epoch, progress, cycles=None)
         pref_records += [r for r in diag["tau_inherited"].get(mc.supernet, []) if policy_key(r["policy"]) not in known]
     res["layer_preference"] = layer_preference(pref_records, depth, ops)
     diag_metrics = {f"kendall_tau_{k}": v for k, v in res["kendall_tau_by_supernet"].items() if v is not None}
+    if res.get("tau_ceiling") is not None:
+        diag_metrics["tau_ceiling"] = res["tau_ceiling"]
     for l, row in res["layer_preference"].items():
         for op, v in row.items():
             diag_metrics.update({f"pref_l{l}_{op}": v["mean"], f"pref_l{l}_{op}_se": v["se"]})

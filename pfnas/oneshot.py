@@ -67,6 +67,22 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float | None:
     return (concordant - discordant) / denom if denom > 0 else None
 
 
+def tau_ceiling(accs: Sequence[float], n_val: int) -> float | None:
+    """The highest Kendall tau a ranking can reach against these standalone accuracies, given that each is a score
+    on ``n_val`` images: their variance less the mean binomial variance ``a(1 - a) / n`` is the part a ranking can
+    follow (reliability ``r``), and a correlation of sqrt(r) between two normal variables has tau
+    ``2 / pi * asin(sqrt(r))``. Seed noise is not counted, so the true ceiling is lower still. None below three
+    scores or when they are all equal."""
+    if len(accs) < 3 or n_val < 1:
+        return None
+    var = statistics.variance(accs)
+    if var <= 0:
+        return None
+    noise = statistics.fmean(a * (1 - a) for a in accs) / n_val
+    r = min(max(1.0 - noise / var, 0.0), 1.0)
+    return 2.0 / math.pi * math.asin(math.sqrt(r))
+
+
 def layer_preference(records: Sequence[dict[str, Any]], depth: int, ops: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Per layer and op: mean ``val_acc`` of the records whose policy has that op at that layer, its standard error
     over those records (None below two) and their number."""

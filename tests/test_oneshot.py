@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 from collections import Counter
 
 import pytest
@@ -18,7 +19,7 @@ from pfnas.engine import Experiment, OneShotPhase, inherited_state
 from pfnas.model import PromptLayer
 from pfnas.tracking import RunLogger, make_client
 from pfnas.oneshot import (fold_assignment, fold_task, halving_schedule, keep_top, kendall_tau, next_generation,
-                           oneshot_plan, policy_key)
+                           oneshot_plan, policy_key, tau_ceiling)
 
 OPS = ["prepend", "add", "affine", "cross_attn"]
 
@@ -235,6 +236,15 @@ def test_kendall_tau_b_by_hand():
         kendall_tau([1, 2], [1])
 
 
+def test_tau_ceiling_follows_the_share_of_variance_above_val_noise():
+    spread = [0.2, 0.4, 0.6, 0.8]  # var 0.0667 against a binomial var of 0.2 / n
+    assert tau_ceiling(spread, 100_000) == pytest.approx(1.0, abs=0.01)
+    r = 1 - statistics.fmean(a * (1 - a) for a in spread) / 200 / statistics.variance(spread)
+    assert tau_ceiling(spread, 200) == pytest.approx(2 / math.pi * math.asin(math.sqrt(r)))
+    assert tau_ceiling([0.60, 0.62, 0.61, 0.63], 200) == 0.0  # a 1-point spread is all val noise at n = 200
+    assert tau_ceiling([0.5, 0.5, 0.5], 200) is None and tau_ceiling([0.5, 0.6], 200) is None
+
+
 def test_budget_plan_and_config_bounds(exp, tmp_path, capsys):
     cfg = tiny_config(method={"kind": "oneshot", "rungs": [1, 2, 5], "top_k": 1}, train={"epochs": 2})
     # rungs capped by train.epochs: [1, 2]; 5 candidates at most: 5 x 1 + 3 x 2 epochs of 32 images = 352;
@@ -284,6 +294,7 @@ def test_oneshot_end_to_end_costs_diagnostics_and_resume(exp, tmp_path, monkeypa
     assert ref["inherited_eval_images"] <= ref["eval_budget_images"] and ref["cost_step_s"] > 0
     assert set(ref["kendall_tau_by_supernet"]) == {"fair", "uniform", "darts"} and ref["tau_rung_epochs"] == 2
     assert ref["kendall_tau"] == ref["kendall_tau_by_supernet"]["fair"] and ref["tau_policies"] == 3
+    assert ref["tau_ceiling"] is None or 0 <= ref["tau_ceiling"] <= 1
     assert (tmp_path / "ref" / "tau_uniform" / "supernet.pt").is_file() and (tmp_path / "ref" / "tau_darts").is_dir()
     pref = ref["layer_preference"]["0"]
     assert set(pref) == set(OPS) and sum(v["n"] for v in pref.values()) >= 3
