@@ -10,9 +10,9 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
+import mlflow_ui
 import pytest
 import yaml
 from PIL import Image
@@ -131,46 +131,29 @@ def tiny_yaml(tmp_path: Path) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = mlflow_ui.free_port  # a free local TCP port (one definition, for the tests)
 
 
 class MlflowServer:
-    """A real ``mlflow server`` on a fixed port and sqlite file; stop() and start() again to restart it."""
+    """A real ``mlflow server`` on a fixed port and sqlite file; stop() and start() again to restart it (started and
+    stopped as tests/mlflow_ui.py does)."""
 
     def __init__(self, folder: Path, port: int):
         self.folder, self.port, self.proc = folder, port, None
         self.uri = f"http://127.0.0.1:{port}"
 
     def start(self) -> None:
-        log = open(self.folder / "server.log", "a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/srv.db",
-             "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port",
-             str(self.port), "--workers", "1"], cwd=self.folder, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True)
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            assert self.proc.poll() is None and time.time() < deadline, (self.folder / "server.log").read_text()[-2000:]
-            time.sleep(0.3)
+        try:
+            self.proc = mlflow_ui.start_mlflow_server(f"sqlite:///{self.folder}/srv.db", self.port, self.folder,
+                                                      self.folder / "server.log",
+                                                      artifacts=str(self.folder / "artifacts"))
+        except RuntimeError as e:
+            raise AssertionError(str(e)) from None
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the server and its uvicorn worker
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=20)
+        mlflow_ui.stop_server(self.proc)  # its own session: the server and its uvicorn worker
         deadline = time.time() + 20
         while time.time() < deadline:  # the port is free again (a worker may outlive its parent briefly)
             with socket.socket() as s:
