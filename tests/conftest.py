@@ -1,16 +1,18 @@
 """Shared fixtures: tiny timm ViT configs, the optional ../shared resources, one Ray session."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
+import mlflow_ui
 import pytest
 import yaml
 from PIL import Image
@@ -103,46 +105,55 @@ def one_error_line(stderr: str, *fragments: str) -> str:
     return lines[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    """``pfnas ARGS`` in this process (``pfnas.cli.main``): its exit code and its stderr."""
+    from pfnas import cli
+
+    capsys.readouterr()
+    rc = cli.main(list(args))
+    return rc, capsys.readouterr().err
+
+
+def pfnas_process(*args: str, timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``python -m pfnas ARGS`` as a user runs it (a subprocess, no MLFLOW_TRACKING_URI): the real exit code and
+    stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "pfnas", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path: Path) -> Path:
+    """The conftest tiny config as a file for the CLI (1 search + 2 retrain epochs: seconds)."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(search={"epochs": 1}).model_dump(mode="json")))
+    return path
+
+
+free_port = mlflow_ui.free_port  # a free local TCP port (one definition, for the tests)
 
 
 class MlflowServer:
-    """A real ``mlflow server`` on a fixed port and sqlite file; stop() and start() again to restart it."""
+    """A real ``mlflow server`` on a fixed port and sqlite file; stop() and start() again to restart it (started and
+    stopped as tests/mlflow_ui.py does)."""
 
     def __init__(self, folder: Path, port: int):
         self.folder, self.port, self.proc = folder, port, None
         self.uri = f"http://127.0.0.1:{port}"
 
     def start(self) -> None:
-        log = open(self.folder / "server.log", "a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/srv.db",
-             "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port",
-             str(self.port), "--workers", "1"], cwd=self.folder, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True)
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            assert self.proc.poll() is None and time.time() < deadline, (self.folder / "server.log").read_text()[-2000:]
-            time.sleep(0.3)
+        try:
+            self.proc = mlflow_ui.start_mlflow_server(f"sqlite:///{self.folder}/srv.db", self.port, self.folder,
+                                                      self.folder / "server.log",
+                                                      artifacts=str(self.folder / "artifacts"))
+        except RuntimeError as e:
+            raise AssertionError(str(e)) from None
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the server and its uvicorn worker
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=20)
+        mlflow_ui.stop_server(self.proc)  # its own session: the server and its uvicorn worker
         deadline = time.time() + 20
         while time.time() < deadline:  # the port is free again (a worker may outlive its parent briefly)
             with socket.socket() as s:
@@ -242,3 +253,126 @@ def tune_state(exp_dir: Path) -> dict[str, tuple[str, dict]]:
         trial, meta = json.loads(trial), json.loads(meta)
         out[trial["trial_id"]] = (trial["status"], meta.get("last_result") or {})
     return out
+
+
+def write_one_trial_space(folder: Path, name: str, **fields) -> Path:
+    """A one-trial space over the conftest tiny config, its lr the only parameter (no finals unless asked)."""
+    return write_space(folder, name, **{"params": {"train.optim.lr": {"type": "loguniform", "low": 0.1, "high": 10.0}},
+                                        "num_samples": 1, "max_concurrent_trials": 1, "seed": 3, "startup_trials": 1,
+                                        **fields})
+
+
+# spaces that select on the test split, and metrics that cannot select the best trial (with the refusal's words)
+TEST_READING_SPACES = [("metric", "test_acc"), ("metric", "retrain/test_acc"),
+                       ("scheduler", {"type": "asha", "metric": "test_loss"})]
+UNSELECTABLE_METRICS = [
+    ({"metric": "val_acc", "mode": "min"}, "metric 'val_acc' with mode 'min' selects the worst trial"),
+    ({"metric": "val_loss"}, "metric 'val_loss' with mode 'max' selects the worst trial"),  # mode defaults to max
+    ({"metric": ["val_acc", "tuned_params"], "mode": ["max", "max"]}, "metric 'tuned_params' with mode 'max'"),
+    ({"metric": "retrain/val_loss", "mode": "max"}, "metric 'retrain/val_loss' with mode 'max'"),
+    ({"scheduler": {"type": "asha", "metric": "val_acc", "mode": "min"}}, "scheduler.metric 'val_acc' with mode 'min'"),
+    ({"metric": "val_accuracy"}, "metric 'val_accuracy' is not reported by a trial"),
+]
+
+
+def one_param_space(fields: dict) -> dict:
+    """A space (as its YAML's dict) with one parameter and ``fields``."""
+    return {"name": "s", "params": {"search.arch_lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}}, **fields}
+
+
+# ----------------------------------------------------------------------------- checkpoints and run files
+class Payload:
+    """Unpickling this creates the folder ``marker``: code that ran from a checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def sidecar(path: Path) -> Path:
+    """The ``.sha256`` file pfnas writes beside a checkpoint."""
+    return path.with_name(path.name + ".sha256")
+
+
+def disk_with(free: int, monkeypatch) -> None:
+    """``os.write`` as on a disk with ``free`` bytes left: what fits is written, then ENOSPC (as the kernel does)."""
+    real = os.write
+    left = [free]
+
+    def write(fd, data):
+        if left[0] <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = real(fd, bytes(data)[: left[0]])
+        left[0] -= n
+        return n
+
+    monkeypatch.setattr(os, "write", write)
+
+
+def checkpoint_32px(path: Path) -> Path:
+    """A tiny timm ViT (32 px, patch 4) saved as safetensors, the layout of the shared proxy backbone."""
+    import timm
+    from safetensors.torch import save_file
+
+    kw = {**TINY_BACKBONE["kwargs"], "img_size": 32}
+    model = timm.create_model(TINY_BACKBONE["name"], num_classes=10, **kw)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+# ----------------------------------------------------------------------------- exported models
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory) -> Path:
+    """One exported 2-layer model (policy add, affine) and one 40 px image, shared by the crafted-file tests."""
+    from pfnas.methods import run_method
+
+    root = tmp_path_factory.mktemp("export")
+    cfg = tiny_config(method={"kind": "fixed", "policy": ["add", "affine"]}, train={"epochs": 1})
+    run_method(cfg, root / "run")
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(root / "img.png")
+    return root
+
+
+def crafted_model(root: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the export under ``root`` (:func:`tiny_export`) whose pfnas_model.json ``edit`` changed in place."""
+    from pfnas.export import META_FILE
+
+    folder = tmp_path / "model"
+    shutil.copytree(root / "run" / "retrain", folder)
+    meta = json.loads((folder / META_FILE).read_text())
+    edit(meta)
+    (folder / META_FILE).write_text(json.dumps(meta))
+    return folder
+
+
+def _set(section: str | None, key: str, value):
+    def edit(meta):
+        (meta[section] if section else meta)[key] = value
+    return edit
+
+
+CRAFTED = {  # the reviewer's pfnas_model.json files (edit, what the error names): tracebacks, or gigabytes allocated
+    "policy key x": (lambda m: m["policy"].update({"x": m["policy"].pop("1")}), "layer number"),
+    "policy op unknown": (lambda m: m["policy"].update({"0": "conv"}), "policy.0"),
+    "policy one layer short": (lambda m: m["policy"].pop("1"), "2 blocks"),
+    "prompt length -1": (_set("prompts", "length", -1), "prompts.length"),
+    "prompt length huge": (_set("prompts", "length", 10**9), "prompts.length"),
+    "num_classes four": (_set(None, "num_classes", "four"), "num_classes"),
+    "num_classes 1e9": (_set(None, "num_classes", 10**9), "num_classes"),
+    "num_classes float": (_set(None, "num_classes", 3.0), "num_classes"),
+    "mean one value": (_set("preprocessing", "mean", [0.5]), "preprocessing.mean: List should have at least 3"),
+    "std zero": (_set("preprocessing", "std", [0.5, 0.0, 0.5]), "preprocessing.std"),
+    "mean NaN": (_set("preprocessing", "mean", [0.5, float("nan"), 0.5]), "preprocessing.mean"),
+    "crop_size 100000": (_set("preprocessing", "crop_size", 100000), "preprocessing.crop_size"),
+    "resize_size 30000": (_set("preprocessing", "resize_size", 30000), "preprocessing.resize_size"),
+    "crop above resize": (_set("preprocessing", "crop_size", 20), "crop_size"),
+    "crop not the backbone's": (lambda m: m["preprocessing"].update(crop_size=12, image_size=12), "16"),
+    "backbone img_size 100000": (lambda m: m["backbone"]["kwargs"].update(img_size=100000), "patches"),
+    "backbone depth x": (lambda m: m["backbone"]["kwargs"].update(depth="x"), "cannot build"),
+    "weights other file": (_set("weights", "file", "../../etc/passwd"), "weights.file"),
+    "extra field": (_set(None, "surprise", 1), "surprise"),
+    "classes too few": (_set(None, "classes", ["a"]), "classes: 1 class names"),
+    "head size differs": (lambda m: m.update(num_classes=5, classes=None), "does not fit"),
+}

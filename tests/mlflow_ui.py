@@ -30,41 +30,53 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_mlflow_server(store: str, port: int, folder: Path, log: Path, artifacts: str | None = None,
+                        timeout: float = 120) -> subprocess.Popen:
+    """``mlflow server`` on 127.0.0.1:``port`` over the backend ``store``, in a process group of its own (cwd
+    ``folder``, output appended to ``log``), returned once /health answers. RuntimeError with the log's tail when it
+    exits or does not answer within ``timeout`` seconds (it is stopped first). Also conftest's ``MlflowServer``."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    if artifacts:
+        cmd += ["--artifacts-destination", artifacts]
+    proc = subprocess.Popen(cmd, cwd=folder, stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            stop_server(proc)
+            raise RuntimeError(f"mlflow server did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.3)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (the server and its uvicorn worker), SIGKILL after 20 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
 class UiServer:
     """``mlflow server`` on 127.0.0.1 over an existing backend store (stopped with its whole process group)."""
 
     def __init__(self, store: str, folder: Path, artifacts: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host", "127.0.0.1",
-               "--port", str(self.port), "--workers", "1"]
-        if artifacts:
-            cmd += ["--artifacts-destination", artifacts]
         self.log = folder / "ui-server.log"
-        self.proc = subprocess.Popen(cmd, cwd=folder, stdout=open(self.log, "a"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-                                     start_new_session=True)
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.stop()
-                raise RuntimeError(f"mlflow server did not start: {self.log.read_text()[-1500:]}")
-            time.sleep(0.3)
+        self.proc = start_mlflow_server(store, self.port, folder, self.log, artifacts)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=20)
+        stop_server(self.proc)
 
 
 def _browser(args: list[str], url: str, budget_ms: int, timeout_s: float) -> subprocess.CompletedProcess:

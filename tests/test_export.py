@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_BACKBONE, one_error_line, tiny_config
+from conftest import CRAFTED, TINY_BACKBONE, crafted_model, tiny_config
 from pfnas import cli, load_model
 from pfnas.methods import run_method
 from pfnas.config import ModelError, PfnasError
@@ -162,125 +162,18 @@ def test_predict_cli_writes_top_k_csv(tmp_path: Path, capsys) -> None:
         assert float(r["prob"]) == pytest.approx(float(p[int(r["class"])]), rel=1e-5)
         if r["rank"] == "1":
             assert int(r["class"]) == int(p.argmax())
-    capsys.readouterr()
-    rc = cli.main(["predict", "-m", str(tmp_path / "run"), str(tmp_path / "missing.png")])
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert rc == 2 and len(err) == 1 and err[0].startswith("pfnas: error: ") and "missing.png" in err[0]
-    rc = cli.main(["predict", "-m", str(tmp_path / "nomodel"), str(imgs)])
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert rc == 2 and len(err) == 1 and "nomodel" in err[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory) -> Path:
-    """One exported 2-layer model (policy add, affine) and one 16 px image, shared by the crafted-file tests."""
-    root = tmp_path_factory.mktemp("export")
-    cfg = tiny_config(method={"kind": "fixed", "policy": ["add", "affine"]}, train={"epochs": 1})
-    run_method(cfg, root / "run")
-    Image.new("RGB", (40, 40), (200, 10, 10)).save(root / "img.png")
-    return root
-
-
-def _crafted(root: Path, tmp_path: Path, edit) -> Path:
-    """A copy of the export whose pfnas_model.json ``edit`` changed in place."""
-    folder = tmp_path / "model"
-    shutil.copytree(root / "run" / "retrain", folder)
-    meta = json.loads((folder / META_FILE).read_text())
-    edit(meta)
-    (folder / META_FILE).write_text(json.dumps(meta))
-    return folder
-
-
-def _set(section: str | None, key: str, value):
-    def edit(meta):
-        (meta[section] if section else meta)[key] = value
-    return edit
-
-
-CRAFTED = {  # the reviewer's files: tracebacks, or gigabytes allocated, before validation
-    "policy key x": (lambda m: m["policy"].update({"x": m["policy"].pop("1")}), "layer number"),
-    "policy op unknown": (lambda m: m["policy"].update({"0": "conv"}), "policy.0"),
-    "policy one layer short": (lambda m: m["policy"].pop("1"), "2 blocks"),
-    "prompt length -1": (_set("prompts", "length", -1), "prompts.length"),
-    "prompt length huge": (_set("prompts", "length", 10**9), "prompts.length"),
-    "num_classes four": (_set(None, "num_classes", "four"), "num_classes"),
-    "num_classes 1e9": (_set(None, "num_classes", 10**9), "num_classes"),
-    "num_classes float": (_set(None, "num_classes", 3.0), "num_classes"),
-    "mean one value": (_set("preprocessing", "mean", [0.5]), "preprocessing.mean: List should have at least 3"),
-    "std zero": (_set("preprocessing", "std", [0.5, 0.0, 0.5]), "preprocessing.std"),
-    "mean NaN": (_set("preprocessing", "mean", [0.5, float("nan"), 0.5]), "preprocessing.mean"),
-    "crop_size 100000": (_set("preprocessing", "crop_size", 100000), "preprocessing.crop_size"),
-    "resize_size 30000": (_set("preprocessing", "resize_size", 30000), "preprocessing.resize_size"),
-    "crop above resize": (_set("preprocessing", "crop_size", 20), "crop_size"),
-    "crop not the backbone's": (lambda m: m["preprocessing"].update(crop_size=12, image_size=12), "16"),
-    "backbone img_size 100000": (lambda m: m["backbone"]["kwargs"].update(img_size=100000), "patches"),
-    "backbone depth x": (lambda m: m["backbone"]["kwargs"].update(depth="x"), "cannot build"),
-    "weights other file": (_set("weights", "file", "../../etc/passwd"), "weights.file"),
-    "extra field": (_set(None, "surprise", 1), "surprise"),
-    "classes too few": (_set(None, "classes", ["a"]), "classes: 1 class names"),
-    "head size differs": (lambda m: m.update(num_classes=5, classes=None), "does not fit"),
-}
 
 
 @pytest.mark.parametrize("case", list(CRAFTED))
-def test_crafted_model_file_is_one_error(tiny_export: Path, tmp_path: Path, case: str, capsys) -> None:
+def test_crafted_model_file_is_one_error(tiny_export: Path, tmp_path: Path, case: str) -> None:
+    """``pfnas predict`` on these files: tests/test_cli_exit_codes.py."""
     edit, fragment = CRAFTED[case]
-    folder = _crafted(tiny_export, tmp_path, edit)
+    folder = crafted_model(tiny_export, tmp_path, edit)
     with pytest.raises(ModelError, match=None) as err:
         load_model(folder)
     assert fragment in str(err.value) and "\n" not in str(err.value)
-    rc = cli.main(["predict", "-m", str(folder), str(tiny_export / "img.png")])
-    one_error_line(capsys.readouterr().err, fragment)
-    assert rc == 2
 
 
 def test_untouched_export_still_predicts(tiny_export: Path, tmp_path: Path, capsys) -> None:
-    folder = _crafted(tiny_export, tmp_path, lambda m: None)
+    folder = crafted_model(tiny_export, tmp_path, lambda m: None)
     assert cli.main(["predict", "-m", str(folder), str(tiny_export / "img.png")]) == 0, capsys.readouterr().err
-
-
-def _images(folder: Path, n: int) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"img{i}.png" for i in range(n)]
-    for i, p in enumerate(paths):
-        Image.new("RGB", (20 + i, 16), (40 * i, 0, 0)).save(p)
-    return paths
-
-
-def test_predict_skip_bad_writes_the_good_ones(tiny_export: Path, tmp_path: Path, capsys) -> None:
-    good = _images(tmp_path / "imgs", 3)
-    (tmp_path / "imgs" / "broken.png").write_text("not a png")
-    (tmp_path / "imgs" / "loop.jpg").symlink_to("loop.jpg")  # a symlink loop inside the folder
-    model = str(tiny_export / "run")
-    rc = cli.main(["predict", "-m", model, str(tmp_path / "imgs")])  # default: any bad file stops it
-    one_error_line(capsys.readouterr().err, "broken.png", "--skip-bad")
-    assert rc == 2
-    out = tmp_path / "pred.csv"
-    rc = cli.main(["predict", "-m", model, str(tmp_path / "imgs"), "--skip-bad", "--csv", str(out),
-                   "--batch-size", "2"])
-    err = capsys.readouterr().err.splitlines()
-    assert rc == 3, err
-    assert sorted({r["path"] for r in csv.DictReader(out.open())}) == [str(p) for p in good]
-    assert len(err) == 2 and all(ln.startswith("pfnas: skipped: ") for ln in err), err
-    assert "broken.png" in err[0] and "loop.jpg" in err[1] and "symlink loop" in err[1]
-    (tmp_path / "imgs" / "broken.png").unlink()
-    rc = cli.main(["predict", "-m", model, str(tmp_path / "imgs")])  # a loop inside a folder is named as such
-    one_error_line(capsys.readouterr().err, "loop.jpg", "symlink loop", "--skip-bad")
-    assert rc == 2
-    rc = cli.main(["predict", "-m", model, *map(str, good), "--skip-bad"])  # all good: 0
-    assert rc == 0 and capsys.readouterr().err == ""
-    (tmp_path / "broken.png").write_text("not a png")
-    rc = cli.main(["predict", "-m", model, str(tmp_path / "broken.png"), "--skip-bad"])  # none good: 2
-    assert rc == 2 and capsys.readouterr().err.splitlines()[-1].startswith("pfnas: error: no readable image")
-
-
-def test_predict_names_a_symlink_loop(tiny_export: Path, tmp_path: Path, capsys) -> None:
-    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
-    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
-    rc = cli.main(["predict", "-m", str(tiny_export / "run"), str(tmp_path / "a.png")])
-    one_error_line(capsys.readouterr().err, "a.png", "symlink loop")
-    assert rc == 2
-    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
-    rc = cli.main(["predict", "-m", str(tiny_export / "run"), str(tmp_path / "gone.png")])
-    one_error_line(capsys.readouterr().err, "gone.png", "dangling symlink")
-    assert rc == 2

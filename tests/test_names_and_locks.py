@@ -1,5 +1,6 @@
-"""Names that become paths stay in their folder, folders pfnas did not make are never removed, one study runs at a
-time, a disk that fills at the finals ends in one line, and retried trials are counted (issue 37: 3, 5, 12, 15)."""
+"""Names that become paths stay in their folder, one study runs at a time, a disk that fills at the finals ends in
+one line, and retried trials are counted (issue 37: 3, 5, 12, 15). The CLI's refusals of a name that leaves its
+folder and of a finals folder pfnas did not make are in tests/test_cli_exit_codes.py."""
 from __future__ import annotations
 
 import errno
@@ -8,27 +9,11 @@ import signal
 from pathlib import Path
 
 import pytest
-import conftest
-from conftest import one_error_line, tiny_config
+from conftest import one_error_line, run_cli, tiny_config, write_one_trial_space
 
-from pfnas.cli import main
 from pfnas.config import ConfigError, check_name, load_config
 from pfnas.tracking import make_client
 from pfnas.tune import load_space, run_tune
-
-PARAMS = {"train.optim.lr": {"type": "loguniform", "low": 0.1, "high": 10.0}}
-
-
-def write_space(folder: Path, name: str, **fields) -> Path:
-    """A one-trial space over the conftest tiny config (no finals unless asked)."""
-    return conftest.write_space(folder, name, **{"params": PARAMS, "num_samples": 1, "max_concurrent_trials": 1,
-                                                 "seed": 3, "startup_trials": 1, **fields})
-
-
-def cli(capsys, *args: str) -> tuple[int, str]:
-    capsys.readouterr()
-    rc = main(list(args))
-    return rc, capsys.readouterr().err
 
 
 @pytest.fixture
@@ -60,46 +45,13 @@ def test_names_that_could_leave_their_folder_are_refused(name, why):
     assert why in str(e.value) and "\n" not in str(e.value)
 
 
-def test_experiment_name_cannot_reach_outside_the_storage(tmp_path, capsys):
-    """``--storage S/ray --experiment ../../victim`` once ran and removed ``S/../victim-final`` (the finals rmtree)."""
-    victim = tmp_path / "victim-final"
-    victim.mkdir()
-    (victim / "thesis.tex").write_text("years of work")
-    space = write_space(tmp_path / "spaces", "s", final={"seeds": 1})
-    rc, err = cli(capsys, "tune", "--space", str(space), "--storage", str(tmp_path / "S" / "ray"),
-                  "--experiment", "../../victim", "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
-    assert rc == 2
-    one_error_line(err, "--experiment '../../victim' is not a plain folder name")
-    assert (victim / "thesis.tex").read_text() == "years of work"
-    assert not (tmp_path / "S").exists()  # refused before anything was made
-
-
-def test_tasks_and_run_names_are_checked(tmp_path, capsys):
-    space = write_space(tmp_path, "t", tasks=["ok", "../../up"])
+def test_tasks_and_run_names_are_checked(tmp_path):
+    """``pfnas run --set name=../escaped``: tests/test_cli_exit_codes.py."""
+    space = write_one_trial_space(tmp_path, "t", tasks=["ok", "../../up"])
     with pytest.raises(ConfigError, match=r"^tasks: '\.\./\.\./up' is not a plain folder name"):
         load_space(space)
     with pytest.raises(ConfigError, match=r"^name: '\.\./escaped' is not a plain folder name"):
         load_config(None, ["name=../escaped"])
-    out = tmp_path / "runs"
-    rc, err = cli(capsys, "run", "--set", "name=../escaped", "--set", f"output_dir={out}")
-    assert rc == 2
-    one_error_line(err, "name: '../escaped' is not a plain folder name")
-    assert not (tmp_path / "escaped").exists() and not out.exists()
-
-
-def test_a_finals_folder_pfnas_did_not_make_is_never_removed(tmp_path, tracking, capsys):
-    """The finals folder is replaced when a study selects other trials; one pfnas did not make is refused whole,
-    before the study starts."""
-    storage = tmp_path / "ray"
-    mine = storage / "s-final"
-    mine.mkdir(parents=True)
-    (mine / "notes.txt").write_text("mine")
-    space = write_space(tmp_path, "s", final={"seeds": 1})
-    rc, err = cli(capsys, "tune", "--space", str(space), "--storage", str(storage), "--tracking-uri", tracking)
-    assert rc == 2
-    one_error_line(err, f"{mine} exists and was not made by pfnas")
-    assert (mine / "notes.txt").read_text() == "mine" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
-    assert not (storage / "s").exists()
 
 
 # ----------------------------------------------------------------------------- 5: one study at a time
@@ -110,15 +62,15 @@ def test_a_second_tune_of_a_running_study_is_refused(ray_session, tmp_path, trac
     from pfnas.tune import display
 
     storage = tmp_path / "ray"
-    space = write_space(tmp_path, "held")
+    space = write_one_trial_space(tmp_path, "held")
     args = ["tune", "--space", str(space), "--storage", str(storage), "--tracking-uri", tracking]
     real, second = display.Progress.on_step_end, []
 
     def during(self, iteration, trials, **info):  # a second pfnas tune, started while this study runs
         real(self, iteration, trials, **info)
         if not second and any(t.status == "RUNNING" for t in trials):
-            second.append(cli(capsys, *args))
-            second.append(cli(capsys, *args, "--resume"))
+            second.append(run_cli(capsys, *args))
+            second.append(run_cli(capsys, *args, "--resume"))
 
     monkeypatch.setattr(display.Progress, "on_step_end", during)
     s = run_tune(space, storage=str(storage), tracking_uri=tracking).studies[0]
@@ -128,10 +80,10 @@ def test_a_second_tune_of_a_running_study_is_refused(ray_session, tmp_path, trac
         one_error_line(err, f"study {storage / 'held'} is in use by another pfnas tune (pid {os.getpid()})")
     assert [t.status for t in s.trials] == ["TERMINATED"] and s.best is not None  # the first study is whole
     monkeypatch.setattr(display.Progress, "on_step_end", real)
-    rc, err = cli(capsys, *args)
+    rc, err = run_cli(capsys, *args)
     assert rc == 2
     one_error_line(err, "already exists; pass --resume")  # the lock is free again
-    rc, err = cli(capsys, *args, "--resume")
+    rc, err = run_cli(capsys, *args, "--resume")
     assert rc == 0, err
 
 
@@ -142,7 +94,7 @@ def test_disk_full_writing_the_finals_is_one_line_and_a_failed_parent(ray_sessio
     """The trials finished; writing the finals folder fails with ENOSPC (as a full disk does: no file name on the
     error). One line naming the path, exit 2, the MLflow parent FAILED; --resume then runs the finals."""
     storage = tmp_path / "ray"
-    space = write_space(tmp_path, "dfull", final={"seeds": 1})
+    space = write_one_trial_space(tmp_path, "dfull", final={"seeds": 1})
     finals = storage / "dfull-final"
     real = Path.write_text
 
@@ -153,7 +105,7 @@ def test_disk_full_writing_the_finals_is_one_line_and_a_failed_parent(ray_sessio
 
     monkeypatch.setattr(Path, "write_text", full_disk)
     args = ["tune", "--space", str(space), "--storage", str(storage), "--tracking-uri", tracking]
-    rc, err = cli(capsys, *args)
+    rc, err = run_cli(capsys, *args)
     assert rc == 2
     line = one_error_line(err, f"cannot write {finals}", "No space left on device", "--resume")
     parent = parent_run(tracking, "dfull")
@@ -161,7 +113,7 @@ def test_disk_full_writing_the_finals_is_one_line_and_a_failed_parent(ray_sessio
     assert line.endswith(parent.data.tags["pfnas.error"])
 
     monkeypatch.setattr(Path, "write_text", real)
-    rc, err = cli(capsys, *args, "--resume")
+    rc, err = run_cli(capsys, *args, "--resume")
     assert rc == 0, err
     parent = parent_run(tracking, "dfull")
     assert parent.info.status == "FINISHED" and parent.data.metrics["final_n"] == 1
@@ -176,7 +128,7 @@ def test_a_trial_retried_after_its_worker_died_is_counted(ray_session, tmp_path,
     from pfnas.tune import display
 
     base = tiny_config(search={"epochs": 4}, train={"epochs": 4}).model_dump(mode="json")
-    space = write_space(tmp_path, "retry", base=base, max_failures=1)
+    space = write_one_trial_space(tmp_path, "retry", base=base, max_failures=1)
     real, killed = display.Progress.on_step_end, []
 
     def kill_once(self, iteration, trials, **info):

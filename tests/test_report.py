@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import one_error_line, png, tiny_config, write_space
+from conftest import png, tiny_config, write_space
 
 from pfnas import cli
 from pfnas.tracking import get_experiment_id, make_client
@@ -201,25 +201,6 @@ def test_prefix_default_table_and_no_logging(store, tmp_path, capsys, monkeypatc
     text = capsys.readouterr().out
     probe = next(ln for ln in text.splitlines() if "linear probe" in ln)
     assert rc == 0 and "eurosat" in text and _cell(store["accs"][("linear probe", "dtd")]) in probe
-
-
-@pytest.mark.parametrize("args,fragments", [
-    (["--experiment", "nope"], ["'nope' not found", EXP]),
-    (["--experiment-prefix", "zz"], ["no MLflow experiment named zz*"]),
-    ([], ["--experiment NAME"]),
-    (["--experiment", EXP, "--format", "html"], ["--format 'html'"]),
-])
-def test_wrong_input_is_one_line_exit_2(store, capsys, args, fragments):
-    rc = cli.main(["report", "--tracking-uri", store["uri"], *args])
-    assert rc == 2
-    one_error_line(capsys.readouterr().err, *fragments)
-
-
-def test_an_experiment_without_finals_is_refused(store, capsys):
-    client = make_client(store["uri"])
-    get_experiment_id(client, "empty", store["uri"])
-    assert cli.main(["report", "--tracking-uri", store["uri"], "--experiment", "empty"]) == 2
-    one_error_line(capsys.readouterr().err, "no finished finals", "empty")
 
 
 def _vtab_task(root: Path, task: str, shade: int) -> None:

@@ -1,5 +1,5 @@
 """Tracking stores and the MLflow backlog as untrusted input: a hand-edited ``mlflow_buffer.jsonl``, two processes
-creating one new sqlite store, a sqlite file that is not a database."""
+creating one new sqlite store. A sqlite file that is not a database (one line, exit 2): tests/test_cli_exit_codes.py."""
 from __future__ import annotations
 
 import pytest
@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import optuna
-import yaml
 
-from conftest import REPO, one_error_line, tiny_config
+from conftest import REPO, tiny_config
 from pfnas.tracking import RunLogger, make_client
 from pfnas.tune.study import open_optuna_storage
 
@@ -129,43 +128,3 @@ def test_two_processes_creating_a_new_optuna_store_both_work(tmp_path):
         optuna.create_study(storage=open_optuna_storage({url!r}), study_name=f"s{{I}}")
     """)
     assert sorted(optuna.study.get_all_study_names(open_optuna_storage(url))) == ["s0", "s1"]
-
-
-def _garbage(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(bytes(range(256)) * 16)
-    return path
-
-
-def _pfnas(tmp_path: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONPATH": str(REPO)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "pfnas", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-@pytest.mark.slow
-def test_a_corrupt_mlflow_db_is_one_line_exit_2(tmp_path):
-    db = _garbage(tmp_path / "mlflow.db")
-    before = db.read_bytes()
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(search={"epochs": 1}).model_dump(mode="json")))
-    out = tmp_path / "out"
-    r = _pfnas(tmp_path, "run", "-c", str(cfg), "-o", str(out), "--tracking-uri", f"sqlite:///{db}")
-    assert r.returncode == 2, r.stderr[-3000:]
-    one_error_line(r.stderr, f"sqlite:///{db}", "not a valid database", "file is not a database")
-    assert not (out / "result.json").exists() and not (out / RunLogger.BUFFER).exists()  # refused before training
-    assert db.read_bytes() == before  # never touched
-
-
-@pytest.mark.slow
-def test_a_corrupt_optuna_db_is_one_line_exit_2(tmp_path):
-    db = _garbage(tmp_path / "optuna.db")  # where the study keeps its sampler by default: beside mlflow.db
-    r = _pfnas(tmp_path, "tune", "--space", "search_spaces/demo.yaml", "--tracking-uri",
-               f"sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "ray"))
-    assert r.returncode == 2, r.stderr[-3000:]
-    one_error_line(r.stderr, f"sqlite:///{db}", "not a valid database", "file is not a database")
-    assert not list((tmp_path / "ray").glob("*/*/params.json"))  # no trial ran
-    client = make_client(f"sqlite:///{tmp_path}/mlflow.db")  # and no study parent run left RUNNING
-    assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
-                if r.data.tags.get("pfnas.kind") == "study"]
