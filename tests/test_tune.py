@@ -695,3 +695,16 @@ def test_off_a_terminal_a_study_says_its_plan_and_progress_every_minute(monkeypa
     monkeypatch.setattr(LiveTable, "LOG_EVERY_S", 0.0)
     table.update(cb, [running])
     assert buf.getvalue().splitlines()[1].startswith("study s: 0/3 done, 1 running (t01 search 1/2)")
+
+
+def test_a_grid_studys_first_trial_is_t00_everywhere():
+    """Tune numbers a grid study's trials from 0: trial 0 is ``t00`` as its MLflow run, in Tune's display and in
+    the selection records, like every other trial (it was its Tune id in MLflow and ``t00`` in the log)."""
+    from types import SimpleNamespace
+
+    from pfnas.tune.trial import trial_name, trial_run_name
+
+    assert trial_run_name(0, "f2f04_00000") == "t00" and trial_run_name(3, "x") == "t03"
+    assert trial_run_name(None, "f2f04_00000") == "f2f04_00000"
+    assert trial_name(SimpleNamespace(trial_id="f2f04_00000", experiment_tag="0_lr=0.25", config={})) == "t00"
+    assert trial_name(SimpleNamespace(trial_id="f2f04_00000", experiment_tag="", config={})) == "f2f04_00000"

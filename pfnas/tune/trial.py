@@ -91,8 +91,9 @@ class TrialContext:
 
 
 def trial_run_name(index: int | None, trial_id: str) -> str:
-    """``t03``: the name of a study's trial number ``index`` (1-based creation order); the Tune id without one."""
-    return f"t{index:02d}" if index else trial_id
+    """``t03``: the name of a study's trial number ``index`` (its creation order: from 0 in a grid study, from 1
+    under a searcher, as Tune counts); the Tune id without one."""
+    return f"t{index:02d}" if index is not None else trial_id
 
 
 ABBREV = {"prompts.length": "len", "prompts.fusion_dim": "r", "prompts.dropout": "drop", "search.arch_lr": "alr",
@@ -272,6 +273,7 @@ def pfnas_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
 
 def trial_index(trial) -> int:
+    """Tune's creation number of ``trial`` (the leading digits of its experiment tag; 0 without any)."""
     m = re.match(r"(\d+)", getattr(trial, "experiment_tag", "") or "")
     return int(m.group(1)) if m else 0
 
@@ -283,7 +285,6 @@ def trial_dirname(trial) -> str:
 
 def trial_name(trial) -> str:
     """Tune's display name of a trial: ``t03`` as its MLflow run (``f03`` for the finals' Tune run)."""
-    index = trial_index(trial)
-    if not index:
+    if not re.match(r"\d", getattr(trial, "experiment_tag", "") or ""):
         return trial.trial_id
-    return f"{'f' if 'final' in (trial.config or {}) else 't'}{index:02d}"
+    return f"{'f' if 'final' in (trial.config or {}) else 't'}{trial_index(trial):02d}"
