@@ -482,6 +482,10 @@ def test_grid_study_runs_every_variant_and_seed(ray_session, tmp_path, tracking)
     runs = client.search_runs([client.get_experiment_by_name("grid").experiment_id])
     fin = {r.data.tags["pfnas.selected_trial"]: r for r in runs if r.data.tags.get("pfnas.kind") == "final"}
     assert sorted(fin) == sorted(f.trial_id for f in s.group_finals)
+    # the parent run is finished with its description (a variant's display label once broke it: int("kind=..."))
+    assert not [n for n in s.notes if "could not finish" in n], s.notes
+    parent = client.get_run(s.parent_run_id)
+    assert parent.info.status == "FINISHED" and "Selected: **t" in parent.data.tags["mlflow.note.content"]
     for f in s.group_finals:
         r = fin[f.trial_id]
         assert r.info.run_name == f"{f.name} final s{f.seeds[0]}"  # the trial it finalises, by its run name

@@ -698,12 +698,12 @@ def _run_study(plan: StudyPlan, space: SpaceConfig, space_path: Path, *, storage
         results = _fit_trials(run, space, space_path, storage, optuna_storage, num_samples, verbose)
         out = _select(run, space, results)
         _finalise(run, space, out, storage, verbose)
-        for r in out.recs:  # show a grid variant as its overrides, not its index
+        _study_notes(run, space, out)
+        _log_parent(run, space, out)  # reads each trial's config from its params: the variant still an index here
+        for r in out.recs:  # the summary shows a grid variant as its overrides, not its index
             if plan.variants and isinstance(r.params.get("variant"), int):
                 r.params["variant"] = " ".join(f"{k.split('.')[-1]}={v}"
                                                for k, v in plan.variants[r.params["variant"]].items())
-        _study_notes(run, space, out)
-        _log_parent(run, space, out)
         for rec in {f.trial_id: f for f in [out.finals, *out.group_finals] if f is not None}.values():
             run.notes += [f"final seed {seed} of trial {rec.trial_id} failed: {err}" for seed, err in rec.errors]
         return StudySummary(plan.name, space.metrics[0], space.modes[0], plan.param_keys, out.recs, out.best,
