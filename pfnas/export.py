@@ -152,6 +152,13 @@ class ExportPrompts(_MetaSection):
     fusion_dim: StrictInt = Field(ge=1, le=MAX_FUSION_DIM)
     ops: list[Literal[OPS]] = Field(min_length=1, max_length=len(OPS))
 
+    @field_validator("ops")
+    @classmethod
+    def _distinct_ops(cls, v: list[str]) -> list[str]:  # PromptConfig's rule, refused here in one line
+        if len(set(v)) != len(v):
+            raise ValueError("has duplicates")
+        return v
+
 
 class ExportBackbone(_MetaSection):
     name: _Name

@@ -373,6 +373,7 @@ CRAFTED = {  # the reviewer's pfnas_model.json files (edit, what the error names
     "backbone depth x": (lambda m: m["backbone"]["kwargs"].update(depth="x"), "cannot build"),
     "weights other file": (_set("weights", "file", "../../etc/passwd"), "weights.file"),
     "extra field": (_set(None, "surprise", 1), "surprise"),
+    "prompt ops repeated": (_set("prompts", "ops", ["add", "add", "affine", "cross_attn"]), "prompts.ops"),  # hypothesis
     "classes too few": (_set(None, "classes", ["a"]), "classes: 1 class names"),
     "head size differs": (lambda m: m.update(num_classes=5, classes=None), "does not fit"),
 }

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import DIVERGING_BACKBONE, tiny_config
+from conftest import DIVERGING_BACKBONE, pfnas_process, tiny_config
 from pfnas.config import (ConfigError, OptimConfig, TemperatureConfig, TrainingError, load_config, merge_dotted,
                           search_hash)
 from pfnas.engine import (Experiment, SearchPhase, lr_at, run_experiment, run_retrain, run_search, shared_search,
@@ -250,8 +248,7 @@ def test_config_errors_name_the_field(tmp_path):
 def test_cli_process_exit_code_and_run(tmp_path):
     """The bad-setting half (exit 2): tests/test_cli_exit_codes.py."""
     db = tmp_path / "m.db"
-    ok = subprocess.run([sys.executable, "-m", "pfnas", "run", "--out", str(tmp_path / "o"),
-                         "--tracking-uri", f"sqlite:///{db}"], capture_output=True, text=True, cwd=tmp_path)
+    ok = pfnas_process("run", "--out", str(tmp_path / "o"), "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
     res = json.loads((tmp_path / "o" / "result.json").read_text())
     assert len(res["policy"]) == 4 and res["test_acc"] > 0.5  # the embedded demo (no -c) learns (chance is 0.25)
