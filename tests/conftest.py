@@ -377,3 +377,17 @@ CRAFTED = {  # the reviewer's pfnas_model.json files (edit, what the error names
     "classes too few": (_set(None, "classes", ["a"]), "classes: 1 class names"),
     "head size differs": (lambda m: m.update(num_classes=5, classes=None), "does not fit"),
 }
+
+
+def fill_disk(monkeypatch):
+    """Every later ``os.write`` does what a full disk does: part of the bytes, then ENOSPC. Returns the real
+    ``os.write`` (to free the disk again)."""
+    real = os.write
+
+    def disk_full(fd, data):
+        if len(data) > 16:
+            real(fd, bytes(data)[:16])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", disk_full)
+    return real

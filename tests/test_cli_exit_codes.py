@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import errno
 import io
 import json
 import math
@@ -27,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import (CRAFTED, DIVERGING_BACKBONE, PARAMS, REPO, TEST_READING_SPACES, TINY_BACKBONE,
+from conftest import (fill_disk, CRAFTED, DIVERGING_BACKBONE, PARAMS, REPO, TEST_READING_SPACES, TINY_BACKBONE,
                       UNSELECTABLE_METRICS, Payload, checkpoint_32px, crafted_model, disk_with, expect_data_error,
                       free_port, image_folder, one_error_line, one_param_space, pfnas_process, png, run_cli, sidecar,
                       tiny_config, write_one_trial_space, write_space)
@@ -283,14 +282,7 @@ def test_a_full_disk_is_one_line_exit_2_and_leaves_no_file(tmp_path, tiny_yaml, 
 
 
 def test_a_failed_checkpoint_write_is_one_line_exit_2(tmp_path, tiny_yaml, capsys, monkeypatch):
-    real = os.write
-
-    def disk_full(fd, data):  # what a full disk does: part of the bytes, then ENOSPC
-        if len(data) > 16:
-            real(fd, bytes(data)[:16])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(os, "write", disk_full)
+    fill_disk(monkeypatch)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     rc, err = run_cli(capsys, "run", "-c", str(tiny_yaml), "-o", str(tmp_path / "out"))
     assert rc == 2

@@ -4,7 +4,6 @@ server that is down or restarts. The CLI's one-line refusals (a folder of anothe
 compare`` against a down server) are in tests/test_cli_exit_codes.py."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -12,7 +11,7 @@ import subprocess
 import sys
 import time
 import pytest
-from conftest import REPO, MlflowServer, free_port, one_error_line, run_cli, tiny_config
+from conftest import fill_disk, REPO, MlflowServer, free_port, one_error_line, run_cli, tiny_config
 
 from pfnas.config import PfnasError
 from pfnas.tracking import RunLogger, make_client
@@ -65,14 +64,7 @@ def test_a_failed_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch)
 
     ckpt = tmp_path / "ck" / "search.pt"
     save_checkpoint({"epoch": 1}, ckpt)
-    real = os.write
-
-    def disk_full(fd, data):  # what a full disk does: part of the bytes, then ENOSPC
-        if len(data) > 16:
-            real(fd, bytes(data)[:16])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(os, "write", disk_full)
+    real = fill_disk(monkeypatch)
     with pytest.raises(PfnasError) as ei:
         save_checkpoint({"epoch": 2}, ckpt)
     assert "\n" not in str(ei.value) and "no space left on device" in str(ei.value) and str(ckpt) in str(ei.value)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pfnas.methods as bl
-from conftest import tiny_config
+from conftest import UNSELECTABLE_METRICS, tiny_config
 from pfnas.config import ConfigError, merge_dotted
 from pfnas.data import TaskData
 from pfnas.engine import Experiment, run_experiment
@@ -106,14 +106,7 @@ def test_space_selecting_on_test_is_refused(tmp_path, field, value):
         load_space(path)
 
 
-@pytest.mark.parametrize("space_fields,match", [
-    ({"metric": "val_acc", "mode": "min"}, "metric 'val_acc' with mode 'min' selects the worst trial"),
-    ({"metric": "val_loss"}, "metric 'val_loss' with mode 'max' selects the worst trial"),  # mode defaults to max
-    ({"metric": ["val_acc", "tuned_params"], "mode": ["max", "max"]}, "metric 'tuned_params' with mode 'max'"),
-    ({"metric": "retrain/val_loss", "mode": "max"}, "metric 'retrain/val_loss' with mode 'max'"),
-    ({"scheduler": {"type": "asha", "metric": "val_acc", "mode": "min"}}, "scheduler.metric 'val_acc' with mode 'min'"),
-    ({"metric": "val_accuracy"}, "metric 'val_accuracy' is not reported by a trial"),
-])
+@pytest.mark.parametrize("space_fields,match", UNSELECTABLE_METRICS)
 def test_space_metric_that_cannot_select_the_best_trial_is_refused(tmp_path, space_fields, match):
     """A mode against its metric's direction would pick the worst trial and exit 0; a misspelt metric would run
     the whole study and then select nothing. Both are refused before any trial runs."""
