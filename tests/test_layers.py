@@ -19,7 +19,7 @@ LAYERS = [
     ["pfnas.model", "pfnas.data", "pfnas.pae"],
     ["pfnas.export"],
     ["pfnas.engine"],
-    ["pfnas.methods", "pfnas.oneshot", "pfnas.bench"],
+    ["pfnas.methods", "pfnas.bench"],
     ["pfnas.provenance", "pfnas.tracking"],
     ["pfnas.runs"],
     ["pfnas.tune"],

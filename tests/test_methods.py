@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import pfnas.methods as bl
+import pfnas.methods.discrete as discrete
 from conftest import tiny_config
 from pfnas.config import merge_dotted
-from pfnas.engine import Experiment, SearchPhase, run_search
+from pfnas.engine import Experiment, SearchPhase, evaluate, run_search
+from pfnas.methods.budget import best_record
 
 N_TRAIN, BATCH = 39, 16  # tiny_config: 3 classes x 13 train images, batch 16
 
@@ -106,13 +108,13 @@ def _member(policy, acc):
 def test_candidate_ties_on_val_acc_go_to_the_lower_val_loss():
     recs = [{"val_acc": 0.83, "val_loss": 0.60}, {"val_acc": 0.80, "val_loss": 0.10},
             {"val_acc": 0.83, "val_loss": 0.58}, {"val_acc": 0.83, "val_loss": 0.59}]
-    assert bl._best(recs) is recs[2]
+    assert best_record(recs) is recs[2]
     plain = [{"val_acc": 0.5}, {"val_acc": 0.5}]
-    assert bl._best(plain) is plain[0]  # members without a loss: the earliest
+    assert best_record(plain) is plain[0]  # members without a loss: the earliest
     nan = [{"val_acc": 0.5, "val_loss": 0.7}, {"val_acc": 0.5, "val_loss": float("nan")}]
-    assert bl._best(nan) is nan[0]
+    assert best_record(nan) is nan[0]
     odd = [{"val_acc": 0.5, "val_loss": None}, {"val_acc": 0.5, "val_loss": True}, {"val_acc": 0.5, "val_loss": 2.0}]
-    assert bl._best(odd) is odd[2]  # None and bool are not losses
+    assert best_record(odd) is odd[2]  # None and bool are not losses
 
 
 def test_evolution_step_is_aging_tournament():
@@ -204,7 +206,7 @@ def test_weight_sharing_ranks_through_shared_weights(exp, tmp_path):
     rec = r["history"][2]
     idx = [net.candidates.index(rec["policy"][str(l)]) for l in range(2)]
     bl.set_path(net, idx)
-    acc = bl.evaluate(net, e.data, "val", 256, e.device)["acc"]
+    acc = evaluate(net, e.data, "val", 256, e.device)["acc"]
     assert acc == rec["val_acc"]
     # a pinned path is exactly the fixed model built from the shared weights, in train and eval mode
     fixed = e.fixed([rec["policy"]["0"], rec["policy"]["1"]])
@@ -233,13 +235,13 @@ def test_random_search_resume_skips_finished_candidates(tmp_path, monkeypatch):
         bl.run_method(cfg, tmp_path / "run", on_epoch=stop_after_two)
     assert len(json.loads((tmp_path / "run" / "state.json").read_text())["done"]) == 2
     trained = []
-    real = bl._train_candidate
+    real = discrete.train_candidate
 
     def counting(exp, policy, folder, steps):
         trained.append(folder.name)
         return real(exp, policy, folder, steps)
 
-    monkeypatch.setattr(bl, "_train_candidate", counting)
+    monkeypatch.setattr(discrete, "train_candidate", counting)
     seen = []
     res = bl.run_method(cfg, tmp_path / "run", on_epoch=seen.append)
     assert trained == ["cand_002", "cand_003"]

@@ -12,14 +12,16 @@ import pytest
 import torch
 
 import pfnas.methods as bl
+import pfnas.methods.oneshot as osm
 from conftest import tiny_config
 from pfnas.config import ConfigError, PfnasError, load_config, merge_dotted, selection_hash
 from pfnas.data import TaskData
 from pfnas.engine import Experiment, OneShotPhase, inherited_state
 from pfnas.model import PromptLayer
 from pfnas.tracking import RunLogger, make_client
-from pfnas.oneshot import (fold_assignment, fold_task, halving_schedule, keep_top, kendall_tau, next_generation,
-                           oneshot_plan, policy_key, tau_ceiling)
+from pfnas.methods.budget import best_record, keep_top
+from pfnas.methods.oneshot import (fold_assignment, fold_task, halving_schedule, kendall_tau, next_generation, oneshot_plan,
+                                  policy_key, tau_ceiling)
 
 OPS = ["prepend", "add", "affine", "cross_attn"]
 
@@ -118,7 +120,7 @@ def test_inherited_evolution_respects_the_val_image_budget(exp, tmp_path, monkey
                                                                                                       *a, **kw))
     n_val = e.data.num_images("val")
     events: list[dict] = []
-    recs = bl._inherited_evolution(e, phase.model, tmp_path, {}, 5 * n_val + n_val - 1, events.append)
+    recs = osm._inherited_evolution(e, phase.model, tmp_path, {}, 5 * n_val + n_val - 1, events.append)
     assert len(recs) == 5 and reads == ["val"] * 5  # the sixth would pass the budget: never scored
     assert [r["generation"] for r in recs] == [0, 0, 0, 1, 1]
     assert len({policy_key(r["policy"]) for r in recs}) == 5
@@ -145,12 +147,12 @@ def test_successive_halving_keeps_the_best_by_val_acc_then_lower_val_loss(exp, t
         return {"name": f"{policy[0]}-{epochs}", "val_acc": acc, "val_loss": loss, "images": 1, "time_s": 0.0,
                 "n_val": 9}, True
 
-    monkeypatch.setattr(bl, "_alone", fake_alone)
+    monkeypatch.setattr(osm, "_alone", fake_alone)
     cands = [{0: op, 1: op} for op in OPS]
-    hist = bl._verify(_exp(exp), tmp_path, {}, cands, [1, 2], None, 0, 100)
+    hist = osm._verify(_exp(exp), tmp_path, {}, cands, [1, 2], None, 0, 100)
     assert trained == [(op, 1) for op in OPS] + [("add", 2), ("cross_attn", 2)]  # 4 -> ceil(4/2) = 2
     last = [h for h in hist if h["rung"] == 1]
-    assert bl._best(last)["policy"]["0"] == "cross_attn"  # equal accuracy, lower loss
+    assert best_record(last)["policy"]["0"] == "cross_attn"  # equal accuracy, lower loss
 
 
 def test_inherited_state_gives_the_fixed_model_the_supernets_path(exp):
@@ -181,26 +183,26 @@ def test_verification_starts_from_inherited_weights_unless_scratch(exp, tmp_path
     """verify_init inherited: each candidate's first step starts from the supernet's path (its val score before
     training is the supernet's inherited score); scratch: from a fresh init; the runs are kept apart by name."""
     starts: list[torch.Tensor] = []
-    real = bl._train_candidate
+    real = osm.train_candidate
 
     def spy(exp_, policy, folder, steps, init=None):
         starts.append(None if init is None else init["layers.0.prompts"])
         return real(exp_, policy, folder, steps, init)
 
-    monkeypatch.setattr(bl, "_train_candidate", spy)
+    monkeypatch.setattr(osm, "train_candidate", spy)
     e = _exp(exp)
     phase = _phase(e)
     phase._weight_step(*_batch(e))
     cands = [{0: "affine", 1: "add"}, {0: "prepend", 1: "prepend"}]
-    hist = bl._verify(e, tmp_path / "inh", {}, cands, [1], None, 0, 10**6, phase.model)
+    hist = osm._verify(e, tmp_path / "inh", {}, cands, [1], None, 0, 10**6, phase.model)
     assert [h["runs"][0].endswith("-inh") for h in hist] == [True, True]
     torch.testing.assert_close(starts[0], phase.model.layers[0].prompts[2])  # affine's own prompts of layer 0
     torch.testing.assert_close(starts[1], phase.model.layers[0].prompts[0])
     starts.clear()
-    hist = bl._verify(e, tmp_path / "scratch", {}, cands, [1], None, 0, 10**6, None)
+    hist = osm._verify(e, tmp_path / "scratch", {}, cands, [1], None, 0, 10**6, None)
     assert starts == [None, None] and not any(h["runs"][0].endswith("-inh") for h in hist)
     with pytest.raises(PfnasError, match="from scratch"):
-        bl._alone(e, tmp_path, {}, cands[0], 1, (0, e), supernet=phase.model)
+        osm._alone(e, tmp_path, {}, cands[0], 1, (0, e), supernet=phase.model)
 
 
 def test_kfold_splits_train_and_val_only_stratified(exp):
@@ -282,7 +284,7 @@ def test_oneshot_end_to_end_costs_diagnostics_and_resume(exp, tmp_path, monkeypa
     assert not any(n.endswith("-inh") for n in ref["tau_runs"])  # tau's standalone runs start from scratch
     assert len(ref["candidates"]) in (4, 5)  # the top-1 inherited policy and the single-op policies
     last = [h for h in ref["history"] if h["rung"] == max(h["rung"] for h in ref["history"])]
-    assert ref["select_val_acc"] == bl._best(last)["val_acc"] and 0 <= ref["val_acc"] <= 1
+    assert ref["select_val_acc"] == best_record(last)["val_acc"] and 0 <= ref["val_acc"] <= 1
     cb = ref["cost_breakdown"]
     assert cb["supernet_images"] == cb["supernet_epochs"] * 128 and cb["supernet_passes"] == 4
     assert ref["cost_images"] == cb["supernet_images"] + cb["verification_images"] <= ref["budget_images"] == 1000
@@ -307,8 +309,8 @@ def test_oneshot_end_to_end_costs_diagnostics_and_resume(exp, tmp_path, monkeypa
     with pytest.raises(Stop):
         bl.run_method(e.cfg, tmp_path / "run", stop_at_second_candidate, exp=e)
     trained = []
-    real = bl._train_candidate
-    monkeypatch.setattr(bl, "_train_candidate", lambda *a: trained.append(a[2].name) or real(*a))
+    real = osm.train_candidate
+    monkeypatch.setattr(osm, "train_candidate", lambda *a: trained.append(a[2].name) or real(*a))
     res = bl.run_method(e.cfg, tmp_path / "run", exp=e)
     assert len(trained) == len(set(trained)) and not any(n in trained for n in ref["history"][0]["runs"])
     drop = ("time_s",)

@@ -13,7 +13,7 @@ from ray.tune import Callback
 
 from ..tracking import finite_scalar, format_value, policy_agreement
 from .select import FinalsRecord, TrialRecord, finished, tie_loss
-from .trial import ABBREV, TrialContext, trial_index
+from .trial import ABBREV, TrialContext, trial_index, trial_run_name
 
 
 def _short_names(keys: list[str]) -> list[str]:
@@ -344,7 +344,7 @@ class LiveTable:
         finished = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
         if done is not None:  # the trial being completed: Tune sets its status after the callbacks
             finished.add(done.trial_id)
-        for t in sorted(trials, key=lambda t: (trial_index(t), t.trial_id)):
+        for t in sorted(trials, key=lambda t: (trial_index(t) or 0, t.trial_id)):
             n, planned, phase = self._progress(cb, t)
             if t.trial_id in finished:
                 n = planned
@@ -595,7 +595,7 @@ class TaskBoard:
         if cb.ctx.kind == "final":
             what, counts = f"final seed {params.get('seed')}", f"{row.finals_done}/{row.finals_total} finals done"
         else:
-            what, counts = f"t{trial_index(done):02d}", f"{row.done}/{row.total} trials done"
+            what, counts = trial_run_name(trial_index(done), done.trial_id), f"{row.done}/{row.total} trials done"
             if row.best is not None:
                 counts += f", best {cb.metric} {row.best:.4f}"
         now = time.monotonic()

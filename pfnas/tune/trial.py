@@ -272,19 +272,20 @@ def pfnas_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     reporter.final(res)
 
 
-def trial_index(trial) -> int:
-    """Tune's creation number of ``trial`` (the leading digits of its experiment tag; 0 without any)."""
+def trial_index(trial) -> int | None:
+    """Tune's creation number of ``trial`` (the leading digits of its experiment tag; None without any)."""
     m = re.match(r"(\d+)", getattr(trial, "experiment_tag", "") or "")
-    return int(m.group(1)) if m else 0
+    return int(m.group(1)) if m else None
 
 
 def trial_dirname(trial) -> str:
     """``0003_<trial id>``: creation order first, so listings sort like the study ran."""
-    return f"{trial_index(trial):04d}_{trial.trial_id}"
+    return f"{trial_index(trial) or 0:04d}_{trial.trial_id}"
 
 
 def trial_name(trial) -> str:
     """Tune's display name of a trial: ``t03`` as its MLflow run (``f03`` for the finals' Tune run)."""
-    if not re.match(r"\d", getattr(trial, "experiment_tag", "") or ""):
+    index = trial_index(trial)
+    if index is None:
         return trial.trial_id
-    return f"{'f' if 'final' in (trial.config or {}) else 't'}{trial_index(trial):02d}"
+    return f"{'f' if 'final' in (trial.config or {}) else 't'}{index:02d}"
