@@ -247,6 +247,11 @@ def test_random_search_resume_skips_finished_candidates(tmp_path, monkeypatch):
     assert trained == ["cand_002", "cand_003"]
     assert [m["candidate"] for m in seen if m["phase"] == "random"] == [2, 3]
     assert [m["phase"] for m in seen if m["phase"] != "random"] == ["retrain"] * 2
+    # progress for a study's ETA: the images spent and the budget, as epochs of train (39 images: 2 batches of 16)
+    sel = [m for m in seen if m["phase"] == "random"]
+    assert [m["select_epochs_done"] for m in sel] == [m["cost_images"] / 32 for m in sel]
+    assert sel[-1]["select_epochs_planned"] == ref["budget_images"] / 32 >= sel[-1]["select_epochs_done"] > 0
+    assert not any("select_epochs_done" in m for m in seen if m["phase"] == "retrain")
     for key in ("policy", "val_acc", "test_acc", "cost_images", "tuned_params"):
         assert res[key] == ref[key], key
     assert [h["val_acc"] for h in res["history"]] == [h["val_acc"] for h in ref["history"]]

@@ -701,6 +701,36 @@ def test_off_a_terminal_a_study_says_its_plan_and_progress_every_minute(monkeypa
     assert buf.getvalue().splitlines()[1].startswith("study s: 0/3 done, 1 running (t01 search 1/2)")
 
 
+def test_a_selection_loop_has_progress_and_an_eta_before_its_retrain():
+    """A one-shot (or random / evolution) trial spends most of its time selecting: its phase shows the share of the
+    budget spent and the ETA counts the budget as epochs, instead of '0 of the retrain' and no ETA."""
+    import io
+
+    from rich.console import Console
+
+    from pfnas.tune.display import LiveTable, Progress
+    from pfnas.tune.trial import TrialContext
+
+    base = tiny_config(method={"kind": "oneshot"}, train={"epochs": 2}).model_dump(mode="json")
+    ctx = TrialContext(study="s", base=base, tracking_uri="u", experiment="e", parent_run_id=None, param_keys=[])
+    cb = Progress("study s", "val_acc", ctx, 1)
+    table = LiveTable(console=Console(file=io.StringIO(), width=100))
+    table.t0 = time.monotonic() - 60.0
+
+    def trial(**result):
+        return SimpleNamespace(trial_id="abc_00001", status="RUNNING", config={}, experiment_tag="1_x",
+                               last_result={"time_total_s": 60.0, **result})
+
+    assert table._progress(cb, trial(phase="supernet", epoch=1)) == (0, 2, "supernet")  # before any budget report
+    sel = {"supernet/select_epochs_done": 10.0, "supernet/select_epochs_planned": 40.0}
+    assert table._progress(cb, trial(phase="supernet", epoch=2, **sel)) == (10.0, 42.0, "supernet (25% of the budget)")
+    verify = {**sel, "oneshot_verify/select_epochs_done": 30.0, "oneshot_verify/select_epochs_planned": 40.0}
+    assert table._progress(cb, trial(phase="oneshot_verify", epoch=0, **verify))[0] == 30.0
+    assert table._progress(cb, trial(phase="retrain", epoch=1, **verify))[:2] == (41.0, 42.0)
+    table._table(cb, [trial(phase="supernet", epoch=2, **sel)])
+    assert table._eta == pytest.approx(60.0 * 32 / 10, rel=0.05)  # elapsed x (42 - 10) / 10
+
+
 def test_a_grid_studys_first_trial_is_t00_everywhere():
     """Tune numbers a grid study's trials from 0: trial 0 is ``t00`` as its MLflow run, in Tune's display and in
     the selection records, like every other trial (it was its Tune id in MLflow and ``t00`` in the log)."""

@@ -40,8 +40,8 @@ from ..engine import (EpochCallback, Experiment, backbone_param_count, claim_run
                       waiting_lock)
 from ..export import model_files
 from ..runtime import write_atomic
-from .budget import (PATH_LOGIT, BudgetPhase, SharedPhase, budget_images, emit, measure_step_seconds, policy_int,
-                     policy_json, resolve_budget, search_cost, set_path)
+from .budget import (PATH_LOGIT, BudgetPhase, SharedPhase, budget_images, emit, epoch_images, measure_step_seconds,
+                     policy_int, policy_json, resolve_budget, search_cost, set_path, with_selection_progress)
 from .discrete import (age_out, evolution_step, mutate, random_policy, regularized_evolution_step, sample_policies,
                        select_evolution, select_random)
 from .oneshot import select_oneshot
@@ -165,6 +165,7 @@ def _run_method(cfg: ExperimentConfig, out: Path, on_epoch: EpochCallback | None
         return _finish(exp, out, {l: op for l in range(depth)}, on_epoch, progress, {"op": op}, t0)
     if kind in ("random", "evolution", "oneshot"):
         select = {"random": select_random, "evolution": select_evolution, "oneshot": select_oneshot}[kind]
+        on_epoch = with_selection_progress(on_epoch, epoch_images(exp.data.num_images("train"), cfg.data.batch_size))
         if search_cache is not None:
             res = _shared_selection(exp, out, Path(search_cache), select, on_epoch, progress, cycles)
         else:

@@ -32,7 +32,7 @@ from ..data import Split, TaskData
 from ..engine import Experiment, OneShotPhase, fit, inherited_score, inherited_state, run_search
 from ..model import PromptedViT
 from ..timing import steps_per_epoch
-from .budget import (best_record, emit, keep_top, load_state, loop_fingerprint, policy_int, policy_json,
+from .budget import (best_record, emit, epoch_images, keep_top, load_state, loop_fingerprint, policy_int, policy_json,
                      resolve_budget, save_state, say, search_cost, train_candidate)
 from .discrete import sample_policies
 
@@ -173,22 +173,18 @@ def fold_task(data: TaskData, fold: int, folds: int, seed: int) -> TaskData:
     return replace(data, splits={"train": Split(images[~held], labels[~held]), "val": Split(images[held], labels[held])})
 
 
-def _epoch_images(n: int, batch_size: int) -> int:
-    return steps_per_epoch(n, batch_size) * (batch_size if n >= batch_size else n)
-
-
 def verification_images(cfg: ExperimentConfig, data: TaskData, candidates: int) -> int:
     """Training images of the verification of ``candidates`` policies (K-fold at the last trained rung)."""
     mc, bs = cfg.method, cfg.data.batch_size
     rungs = capped_rungs(mc.rungs, cfg.train.epochs)
     sched = halving_schedule(candidates, rungs, mc.eta)
-    per_epoch = _epoch_images(data.num_images("train"), bs)
+    per_epoch = epoch_images(data.num_images("train"), bs)
     total = sum(n * e * per_epoch for n, e in zip(sched[:-1], rungs))
     last_n, last_e = sched[-1], rungs[len(sched) - 1]
     if mc.select_folds:
         n_all = data.num_images("train") + data.num_images("val")
         held = [len(range(k, n_all, mc.select_folds)) for k in range(mc.select_folds)]  # stratified sizes differ <= 1
-        fold = sum(_epoch_images(n_all - h, bs) for h in held)
+        fold = sum(epoch_images(n_all - h, bs) for h in held)
         total += last_n * last_e * fold
     else:
         total += last_n * last_e * per_epoch
@@ -202,7 +198,7 @@ def oneshot_plan(cfg: ExperimentConfig, data: TaskData, budget: int) -> dict[str
     mc = cfg.method
     n_ops = len(cfg.prompts.ops)
     passes = n_ops if mc.supernet == "fair" else 1
-    epoch = passes * _epoch_images(data.num_images("train"), cfg.data.batch_size)
+    epoch = passes * epoch_images(data.num_images("train"), cfg.data.batch_size)
     verify = max(verification_images(cfg, data, n) for n in range(1, mc.top_k + n_ops + 1))
     epochs = mc.supernet_epochs if mc.supernet_epochs is not None else (budget - verify) // epoch
     if epochs < 1 or verify + epochs * epoch > budget:

@@ -322,17 +322,25 @@ class LiveTable:
             self._planned[trial.trial_id] = plan
         return self._planned[trial.trial_id]
 
-    def _progress(self, cb: Progress, trial) -> tuple[int, int, str]:
-        """(epochs done, planned, phase text) of a trial from its last result."""
+    def _progress(self, cb: Progress, trial) -> tuple[float, float, str]:
+        """(epochs done, planned, phase text) of a trial from its last result. A selection loop (random search,
+        evolution, one-shot) counts as the epochs of ``train`` its budget buys, from the images it has spent
+        (``*/select_epochs_done`` / ``*/select_epochs_planned`` in its reports; unknown before its first)."""
         r = trial.last_result or {}
         search_epochs, train_epochs = self._plan(cb, trial)
-        planned, phase, epoch = search_epochs + train_epochs, str(r.get("phase", "")), int(r.get("epoch", 0) or 0)
+        sel_planned = max((float(v) for k, v in r.items() if k.endswith("/select_epochs_planned")), default=0.0)
+        sel_done = max((float(v) for k, v in r.items() if k.endswith("/select_epochs_done")), default=None)
+        planned = search_epochs + sel_planned + train_epochs
+        phase, epoch = str(r.get("phase", "")), int(r.get("epoch", 0) or 0)
         if phase in ("done", "failed") or trial.status in ("TERMINATED", "ERROR"):
             return planned, planned, phase or trial.status.lower()
         if phase == "search":
             return epoch, planned, f"search {epoch}/{search_epochs}"
         if phase == "retrain":
-            return search_epochs + epoch, planned, f"retrain {epoch}/{train_epochs}"
+            return search_epochs + sel_planned + epoch, planned, f"retrain {epoch}/{train_epochs}"
+        if sel_done is not None and sel_planned:
+            done = min(sel_done, sel_planned)
+            return done, planned, f"{phase} ({100 * done / sel_planned:.0f}% of the budget)"
         return 0, planned, "" if trial.status == "PENDING" else (phase or "starting")
 
     def _table(self, cb: Progress, trials: list, done=None):
@@ -486,8 +494,8 @@ class _TaskRow:
     running: int = 0
     total: int = 0
     best: float | None = None
-    epochs_done: int = 0
-    epochs_planned: int = 0
+    epochs_done: float = 0
+    epochs_planned: float = 0
     finals_done: int = 0
     finals_total: int = 0
     ended: float | None = None
