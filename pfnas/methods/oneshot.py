@@ -1,18 +1,21 @@
 """``method.kind: oneshot``: the supernet, the evolution of policies on inherited weights, successive halving,
-the K-fold splits of train+val, the budget plan, Kendall's tau and the per-layer op preference. Its loop is :func:`select_oneshot`, run by :func:`pfnas.methods.run_method`.
+the K-fold splits of train+val, the budget plan, Kendall's tau and the per-layer op preference. Its loop is
+:func:`select_oneshot`, run by :func:`pfnas.methods.run_method`.
 
 The method (FairNAS / SPOS / NOAH lineage), all on ``train`` and ``val``, never ``test``:
 
 1. a supernet (each op of each layer with its own prompts and weights) trained on ``train`` through single
-   paths: ``fair`` (every op of every layer once per step, gradients of the K passes summed) or ``uniform``;
+   paths: ``fair`` (every op of every layer once per step; each op's gradient from its pass, the shared head's the
+   mean of the K passes') or ``uniform``;
 2. an evolution of policies (population, crossover, mutation, generations) scored on ``val`` forward only with
    the supernet's inherited weights, under a budget of val forward images;
 3. the ``top_k`` policies of 2 plus the single-op policies, each trained alone on ``train`` under successive
    halving (rungs in epochs, ``ceil(n / eta)`` kept per rung) and scored on ``val`` (or the last rung by K-fold
    cross-validation over train+val, from scratch); ``verify_init: inherited`` (the default) starts each from the
-   supernet's weights of its path, so a short rung ranks ops by what they become, not by how fast they leave
-   their initialisation (affine and cross_attn start as the identity); the winner by val accuracy, ties by the
-   lower val loss.
+   supernet's weights of its path, so a short rung does not rank ops by how fast they leave their initialisation
+   (affine and cross_attn start as the identity); it still favours the op that learns fastest (prepend), whose
+   lead after 2-8 epochs is not the order after 30 (docs/results/equal-effort.md); the winner by val accuracy,
+   ties by the lower val loss.
 """
 from __future__ import annotations
 
