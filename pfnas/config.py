@@ -421,8 +421,8 @@ _BUDGET = ("budget_multiplier", "budget_images", "budget_seconds")
 _METHOD_FIELDS = {"search": (), "fixed": ("op", "policy"), "probe": (), "random": ("samples", "weight_sharing", *_BUDGET),
                   "evolution": ("samples", "population", "sample_size", *_BUDGET),
                   "oneshot": ("supernet", "supernet_epochs", "population", "generations", "mutation_prob", "crossover",
-                              "eval_images", "top_k", "rungs", "eta", "select_folds", "tau_policies", "tau_supernets",
-                              *_BUDGET)}
+                              "eval_images", "top_k", "rungs", "eta", "verify_init", "select_folds", "tau_policies",
+                              "tau_epochs", "tau_supernets", *_BUDGET)}
 
 
 def result_fields(cfg: ExperimentConfig, include_seed: bool = True) -> dict[str, Any]:

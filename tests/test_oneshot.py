@@ -330,3 +330,8 @@ def test_a_retrain_lr_grid_shares_one_oneshot_selection(exp, tmp_path):
     assert rb["history"] == ra["history"] and rb["policy"] == ra["policy"] and ra["kendall_tau"] is None
     other = merge_dotted(e.cfg, {"train.epochs": 1})  # caps the rungs: another selection
     assert selection_hash(other) != selection_hash(e.cfg) == selection_hash(b.cfg)
+    # every field the one-shot reads is its selection's identity (verify_init and tau_epochs once were not, so a
+    # scratch-verified run reused an inherited one's selection and shared its config hash in MLflow)
+    for change in ({"method.verify_init": "scratch"}, {"method.tau_epochs": 3}, {"method.select_folds": 2},
+                   {"method.rungs": [1, 3]}, {"method.mutation_prob": 0.5}):
+        assert selection_hash(merge_dotted(e.cfg, change)) != selection_hash(e.cfg), change
