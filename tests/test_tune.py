@@ -729,6 +729,10 @@ def test_a_selection_loop_has_progress_and_an_eta_before_its_retrain():
     assert table._progress(cb, trial(phase="retrain", epoch=1, **verify))[:2] == (41.0, 42.0)
     table._table(cb, [trial(phase="supernet", epoch=2, **sel)])
     assert table._eta == pytest.approx(60.0 * 32 / 10, rel=0.05)  # elapsed x (42 - 10) / 10
+    buf = io.StringIO()
+    log = LiveTable(console=Console(file=buf, width=100, force_terminal=False))
+    log.update(cb, [trial(phase="supernet", epoch=1)])
+    assert buf.getvalue().startswith("study s: 1 trials of a oneshot selection + 2 epochs")
 
 
 def test_a_grid_studys_first_trial_is_t00_everywhere():

@@ -6,6 +6,7 @@ import io
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -289,6 +290,13 @@ def _eta(seconds: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
 
 
+def _log_line(view, text: str) -> None:
+    """Off a terminal: one line of ``view`` (a :class:`LiveTable` or :class:`TaskBoard`) printed whole, never
+    wrapped at the console's width (a log is read by tools), and the time of its last line kept."""
+    view.console.print(text, highlight=False, markup=False, soft_wrap=True)
+    view._last = time.monotonic()
+
+
 class LiveTable:
     """One live rich table per Tune run: trial, state, key params, phase (epoch of planned), the latest value of the
     study metric and an ETA from epochs done vs planned (search.epochs + train.epochs). On a terminal it redraws in
@@ -307,6 +315,7 @@ class LiveTable:
         self.t0 = None
         self._last = 0.0
         self._planned: dict[str, tuple[int, int]] = {}
+        self._kinds: dict[str, str] = {}  # trial id -> its method.kind
         self._said: set[str] = set()
         self._owner = None
 
@@ -317,6 +326,7 @@ class LiveTable:
                 tctx, params = _resolve(cb, trial)
                 cfg = tctx.config(params, "x")
                 plan = (cfg.search.epochs if cfg.method.kind == "search" else 0, cfg.train.epochs)
+                self._kinds[trial.trial_id] = cfg.method.kind
             except Exception:  # noqa: BLE001
                 plan = (0, 0)
             self._planned[trial.trial_id] = plan
@@ -429,15 +439,14 @@ class LiveTable:
     def _log_lines(self, cb: Progress, trials: list, done=None) -> None:
         """Off a terminal (a log file, a pipe): what the live table would show, as plain lines."""
         now = time.monotonic()
-
-        def say(text: str) -> None:
-            self.console.print(text, highlight=False, markup=False, soft_wrap=True)  # a log line: never wrapped
-            self._last = now
-
+        say = partial(_log_line, self)
         if not self._said:  # the plan, once per Tune run
             self._said.add("")
             search_e, train_e = self._plan(cb, trials[0]) if trials else (0, 0)
+            kind = self._kinds.get(trials[0].trial_id) if trials else None
             epochs = f" of {search_e}+{train_e} epochs" if search_e else (f" of {train_e} epochs" if train_e else "")
+            if kind in ("random", "evolution", "oneshot") and train_e:
+                epochs = f" of a {kind} selection + {train_e} epochs"
             say(f"{cb.title}: {cb.total} trials{epochs}; a line per trial, progress each minute")
         if done is not None and done.trial_id not in self._said:
             self._said.add(done.trial_id)
@@ -635,11 +644,7 @@ class TaskBoard:
             terminal = self.console.is_terminal and not self.console.is_dumb_terminal
             if not terminal:  # a start line per study, a line per finished trial, progress at least once a minute
                 now = time.monotonic()
-
-                def say(text: str) -> None:
-                    self.console.print(text, highlight=False, markup=False, soft_wrap=True)  # a log line: never wrapped
-                    self._last = now
-
+                say = partial(_log_line, self)
                 start = (cb.ctx.study, f"{cb.ctx.kind}:start")
                 if start not in self._said:
                     self._said.add(start)
