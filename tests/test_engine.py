@@ -203,17 +203,18 @@ def test_retrain_and_experiment_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_vpt_deep_learns_a_real_task_on_the_proxy_backbone(shared_proxy, tmp_path):
-    """Real pretrained features + real data: one epoch of all-prepend is far above chance (10%)."""
+    """Real pretrained features + real data: one epoch of all-prepend on train800 is far above chance (10%) on val200
+    (the select stage: a fifth fewer training images than train800val200 and no 797-image test pass)."""
     ckpt, root = shared_proxy
     cfg = tiny_config(backbone={"name": "vit_tiny_patch16_224", "checkpoint": str(ckpt),
                                 "kwargs": {"img_size": 32, "patch_size": 4},
                                 "mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]},
                       data={"kind": "vtab", "root": str(root), "task": "digits", "batch_size": 64},
                       prompts={"length": 5, "dropout": 0.0, "fusion_dim": 4},
-                      train={"epochs": 1, "optim": {"lr": 0.5, "warmup_epochs": 0}})
+                      train={"epochs": 1, "stage": "select", "optim": {"lr": 0.5, "warmup_epochs": 0}})
     exp = Experiment.build(cfg)
     phase = run_retrain(exp, ["prepend"] * 12, tmp_path)
-    assert phase.history[-1]["test_acc"] > 0.4
+    assert phase.history[-1]["val_acc"] > 0.4 and "test_acc" not in phase.history[-1]
 
 
 def test_training_loss_decreases(tmp_path):
