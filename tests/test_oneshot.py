@@ -279,6 +279,7 @@ def test_oneshot_end_to_end_costs_diagnostics_and_resume(exp, tmp_path, monkeypa
     assert metrics["cost_images"] == ref["cost_images"] and metrics["eval_images"] == ref["eval_images"]
     assert ("kendall_tau" in metrics) == (ref["kendall_tau"] is not None)  # undefined on a constant ranking
     assert any(k.startswith("oneshot/pref_l0_") for k in metrics) and "oneshot_evolution/best_val_acc" in metrics
+    assert any("select_epochs_done" in m for m in seen) and not any("select_epochs" in k for k in metrics)  # live only
     assert set(ref["policy"]) == {"0", "1"} and ref["policy"] in ref["candidates"]
     assert ref["verify_init"] == "inherited" and all(n.endswith("-inh") for h in ref["history"] for n in h["runs"])
     assert not any(n.endswith("-inh") for n in ref["tau_runs"])  # tau's standalone runs start from scratch

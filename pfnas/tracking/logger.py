@@ -52,6 +52,10 @@ def alpha_heatmap(alpha: list[list[float]], ops: list[str], title: str = "softma
     return fig
 
 
+LIVE_ONLY = ("select_epochs_done", "select_epochs_planned")  # a selection's progress for a study's live view
+# (methods.budget.with_selection_progress): not a result, so not an MLflow metric
+
+
 class RunLogger:
     """One MLflow run fed by the engine's epoch callback; never raises.
 
@@ -370,7 +374,7 @@ class RunLogger:
         """``on_epoch`` metrics: scalars as ``<phase>/<name>`` at ``step=epoch``; alpha heatmap at search end."""
         phase = str(m.get("phase", "run"))
         step = int(m.get("epoch", m.get("candidate", 0)))  # random/evolution report once per candidate
-        self.log_metrics({f"{phase}/{k}": v for k, v in m.items() if k not in ("phase", "epoch")}, step)
+        self.log_metrics({f"{phase}/{k}": v for k, v in m.items() if k not in ("phase", "epoch") + LIVE_ONLY}, step)
         if finite_scalar(m.get("images_per_s")):
             self._throughput.setdefault(phase, []).append(float(m["images_per_s"]))
         if phase == "search" and isinstance(m.get("alpha"), list):
