@@ -26,10 +26,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import (fill_disk, CRAFTED, DIVERGING_BACKBONE, PARAMS, REPO, TEST_READING_SPACES, TINY_BACKBONE,
+from conftest import (CRAFTED, DIVERGING_BACKBONE, PARAMS, REPO, TEST_READING_SPACES, TINY_BACKBONE,
                       UNSELECTABLE_METRICS, Payload, checkpoint_32px, crafted_model, disk_with, expect_data_error,
-                      free_port, image_folder, one_error_line, one_param_space, pfnas_process, png, run_cli, sidecar,
-                      tiny_config, write_one_trial_space, write_space)
+                      fill_disk, free_port, image_folder, one_error_line, one_param_space, pfnas_process, png, run_cli,
+                      sidecar, tiny_config, write_one_trial_space, write_space)
 from pfnas import cli
 from pfnas import data as D
 from pfnas.config import OPS, ConfigError, DataConfig, PfnasError, dump_config, load_config

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import pytest
-from conftest import fill_disk, REPO, MlflowServer, free_port, one_error_line, run_cli, tiny_config
+from conftest import REPO, MlflowServer, fill_disk, free_port, one_error_line, run_cli, tiny_config
 
 from pfnas.config import PfnasError
 from pfnas.tracking import RunLogger, make_client

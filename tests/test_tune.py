@@ -645,7 +645,8 @@ def test_finals_progress_line_names_each_final_by_its_run_name():
     assert "best" not in line
     cfg = ExperimentConfig.model_validate(base)  # its planned epochs come from its own config, not the dispatcher's
     cb = Progress("finals of 2 configs", "test_acc", several, 2)
-    assert table._plan(cb, trial) == ((cfg.search.epochs if cfg.method.kind == "search" else 0), cfg.train.epochs)
+    assert table._plan(cb, trial) == ((cfg.search.epochs if cfg.method.kind == "search" else 0), cfg.train.epochs,
+                                      cfg.method.kind)
 
 
 def test_live_table_fits_100_columns_and_names_trials_as_mlflow_does():

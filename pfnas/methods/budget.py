@@ -30,18 +30,18 @@ def epoch_images(n: int, batch_size: int) -> int:
     return steps_per_epoch(n, batch_size) * images_per_step(n, batch_size)
 
 
-def with_selection_progress(on_epoch: EpochCallback | None, epoch_images_: int) -> EpochCallback | None:
+def with_selection_progress(on_epoch: EpochCallback | None, images_per_epoch: int) -> EpochCallback | None:
     """``on_epoch`` with the selection's progress added to every report that carries its budget: images spent and
     the budget as epochs of ``train`` (``select_epochs_done`` / ``select_epochs_planned``), so a study's live view
     can give a selection loop an ETA like a search's."""
-    if on_epoch is None or epoch_images_ < 1:
+    if on_epoch is None or images_per_epoch < 1:
         return on_epoch
 
     def relay(m: dict[str, Any]) -> None:
         budget, spent = m.get("budget_images"), m.get("cost_images", m.get("images"))
         if finite_scalar(budget) and finite_scalar(spent) and budget > 0:
-            m = {**m, "select_epochs_done": float(spent) / epoch_images_,
-                 "select_epochs_planned": float(budget) / epoch_images_}
+            m = {**m, "select_epochs_done": float(spent) / images_per_epoch,
+                 "select_epochs_planned": float(budget) / images_per_epoch}
         on_epoch(m)
 
     return relay

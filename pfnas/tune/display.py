@@ -314,21 +314,19 @@ class LiveTable:
         self.live = None
         self.t0 = None
         self._last = 0.0
-        self._planned: dict[str, tuple[int, int]] = {}
-        self._kinds: dict[str, str] = {}  # trial id -> its method.kind
+        self._planned: dict[str, tuple[int, int, str]] = {}
         self._said: set[str] = set()
         self._owner = None
 
-    def _plan(self, cb: Progress, trial) -> tuple[int, int]:
-        """(search epochs, retrain epochs) a trial will run, from its config (built once per trial)."""
+    def _plan(self, cb: Progress, trial) -> tuple[int, int, str]:
+        """(search epochs, retrain epochs, method.kind) of a trial, from its config (built once per trial)."""
         if trial.trial_id not in self._planned:
             try:
                 tctx, params = _resolve(cb, trial)
                 cfg = tctx.config(params, "x")
-                plan = (cfg.search.epochs if cfg.method.kind == "search" else 0, cfg.train.epochs)
-                self._kinds[trial.trial_id] = cfg.method.kind
+                plan = (cfg.search.epochs if cfg.method.kind == "search" else 0, cfg.train.epochs, cfg.method.kind)
             except Exception:  # noqa: BLE001
-                plan = (0, 0)
+                plan = (0, 0, "")
             self._planned[trial.trial_id] = plan
         return self._planned[trial.trial_id]
 
@@ -337,7 +335,7 @@ class LiveTable:
         evolution, one-shot) counts as the epochs of ``train`` its budget buys, from the images it has spent
         (``*/select_epochs_done`` / ``*/select_epochs_planned`` in its reports; unknown before its first)."""
         r = trial.last_result or {}
-        search_epochs, train_epochs = self._plan(cb, trial)
+        search_epochs, train_epochs, _ = self._plan(cb, trial)
         sel_planned = max((float(v) for k, v in r.items() if k.endswith("/select_epochs_planned")), default=0.0)
         sel_done = max((float(v) for k, v in r.items() if k.endswith("/select_epochs_done")), default=None)
         planned = search_epochs + sel_planned + train_epochs
@@ -442,8 +440,7 @@ class LiveTable:
         say = partial(_log_line, self)
         if not self._said:  # the plan, once per Tune run
             self._said.add("")
-            search_e, train_e = self._plan(cb, trials[0]) if trials else (0, 0)
-            kind = self._kinds.get(trials[0].trial_id) if trials else None
+            search_e, train_e, kind = self._plan(cb, trials[0]) if trials else (0, 0, "")
             epochs = f" of {search_e}+{train_e} epochs" if search_e else (f" of {train_e} epochs" if train_e else "")
             if kind in ("random", "evolution", "oneshot") and train_e:
                 epochs = f" of a {kind} selection + {train_e} epochs"
