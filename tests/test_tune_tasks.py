@@ -243,3 +243,31 @@ def test_task_board_off_a_terminal_says_each_start_and_progress_each_minute(monk
     assert "x-a: t" in buf.getvalue().splitlines()[-1] and "val_acc=0.5000" in buf.getvalue().splitlines()[-1]
     board.update(pa, a)
     assert len(buf.getvalue().splitlines()) == 4  # the finished trial's line counts as progress
+
+
+def test_a_restored_optuna_search_adopts_the_trial_asked_after_its_last_save(tmp_path):
+    """A kill between Optuna's ask and Tune's next save leaves a RUNNING trial the saved searcher never heard of; the
+    restored searcher hands it to Tune's next trial instead of asking again, so the study keeps num_samples trials
+    and the orphan's sampled params are the ones run."""
+    from pfnas.tune.study import PfnasOptunaSearch, open_optuna_storage
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    space = {"lr": optuna.distributions.FloatDistribution(1e-3, 1.0, log=True)}
+
+    def searcher():
+        return PfnasOptunaSearch(space=space, metric="val_acc", mode="max", storage=open_optuna_storage(url),
+                                 study_name="s", sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=1))
+
+    first = searcher()
+    a = first.suggest("a")
+    first.on_trial_complete("a", {"val_acc": 0.5})
+    first.save(str(tmp_path / "searcher.pkl"))
+    orphan = first.suggest("b")  # asked, then the process dies before Tune saves again
+    restored = searcher()
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.suggest("c") == orphan
+    restored.on_trial_complete("c", {"val_acc": 0.7})
+    assert restored.suggest("d") != orphan  # adopted once, then a fresh ask
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert len(trials) == 3 and [t.params for t in trials[:2]] == [a, orphan]
+    assert [t.state for t in trials[:2]] == [optuna.trial.TrialState.COMPLETE] * 2 and trials[1].value == 0.7

@@ -114,7 +114,20 @@ def _study_lock(storage_root: str, study: str):
 
 
 class PfnasOptunaSearch(OptunaSearch):
-    """OptunaSearch that skips intermediate results which do not carry the metric yet (search epochs)."""
+    """OptunaSearch that skips intermediate results which do not carry the metric yet (search epochs), and that after
+    a restore adopts the trials its study asked after the last save (see :meth:`suggest`)."""
+
+    def suggest(self, trial_id: str) -> dict | None:
+        """Tune's next config. A process killed between Optuna's ask and Tune's next save leaves a RUNNING trial in
+        the RDB study that the restored searcher never heard of; the next Tune trial runs it (its sampled params)
+        instead of asking again, so a resumed study keeps exactly num_samples trials."""
+        if trial_id not in self._ot_trials and self._ot_study is not None and isinstance(self._space, dict):
+            held = {t.number for t in self._ot_trials.values()}
+            for frozen in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                if frozen.number not in held and set(frozen.params) == set(self._space):
+                    self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, frozen._trial_id)
+                    break
+        return super().suggest(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if isinstance(self.metric, str) and self.metric in result:
