@@ -250,6 +250,9 @@ class MethodConfig(_Strict):
     verify_init: Literal["inherited", "scratch"] = "inherited"  # verification candidates start from the supernet's
     # weights of their path (prompts, op weights, head) or from a fresh init; the K-fold rung always from scratch
     select_folds: int | None = Field(None, ge=2, le=20)  # the last rung scored by K-fold CV over train+val
+    rung_score: Literal["acc", "extrapolated_loss"] = "acc"  # how a rung ranks: val acc (ties: lower val loss), or
+    # the val loss at train.epochs predicted from this rung's run and the previous rung's (a line in log-epochs
+    # through the two runs' final val losses; the first rung ranks by its val loss)
     tau_policies: int = Field(16, ge=0, le=512)  # random policies trained alone for the Kendall tau (0: off)
     tau_epochs: int | None = Field(None, ge=1, le=10_000)  # their training from scratch; None: the last rung's epochs
     tau_supernets: list[Literal["fair", "uniform", "darts"]] = Field(
@@ -266,6 +269,13 @@ class MethodConfig(_Strict):
     def _one_budget(self) -> "MethodConfig":
         if self.budget_images is not None and self.budget_seconds is not None:
             raise ValueError("give method.budget_images or method.budget_seconds, not both")
+        if self.rung_score == "extrapolated_loss":
+            if len(self.rungs) < 2:
+                raise ValueError("rung_score extrapolated_loss needs at least two rungs (it extends a line through "
+                                 "two runs' val losses)")
+            if self.select_folds:
+                raise ValueError("rung_score extrapolated_loss with select_folds: the K-fold rung trains from scratch, "
+                                 "the rungs before it from inherited weights, so no line goes through both")
         return self
 
     @field_validator("rungs")
@@ -421,8 +431,8 @@ _BUDGET = ("budget_multiplier", "budget_images", "budget_seconds")
 _METHOD_FIELDS = {"search": (), "fixed": ("op", "policy"), "probe": (), "random": ("samples", "weight_sharing", *_BUDGET),
                   "evolution": ("samples", "population", "sample_size", *_BUDGET),
                   "oneshot": ("supernet", "supernet_epochs", "population", "generations", "mutation_prob", "crossover",
-                              "eval_images", "top_k", "rungs", "eta", "verify_init", "select_folds", "tau_policies",
-                              "tau_epochs", "tau_supernets", *_BUDGET)}
+                              "eval_images", "top_k", "rungs", "eta", "verify_init", "select_folds", "rung_score",
+                              "tau_policies", "tau_epochs", "tau_supernets", *_BUDGET)}
 
 
 def result_fields(cfg: ExperimentConfig, include_seed: bool = True) -> dict[str, Any]:

@@ -155,6 +155,41 @@ def test_successive_halving_keeps_the_best_by_val_acc_then_lower_val_loss(exp, t
     assert best_record(last)["policy"]["0"] == "cross_attn"  # equal accuracy, lower loss
 
 
+def test_extrapolated_loss_ranks_by_the_val_loss_predicted_at_train_epochs(exp, tmp_path, monkeypatch):
+    """rung_score extrapolated_loss: the first rung keeps the lowest val losses; the next one ranks each survivor
+    by the line in log-epochs through its two runs' losses, read at train.epochs, so the op that is behind after a
+    short run but improves fastest wins; no run beyond the rungs' is trained."""
+    assert osm.extrapolated_loss((4, 1.0), (8, 0.8), 32) == pytest.approx(0.8 - 0.2 * 2)  # two doublings on
+    assert osm.extrapolated_loss((4, 1.0), (8, 0.8), 8) == pytest.approx(0.8)  # the longer run already at target
+    assert osm.extrapolated_loss((4, 1.0), (8, math.nan), 32) == math.inf
+    scores = {  # (op, epochs) -> (val_acc, val_loss): prepend leads on acc at both rungs, affine improves fastest
+        ("prepend", 1): (0.7, 0.9), ("add", 1): (0.6, 1.2), ("affine", 1): (0.5, 1.1), ("cross_attn", 1): (0.6, 1.5),
+        ("prepend", 2): (0.8, 0.8), ("affine", 2): (0.75, 0.85)}
+    trained = []
+
+    def fake_alone(exp_, out, st, policy, epochs, fold=None, supernet=None):
+        trained.append((policy[0], epochs))
+        acc, loss = scores[(policy[0], epochs)]
+        return {"name": f"{policy[0]}-{epochs}", "val_acc": acc, "val_loss": loss, "images": 1, "time_s": 0.0,
+                "n_val": 9}, True
+
+    monkeypatch.setattr(osm, "_alone", fake_alone)
+    e = Experiment(tiny_config(method={"kind": "oneshot", "rung_score": "extrapolated_loss", "rungs": [1, 2]},
+                               train={"stage": "select", "epochs": 8}), exp.backbone, exp.data, exp.device)
+    hist = osm._verify(e, tmp_path, {}, [{0: op, 1: op} for op in OPS], [1, 2], None, 0, 100)
+    assert trained == [(op, 1) for op in OPS] + [("prepend", 2), ("affine", 2)]  # kept by loss (acc would keep add)
+    last = {h["policy"]["0"]: h["score"] for h in hist if h["rung"] == 1}
+    assert last == pytest.approx({"prepend": 0.8 - 0.1 * 2, "affine": 0.85 - 0.25 * 2})  # to 8 epochs: 2 doublings
+    assert max((h for h in hist if h["rung"] == 1), key=osm.rung_rank_key)["policy"]["0"] == "affine"
+    for bad in ({"rungs": [4]}, {"select_folds": 5}):
+        with pytest.raises(ConfigError, match="extrapolated_loss"):
+            load_config(None, ["method.kind=oneshot", "method.rung_score=extrapolated_loss"]
+                        + [f"method.{k}={json.dumps(v)}" for k, v in bad.items()])
+    with pytest.raises(PfnasError, match="needs two rungs"):
+        oneshot_plan(tiny_config(method={"kind": "oneshot", "rung_score": "extrapolated_loss", "rungs": [2, 4]},
+                                 train={"epochs": 2}), exp.data, 10**6)
+
+
 def test_inherited_state_gives_the_fixed_model_the_supernets_path(exp):
     """The fixed model of a policy, loaded with the supernet's weights of that path, computes what the supernet
     pinned to the path computes (eval mode); one trained step first, so no weight is still at its init."""
@@ -334,5 +369,5 @@ def test_a_retrain_lr_grid_shares_one_oneshot_selection(exp, tmp_path):
     # every field the one-shot reads is its selection's identity (verify_init and tau_epochs once were not, so a
     # scratch-verified run reused an inherited one's selection and shared its config hash in MLflow)
     for change in ({"method.verify_init": "scratch"}, {"method.tau_epochs": 3}, {"method.select_folds": 2},
-                   {"method.rungs": [1, 3]}, {"method.mutation_prob": 0.5}):
+                   {"method.rungs": [1, 3]}, {"method.mutation_prob": 0.5}, {"method.rung_score": "extrapolated_loss"}):
         assert selection_hash(merge_dotted(e.cfg, change)) != selection_hash(e.cfg), change

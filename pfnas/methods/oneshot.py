@@ -36,7 +36,7 @@ from ..engine import Experiment, OneShotPhase, fit, inherited_score, inherited_s
 from ..model import PromptedViT
 from ..timing import steps_per_epoch
 from .budget import (best_record, emit, epoch_images, keep_top, load_state, loop_fingerprint, policy_int, policy_json,
-                     resolve_budget, save_state, say, search_cost, train_candidate)
+                     resolve_budget, save_state, say, search_cost, train_candidate, val_rank_key)
 from .discrete import sample_policies
 
 
@@ -152,6 +152,23 @@ def halving_schedule(n: int, rungs: Sequence[int], eta: int) -> list[int]:
     return out
 
 
+def extrapolated_loss(prev: tuple[int, float], cur: tuple[int, float], target: int) -> float:
+    """The val loss after ``target`` epochs predicted from two separate runs, each annealed over its own length:
+    ``(epochs, final val loss)`` of the shorter and the longer; a line in log-epochs through both, read at
+    ``target`` (the longer run's loss when it already trained ``target`` epochs). Non-finite losses give inf."""
+    (e0, l0), (e1, l1) = prev, cur
+    if not (math.isfinite(l0) and math.isfinite(l1)) or e1 <= e0:
+        return math.inf
+    return l1 + (l1 - l0) * math.log(max(target, e1) / e1) / math.log(e1 / e0)
+
+
+def rung_rank_key(record: dict[str, Any]) -> tuple[float, float, float]:
+    """Sort key of a verification record, larger is better: the lower ``score`` (a predicted val loss) when the
+    record has one, then :func:`val_rank_key`."""
+    score = record.get("score")
+    return (-score if score is not None else 0.0, *val_rank_key(record))
+
+
 def fold_assignment(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
     """Fold index of each image: stratified (each class spread round-robin over the folds) in a seeded order."""
     n = int(labels.numel())
@@ -202,6 +219,10 @@ def oneshot_plan(cfg: ExperimentConfig, data: TaskData, budget: int) -> dict[str
     n_ops = len(cfg.prompts.ops)
     passes = n_ops if mc.supernet == "fair" else 1
     epoch = passes * epoch_images(data.num_images("train"), cfg.data.batch_size)
+    rungs = capped_rungs(mc.rungs, cfg.train.epochs)
+    if mc.rung_score == "extrapolated_loss" and len(rungs) < 2:
+        raise PfnasError(f"method.rung_score extrapolated_loss needs two rungs, and train.epochs {cfg.train.epochs} "
+                         f"caps method.rungs {mc.rungs} to {rungs}; lower the rungs below train.epochs")
     verify = max(verification_images(cfg, data, n) for n in range(1, mc.top_k + n_ops + 1))
     epochs = mc.supernet_epochs if mc.supernet_epochs is not None else (budget - verify) // epoch
     if epochs < 1 or verify + epochs * epoch > budget:
@@ -209,7 +230,7 @@ def oneshot_plan(cfg: ExperimentConfig, data: TaskData, budget: int) -> dict[str
                          f"images + supernet {max(epochs, 1)} epoch(s) x {epoch}; raise method.budget_multiplier or "
                          "lower method.supernet_epochs / top_k / rungs / select_folds")
     return {"supernet_epochs": int(epochs), "supernet_epoch_images": epoch, "supernet_passes": passes,
-            "verification_images_max": verify, "rungs": capped_rungs(mc.rungs, cfg.train.epochs)}
+            "verification_images_max": verify, "rungs": rungs}
 
 
 # ----------------------------------------------------------------------------- the loop (FairNAS / SPOS / NOAH)
@@ -303,7 +324,10 @@ def _verify(exp: Experiment, out: Path, st: dict[str, Any], candidates: list[dic
             on_epoch, spent: int, budget: int, supernet: PromptedViT | None = None) -> list[dict[str, Any]]:
     """Successive halving over ``candidates``, each trained alone at each rung (from ``supernet``'s inherited
     weights when given, else from scratch); the last trained rung is scored by K-fold cross-validation over
-    train+val, from scratch, when ``method.select_folds`` is set. Returns every rung's records."""
+    train+val, from scratch, when ``method.select_folds`` is set. A rung keeps its best by :func:`rung_rank_key`:
+    val acc, or with ``method.rung_score: extrapolated_loss`` the ``score`` of each record (its val loss at the
+    first rung, then the val loss at ``train.epochs`` extrapolated from this rung's run and the previous rung's
+    run of the same candidate; no extra training). Returns every rung's records."""
     cfg, mc = exp.cfg, exp.cfg.method
     sched = halving_schedule(len(candidates), rungs, mc.eta)
     folds = {}
@@ -324,15 +348,21 @@ def _verify(exp: Experiment, out: Path, st: dict[str, Any], candidates: list[dic
                    "images": sum(x["images"] for x in recs), "time_s": sum(x["time_s"] for x in recs),
                    "eval_images": sum(x["n_val"] for x in recs), "runs": [x["name"] for x in recs],
                    **({"folds": len(recs), "fold_val_acc": [x["val_acc"] for x in recs]} if last and folds else {})}
+            if mc.rung_score == "extrapolated_loss":
+                prev = [h for h in history if h["candidate"] == i and h["rung"] == r - 1]
+                rec["score"] = (extrapolated_loss((prev[0]["epochs"], prev[0]["val_loss"]), (epochs, rec["val_loss"]),
+                                                  cfg.train.epochs) if prev else
+                                rec["val_loss"] if math.isfinite(rec["val_loss"]) else math.inf)
             rung.append(rec)
             counted.update((x["name"], x["images"]) for x in recs)
             if any(p[1] for p in parts):
                 emit(on_epoch, {"phase": "oneshot_verify", "candidate": len(history) + len(rung) - 1, "rung": r,
                                  "epochs": epochs, "val_acc": rec["val_acc"], "val_loss": rec["val_loss"],
+                                 **({"score": rec["score"]} if "score" in rec else {}),
                                  "cost_images": spent + sum(counted.values()),
                                  "budget_images": budget})
         history += rung
-        alive = [rec["candidate"] for rec in keep_top(rung, math.ceil(n / mc.eta))]
+        alive = [rec["candidate"] for rec in sorted(rung, key=rung_rank_key, reverse=True)[:math.ceil(n / mc.eta)]]
     return history
 
 
@@ -405,11 +435,12 @@ def select_oneshot(exp: Experiment, out: Path, on_epoch, progress, cycles=None) 
     history = _verify(exp, out, st, candidates, plan["rungs"], on_epoch, sup.images, budget,
                       model if mc.verify_init == "inherited" else None)
     last_rung = max(h["rung"] for h in history)
-    winner = best_record([h for h in history if h["rung"] == last_rung])
+    winner = max([h for h in history if h["rung"] == last_rung], key=rung_rank_key)
     runs = {name for h in history for name in h["runs"]}
     verify_images = sum(st["alone"][n]["images"] for n in runs)
     res = {"policy": winner["policy"], "supernet": mc.supernet, "verify_init": mc.verify_init, "select_val_acc": winner["val_acc"],
-           "select_val_loss": winner["val_loss"], "selected": winner["candidate"],
+           "select_val_loss": winner["val_loss"], "select_score": winner.get("score"), "selected": winner["candidate"],
+           "rung_score": mc.rung_score,
            "cost_images": sup.images + verify_images,
            "cost_step_s": sum(h["epoch_time_s"] for h in sup.history) + sum(st["alone"][n]["time_s"] for n in runs),
            "cost_breakdown": {"supernet_images": sup.images, "verification_images": verify_images,
