@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow_ui
 import pytest
@@ -75,7 +76,7 @@ def shared_proxy():
     return PROXY_BACKBONE, VTAB_PROXY
 
 
-SLOW_FIXTURES = {"ray_session"}  # a Ray study: every test that uses it (directly or through a fixture) is slow
+SLOW_FIXTURES = {"ray_session", "cli_study"}  # a Ray study: every test that uses it (directly or through a fixture) is slow
 
 
 def pytest_collection_modifyitems(config, items):
@@ -214,6 +215,24 @@ def write_space(folder: Path, name: str = "study", **fields) -> Path:
 def tracking(tmp_path_factory) -> str:
     """One sqlite tracking store for this module (creating a store costs seconds); tests use own experiments."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+@pytest.fixture(scope="session")
+def cli_study(tmp_path_factory):
+    """`python -m pfnas tune` on :func:`write_space`'s 4-trial tiny space (2 concurrent) with one final, MLflow and
+    Optuna in sqlite, as a user runs it: its provenance (test_provenance) and its configs against the same space
+    run in-process (test_tune)."""
+    d = tmp_path_factory.mktemp("prov")
+    space = write_space(d, "prov", final={"seeds": 1})
+    uri = f"sqlite:///{d}/mlflow.db"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "COLUMNS": "80", "RAY_AUTH_MODE": "disabled"}
+    for key in ("MLFLOW_TRACKING_URI", "RAY_AIR_NEW_OUTPUT", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_DEDUP_LOGS"):
+        env.pop(key, None)  # as a user runs it (conftest sets these for the in-process studies)
+    r = subprocess.run([sys.executable, "-m", "pfnas", "tune", "--space", str(space), "--storage", str(d / "ray"),
+                        "--tracking-uri", uri], cwd=d, env=env, capture_output=True, text=True, timeout=600,
+                       check=False)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    return SimpleNamespace(dir=d, uri=uri, out=r.stdout + r.stderr)
 
 
 def _children() -> dict[int, list[int]]:

@@ -71,16 +71,26 @@ def test_two_objective_study_through_tune_optuna_mlflow(ray_session, tmp_path):
 
     from pfnas.tune import run_tune
 
+    """A Pareto study end to end: Tune trials from Optuna's two-objective study (kept in the space's own
+    ``optuna_storage``), the front selected on val, every front point finalised, MLflow artifacts, ``compare``;
+    then a fresh study of the same name gets its own Optuna study."""
+    import optuna
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    space = write_space(tmp_path, "front", metric=["val_acc", "tuned_params"], mode=["max", "min"],
-                        num_samples=4, final={"seeds": 1},
-                        params={"prompts.length": {"type": "choice", "values": [1, 8]},
-                                "search.cost_weight": {"type": "choice", "values": [0.0, 10.0]},
-                                "search.arch_lr": {"type": "loguniform", "low": 0.1, "high": 0.5}})
+    fields = dict(metric=["val_acc", "tuned_params"], mode=["max", "min"], optuna_storage="sqlite:///opt/front.db",
+                  params={"prompts.length": {"type": "choice", "values": [1, 8]},
+                          "search.cost_weight": {"type": "choice", "values": [0.0, 10.0]},
+                          "search.arch_lr": {"type": "loguniform", "low": 0.1, "high": 0.5}})
+    space = write_space(tmp_path, "front", num_samples=4, final={"seeds": 1}, **fields)
     summary = run_tune(space, storage=str(tmp_path / "ray"), tracking_uri=uri)
     s = summary.studies[0]
     done = [t for t in s.trials if t.values is not None]
     assert len(done) == 4 and s.front
+    assert s.optuna_storage == f"sqlite:///{tmp_path}/opt/front.db"  # relative to the space file
+    study = optuna.load_study(study_name=s.optuna_study, storage=s.optuna_storage)
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    got = sorted(tuple(t.values) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert [v for p in got for v in p] == pytest.approx([v for p in sorted(t.values for t in done) for v in p])
     expect = [done[i].trial_id for i in pareto_front([t.values for t in done], ["max", "min"])]
     assert [t.trial_id for t in s.front] == expect
     assert all(t.values[1] == t.metrics["tuned_params"] for t in done)
@@ -104,3 +114,8 @@ def test_two_objective_study_through_tune_optuna_mlflow(ray_session, tmp_path):
     assert on and all(r["tuned_params"] is not None for r in on)
     lines = (tmp_path / "cmp" / "pareto.csv").read_text().splitlines()
     assert lines[0].startswith("label,val_acc_mean,tuned_params") and len(lines) == len(rows) + 1
+    # a fresh study of the same name never continues that history: it gets its own Optuna study
+    again = write_space(tmp_path / "again", "front", num_samples=1, **{**fields, "optuna_storage": s.optuna_storage})
+    s2 = run_tune(again, storage=str(tmp_path / "ray2"), tracking_uri=uri).studies[0]
+    assert s2.optuna_study == "front-2"
+    assert len(optuna.load_study(study_name="front-2", storage=s.optuna_storage).trials) == 1

@@ -8,18 +8,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import optuna
 import pytest
 import yaml
-from conftest import REPO, TINY_BACKBONE, tiny_config, write_space
+from conftest import REPO, TINY_BACKBONE, tiny_config
 from rich.console import Console
 
 import pfnas
 from pfnas import cli
 from pfnas.tracking import make_client
-from pfnas.tune import StudySummary, TrialRecord, run_tune
+from pfnas.tune import StudySummary, TrialRecord
 
 OP_SHORT = {"prepend": "pre", "add": "add", "affine": "aff", "cross_attn": "xat"}
 
@@ -67,23 +66,6 @@ def _check_dataset(run) -> None:
     assert splits["train"] == 39 and splits["val"] == 9 and splits["test"] == 48  # 3 classes x 16, 80/20
     assert json.loads(inp.dataset.profile)["splits"] == splits
     assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
-
-
-# ----------------------------------------------------------------------------- one quiet study through the CLI
-@pytest.fixture(scope="module")
-def cli_study(tmp_path_factory):
-    """`python -m pfnas tune` on a 4-trial tiny space (2 concurrent) with one final, MLflow and Optuna in sqlite."""
-    d = tmp_path_factory.mktemp("prov")
-    space = write_space(d, "prov", final={"seeds": 1})
-    uri = f"sqlite:///{d}/mlflow.db"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "COLUMNS": "80", "RAY_AUTH_MODE": "disabled"}
-    for key in ("MLFLOW_TRACKING_URI", "RAY_AIR_NEW_OUTPUT", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_DEDUP_LOGS"):
-        env.pop(key, None)  # as a user runs it (conftest sets these for the in-process studies)
-    r = subprocess.run([sys.executable, "-m", "pfnas", "tune", "--space", str(space), "--storage", str(d / "ray"),
-                        "--tracking-uri", uri], cwd=d, env=env, capture_output=True, text=True, timeout=600,
-                       check=False)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    return SimpleNamespace(dir=d, uri=uri, out=r.stdout + r.stderr)
 
 
 def test_compute_tags_read_the_live_thread_count():
@@ -160,24 +142,6 @@ def test_optuna_study_persists_next_to_the_mlflow_db(cli_study):
     assert [n for n, _ in by_length] == [n for n, _ in logged]
     assert [v for _, v in by_length] == pytest.approx([v for _, v in logged])
     assert "optuna-dashboard" in cli_study.out
-
-
-# ----------------------------------------------------------------------------- a Pareto study's Optuna storage
-@pytest.mark.slow
-def test_multi_objective_study_in_the_space_storage(ray_session, tmp_path):
-    space = write_space(tmp_path, "mo", num_samples=2, metric=["val_acc", "tuned_params"], mode=["max", "min"],
-                        optuna_storage="sqlite:///opt/mo.db")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    s = run_tune(space, storage=str(tmp_path / "ray"), tracking_uri=uri).studies[0]
-    assert s.optuna_storage == f"sqlite:///{tmp_path}/opt/mo.db"  # relative to the space file
-    study = optuna.load_study(study_name=s.optuna_study, storage=s.optuna_storage)
-    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
-    got = sorted(tuple(t.values) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
-    want = sorted(tuple(t.values) for t in s.trials)
-    assert [v for p in got for v in p] == pytest.approx([v for p in want for v in p])  # flat: approx is 1-D
-    # a fresh study of the same name never continues that history: it gets its own Optuna study
-    s2 = run_tune(space, storage=str(tmp_path / "ray2"), tracking_uri=uri, num_samples=1).studies[0]
-    assert s2.optuna_study == "mo-2" and len(optuna.load_study(study_name="mo-2", storage=s.optuna_storage).trials) == 1
 
 
 # ----------------------------------------------------------------------------- pfnas run / baseline provenance
