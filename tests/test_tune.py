@@ -648,8 +648,8 @@ def test_finals_progress_line_names_each_final_by_its_run_name():
     assert "best" not in line
     cfg = ExperimentConfig.model_validate(base)  # its planned epochs come from its own config, not the dispatcher's
     cb = Progress("finals of 2 configs", "test_acc", several, 2)
-    assert table._plan(cb, trial) == ((cfg.search.epochs if cfg.method.kind == "search" else 0), cfg.train.epochs,
-                                      cfg.method.kind)
+    assert table._plan(cb, trial)[:3] == ((cfg.search.epochs if cfg.method.kind == "search" else 0), cfg.train.epochs,
+                                          cfg.method.kind)
 
 
 def test_live_table_fits_100_columns_and_names_trials_as_mlflow_does():
@@ -737,6 +737,40 @@ def test_a_selection_loop_has_progress_and_an_eta_before_its_retrain():
     log = LiveTable(console=Console(file=buf, width=100, force_terminal=False))
     log.update(cb, [trial(phase="supernet", epoch=1)])
     assert buf.getvalue().startswith("study s: 1 trials of a oneshot selection + 2 epochs")
+
+
+def test_trials_that_share_a_selection_plan_it_once():
+    """A retrain-lr grid runs one search (or one selection loop) for its lrs: the ETA plans it on the first trial
+    only; the others plan their retrain, unless one reports a search of its own (the first failed)."""
+    import io
+
+    from rich.console import Console
+
+    from pfnas.tune.display import LiveTable, Progress
+    from pfnas.tune.trial import TrialContext
+
+    base = tiny_config(search={"epochs": 3}, train={"epochs": 2}).model_dump(mode="json")
+    ctx = TrialContext(study="s", base=base, tracking_uri="u", experiment="e", parent_run_id=None,
+                       param_keys=["train.optim.lr"])
+    cb = Progress("study s", "val_acc", ctx, 3)
+    table = LiveTable(console=Console(file=io.StringIO(), width=100))
+    table.t0 = time.monotonic() - 60.0
+
+    def trial(i, lr, **result):
+        return SimpleNamespace(trial_id=f"abc_0000{i}", status="RUNNING" if result else "PENDING",
+                               config={"train.optim.lr": lr}, experiment_tag=f"{i}_x",
+                               last_result={"time_total_s": 60.0, **result} if result else {})
+
+    trials = [trial(0, 0.25, phase="search", epoch=1), trial(1, 0.5), trial(2, 1.0)]
+    assert table.shared(cb, trials) == {"abc_00001", "abc_00002"}
+    table._table(cb, trials)
+    assert table._eta == pytest.approx(60.0 * (3 + 2 + 2 + 2 - 1) / 1, rel=0.05)  # was (3 + 2) x 3 planned
+    assert table._progress(cb, trial(1, 0.5, phase="search", epoch=1), shared=True)[:2] == (1, 5)  # its own search
+    arch = TrialContext(study="s", base=base, tracking_uri="u", experiment="e", parent_run_id=None,
+                        param_keys=["search.arch_lr"])  # a grid over the search itself: nothing shared
+    grid = [SimpleNamespace(trial_id=f"abc_0000{i}", status="PENDING", config={"search.arch_lr": lr},
+                            experiment_tag=f"{i}_x", last_result={}) for i, lr in enumerate([0.1, 0.2])]
+    assert LiveTable(console=Console(file=io.StringIO())).shared(Progress("s", "val_acc", arch, 2), grid) == set()
 
 
 def test_a_grid_studys_first_trial_is_t00_everywhere():

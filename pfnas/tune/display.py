@@ -12,6 +12,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from ..config import selection_hash
 from ..tracking import finite_scalar, format_value, policy_agreement
 from .select import FinalsRecord, TrialRecord, finished, tie_loss
 from .trial import ABBREV, TrialContext, trial_index, trial_run_name
@@ -314,30 +315,47 @@ class LiveTable:
         self.live = None
         self.t0 = None
         self._last = 0.0
-        self._planned: dict[str, tuple[int, int, str]] = {}
+        self._planned: dict[str, tuple[int, int, str, str | None]] = {}
         self._said: set[str] = set()
         self._owner = None
 
-    def _plan(self, cb: Progress, trial) -> tuple[int, int, str]:
-        """(search epochs, retrain epochs, method.kind) of a trial, from its config (built once per trial)."""
+    def _plan(self, cb: Progress, trial) -> tuple[int, int, str, str | None]:
+        """(search epochs, retrain epochs, method.kind, selection hash) of a trial, from its config (built once per
+        trial); trials with one selection hash (a retrain-lr grid) share one search or selection loop."""
         if trial.trial_id not in self._planned:
             try:
                 tctx, params = _resolve(cb, trial)
                 cfg = tctx.config(params, "x")
-                plan = (cfg.search.epochs if cfg.method.kind == "search" else 0, cfg.train.epochs, cfg.method.kind)
+                plan = (cfg.search.epochs if cfg.method.kind == "search" else 0, cfg.train.epochs, cfg.method.kind,
+                        selection_hash(cfg))
             except Exception:  # noqa: BLE001
-                plan = (0, 0, "")
+                plan = (0, 0, "", None)
             self._planned[trial.trial_id] = plan
         return self._planned[trial.trial_id]
 
-    def _progress(self, cb: Progress, trial) -> tuple[float, float, str]:
+    def shared(self, cb: Progress, trials: list) -> set[str]:
+        """Ids of the trials whose search or selection loop an earlier trial (by index) of the same selection
+        hash runs: they copy it, so only their retrain is planned."""
+        seen, out = set(), set()
+        for t in sorted(trials, key=lambda t: (trial_index(t) or 0, t.trial_id)):
+            key = self._plan(cb, t)[3]
+            if key is not None and key in seen:
+                out.add(t.trial_id)
+            seen.add(key)
+        return out
+
+    def _progress(self, cb: Progress, trial, shared: bool = False) -> tuple[float, float, str]:
         """(epochs done, planned, phase text) of a trial from its last result. A selection loop (random search,
         evolution, one-shot) counts as the epochs of ``train`` its budget buys, from the images it has spent
-        (``*/select_epochs_done`` / ``*/select_epochs_planned`` in its reports; unknown before its first)."""
+        (``*/select_epochs_done`` / ``*/select_epochs_planned`` in its reports; unknown before its first).
+        ``shared``: an earlier trial runs its selection (:meth:`shared`), which is planned there, unless this
+        one reports a search or selection of its own (the earlier one failed)."""
         r = trial.last_result or {}
-        search_epochs, train_epochs, _ = self._plan(cb, trial)
+        search_epochs, train_epochs, _, _ = self._plan(cb, trial)
         sel_planned = max((float(v) for k, v in r.items() if k.endswith("/select_epochs_planned")), default=0.0)
         sel_done = max((float(v) for k, v in r.items() if k.endswith("/select_epochs_done")), default=None)
+        if shared and not sel_planned and r.get("phase") != "search":
+            search_epochs = 0
         planned = search_epochs + sel_planned + train_epochs
         phase, epoch = str(r.get("phase", "")), int(r.get("epoch", 0) or 0)
         if phase in ("done", "failed") or trial.status in ("TERMINATED", "ERROR"):
@@ -360,8 +378,9 @@ class LiveTable:
         finished = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
         if done is not None:  # the trial being completed: Tune sets its status after the callbacks
             finished.add(done.trial_id)
+        shared = self.shared(cb, trials)
         for t in sorted(trials, key=lambda t: (trial_index(t) or 0, t.trial_id)):
-            n, planned, phase = self._progress(cb, t)
+            n, planned, phase = self._progress(cb, t, t.trial_id in shared)
             if t.trial_id in finished:
                 n = planned
             done_all, planned_all = done_all + n, planned_all + planned
@@ -440,7 +459,7 @@ class LiveTable:
         say = partial(_log_line, self)
         if not self._said:  # the plan, once per Tune run
             self._said.add("")
-            search_e, train_e, kind = self._plan(cb, trials[0]) if trials else (0, 0, "")
+            search_e, train_e, kind, _ = self._plan(cb, trials[0]) if trials else (0, 0, "", None)
             epochs = f" of {search_e}+{train_e} epochs" if search_e else (f" of {train_e} epochs" if train_e else "")
             if kind in ("random", "evolution", "oneshot") and train_e:
                 epochs = f" of a {kind} selection + {train_e} epochs"
@@ -460,7 +479,9 @@ class LiveTable:
             self._table(cb, trials, done)
             n_done, best = self._counts
             running = [t for t in trials if t.status == "RUNNING"]
-            phases = ", ".join(f"{self._name(cb, t)} {self._progress(cb, t)[2]}" for t in running[:4])
+            shared = self.shared(cb, trials)
+            phases = ", ".join(f"{self._name(cb, t)} {self._progress(cb, t, t.trial_id in shared)[2]}"
+                               for t in running[:4])
             say(f"{cb.title}: {n_done}/{cb.total} done, {len(running)} running"
                 + (f" ({phases})" if phases else "") + (f", best {best:.4f}" if best is not None else "")
                 + f", {_eta(now - self.t0)}" + (f", ETA {_eta(self._eta)}" if self._eta is not None else ""))
@@ -549,11 +570,12 @@ class TaskBoard:
             return row
         row.done, row.total = len(finished_ids), cb.total
         row.running = sum(t.status == "RUNNING" and t.trial_id not in finished_ids for t in trials)
-        row.phases = tuple(self.meter._progress(cb, t)[2] for t in trials
+        shared = self.meter.shared(cb, trials)
+        row.phases = tuple(self.meter._progress(cb, t, t.trial_id in shared)[2] for t in trials
                            if t.status == "RUNNING" and t.trial_id not in finished_ids)
         n_all = planned_all = 0
         for t in trials:
-            n, planned, _ = self.meter._progress(cb, t)
+            n, planned, _ = self.meter._progress(cb, t, t.trial_id in shared)
             n_all += planned if t.trial_id in finished_ids else n
             planned_all += planned
             r = t.last_result or {}
@@ -561,7 +583,8 @@ class TaskBoard:
             if t.trial_id in finished_ids and finite_scalar(v) and not r.get("error"):
                 row.best = v if row.best is None else (max(row.best, v) if cb.mode == "max" else min(row.best, v))
         if trials and cb.total > len(trials):  # trials not created yet: planned like the last one
-            planned_all += (cb.total - len(trials)) * self.meter._progress(cb, trials[-1])[1]
+            last = trials[-1]
+            planned_all += (cb.total - len(trials)) * self.meter._progress(cb, last, last.trial_id in shared)[1]
         row.epochs_done, row.epochs_planned = n_all, planned_all
         return row
 
