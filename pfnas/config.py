@@ -255,6 +255,9 @@ class MethodConfig(_Strict):
     # through the two runs' final val losses; the first rung ranks by its val loss)
     tau_policies: int = Field(16, ge=0, le=512)  # random policies trained alone for the Kendall tau (0: off)
     tau_epochs: int | None = Field(None, ge=1, le=10_000)  # their training from scratch; None: the last rung's epochs
+    tau_sample: Literal["uniform", "mixed"] = "uniform"  # uniform: each layer's op at random (FairNAS); mixed: per
+    # policy, op shares drawn from a Dirichlet(0.5), each layer's op from them (near-single-op policies and blends,
+    # so the standalone scores spread beyond val noise)
     tau_supernets: list[Literal["fair", "uniform", "darts"]] = Field(
         default_factory=lambda: ["fair", "uniform", "darts"])  # supernets whose inherited ranking tau measures
 
@@ -432,7 +435,7 @@ _METHOD_FIELDS = {"search": (), "fixed": ("op", "policy"), "probe": (), "random"
                   "evolution": ("samples", "population", "sample_size", *_BUDGET),
                   "oneshot": ("supernet", "supernet_epochs", "population", "generations", "mutation_prob", "crossover",
                               "eval_images", "top_k", "rungs", "eta", "verify_init", "select_folds", "rung_score",
-                              "tau_policies", "tau_epochs", "tau_supernets", *_BUDGET)}
+                              "tau_policies", "tau_epochs", "tau_sample", "tau_supernets", *_BUDGET)}
 
 
 def result_fields(cfg: ExperimentConfig, include_seed: bool = True) -> dict[str, Any]:

@@ -260,6 +260,23 @@ def test_kfold_splits_train_and_val_only_stratified(exp):
         fold_assignment(labels, 100, 0)
 
 
+def test_mixed_tau_policies_spread_their_op_shares():
+    """tau_sample mixed: each policy draws its own op shares, so the sample holds near-single-op policies and
+    blends (a wider spread of standalone scores), where uniform policies hold about a quarter of each op."""
+    from pfnas.methods.discrete import sample_policies
+
+    def top_share(pols):
+        return [max(Counter(p.values()).values()) / 12 for p in pols]
+
+    mixed = osm.mixed_policies(64, 12, OPS, random.Random(0))
+    uniform = sample_policies(64, 12, OPS, random.Random(0))
+    assert len({policy_key(p) for p in mixed}) == 64 and all(set(p) == set(range(12)) for p in mixed)
+    assert statistics.fmean(top_share(mixed)) > statistics.fmean(top_share(uniform)) + 0.15
+    assert max(top_share(mixed)) >= 11 / 12 and max(top_share(uniform)) <= 8 / 12
+    assert osm.mixed_policies(8, 12, OPS, random.Random(0)) == mixed[:8]  # seeded
+    assert len(osm.mixed_policies(16, 1, OPS, random.Random(0))) == 16  # the space (4) is smaller: repeats allowed
+
+
 def test_kendall_tau_b_by_hand():
     assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
     assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
@@ -369,5 +386,6 @@ def test_a_retrain_lr_grid_shares_one_oneshot_selection(exp, tmp_path):
     # every field the one-shot reads is its selection's identity (verify_init and tau_epochs once were not, so a
     # scratch-verified run reused an inherited one's selection and shared its config hash in MLflow)
     for change in ({"method.verify_init": "scratch"}, {"method.tau_epochs": 3}, {"method.select_folds": 2},
-                   {"method.rungs": [1, 3]}, {"method.mutation_prob": 0.5}, {"method.rung_score": "extrapolated_loss"}):
+                   {"method.rungs": [1, 3]}, {"method.mutation_prob": 0.5}, {"method.rung_score": "extrapolated_loss"},
+                   {"method.tau_sample": "mixed"}):
         assert selection_hash(merge_dotted(e.cfg, change)) != selection_hash(e.cfg), change

@@ -135,6 +135,25 @@ def next_generation(parents: Sequence[dict[Any, str]], population: int, crossove
 
 
 # ----------------------------------------------------------------------------- successive halving and its plan
+def mixed_policies(n: int, depth: int, ops: Sequence[str], rng: random.Random,
+                   concentration: float = 0.5) -> list[dict[int, str]]:
+    """``n`` distinct policies (while the space allows), each with its own op shares drawn from a symmetric
+    Dirichlet(``concentration``) and each layer's op drawn from those shares: near-single-op policies, pairs and
+    blends, where uniform sampling gives policies of about ``depth / len(ops)`` layers of every op."""
+    out, seen = [], set()
+    space = len(ops) ** depth
+    while len(out) < n:
+        g = [rng.gammavariate(concentration, 1.0) for _ in ops]
+        total = sum(g) or 1.0
+        p = {l: rng.choices(list(ops), weights=[x / total for x in g])[0] for l in range(depth)}
+        key = policy_key(p)
+        if key in seen and len(seen) < space:
+            continue
+        seen.add(key)
+        out.append(p)
+    return out
+
+
 def capped_rungs(rungs: Sequence[int], max_epochs: int) -> list[int]:
     """The rungs' epochs capped by ``max_epochs`` (train.epochs), duplicates dropped."""
     return sorted({min(int(r), int(max_epochs)) for r in rungs})
@@ -369,15 +388,16 @@ def _verify(exp: Experiment, out: Path, st: dict[str, Any], candidates: list[dic
 def _tau_diagnostic(exp: Experiment, out: Path, st: dict[str, Any], own: PromptedViT, epochs: int, rung_epochs: int,
                     on_epoch, progress) -> dict[str, Any]:
     """Kendall tau between inherited-weight and standalone val accuracy of ``method.tau_policies`` random policies
-    (each trained alone from scratch for ``rung_epochs``: ``method.tau_epochs``, else the last rung's) for every supernet of ``method.tau_supernets`` (the method's
+    (``method.tau_sample``: uniform or :func:`mixed_policies`; each trained alone from scratch for ``rung_epochs``:
+    ``method.tau_epochs``, else the last rung's) for every supernet of ``method.tau_supernets`` (the method's
     own is reused; the others are trained here for the same epochs; ``darts`` is the differentiable search's
     supernet of ``search.*``). A diagnostic: it never feeds the choice."""
     cfg, mc = exp.cfg, exp.cfg.method
     ops, depth = list(cfg.prompts.ops), own.depth
     tau_st = st.setdefault("tau", {"inherited": {}})
     if "policies" not in tau_st:
-        pols = sample_policies(min(mc.tau_policies, len(ops) ** depth), depth, ops,
-                               random.Random(f"pfnas-oneshot-tau-{cfg.seed}"))
+        draw = mixed_policies if mc.tau_sample == "mixed" else sample_policies
+        pols = draw(min(mc.tau_policies, len(ops) ** depth), depth, ops, random.Random(f"pfnas-oneshot-tau-{cfg.seed}"))
         tau_st["policies"] = [policy_json(p) for p in pols]
         save_state(out, st)
     policies = [policy_int(p) for p in tau_st["policies"]]
