@@ -246,7 +246,8 @@ class MethodConfig(_Strict):
     top_k: int = Field(3, ge=1, le=64)  # inherited-weight winners that go to verification (plus the single ops)
     rungs: list[int] = Field(default_factory=lambda: [5, 15, 30])  # epochs per successive-halving rung (capped
     # by train.epochs)
-    eta: int = Field(2, ge=2, le=4)  # each rung keeps ceil(n / eta) candidates
+    eta: int = Field(2, ge=1, le=4)  # each rung keeps ceil(n / eta) candidates (1: all; with rung_score
+    # extrapolated_loss every candidate then gets the two runs its score needs)
     verify_init: Literal["inherited", "scratch"] = "inherited"  # verification candidates start from the supernet's
     # weights of their path (prompts, op weights, head) or from a fresh init; the K-fold rung always from scratch
     select_folds: int | None = Field(None, ge=2, le=20)  # the last rung scored by K-fold CV over train+val

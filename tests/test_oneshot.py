@@ -133,6 +133,7 @@ def test_inherited_evolution_respects_the_val_image_budget(exp, tmp_path, monkey
 def test_successive_halving_keeps_the_best_by_val_acc_then_lower_val_loss(exp, tmp_path, monkeypatch):
     assert halving_schedule(5, [1, 2, 3], 2) == [5, 3, 2] and halving_schedule(5, [1, 2, 3], 3) == [5, 2, 1]
     assert halving_schedule(4, [1, 2, 3], 2) == [4, 2, 1] and halving_schedule(1, [1, 2], 2) == [1]
+    assert halving_schedule(5, [4, 8], 1) == [5, 5]  # eta 1: every candidate at every rung
     recs = [{"val_acc": 0.5, "val_loss": 0.9}, {"val_acc": 0.7, "val_loss": 0.8}, {"val_acc": 0.5, "val_loss": 0.4},
             {"val_acc": 0.7, "val_loss": 0.2}]
     assert keep_top(recs, 3) == [recs[3], recs[1], recs[2]]
@@ -181,6 +182,11 @@ def test_extrapolated_loss_ranks_by_the_val_loss_predicted_at_train_epochs(exp, 
     last = {h["policy"]["0"]: h["score"] for h in hist if h["rung"] == 1}
     assert last == pytest.approx({"prepend": 0.8 - 0.1 * 2, "affine": 0.85 - 0.25 * 2})  # to 8 epochs: 2 doublings
     assert max((h for h in hist if h["rung"] == 1), key=osm.rung_rank_key)["policy"]["0"] == "affine"
+    scores.update({("add", 2): (0.6, 1.1), ("cross_attn", 2): (0.5, 1.0)})  # the worst at 1 epoch falls fastest
+    e1 = Experiment(merge_dotted(e.cfg, {"method.eta": 1}), exp.backbone, exp.data, exp.device)
+    hist = osm._verify(e1, tmp_path, {}, [{0: op, 1: op} for op in OPS], [1, 2], None, 0, 100)
+    assert len([h for h in hist if h["rung"] == 1]) == 4  # eta 1: every candidate gets both runs
+    assert max((h for h in hist if h["rung"] == 1), key=osm.rung_rank_key)["policy"]["0"] == "cross_attn"
     for bad in ({"rungs": [4]}, {"select_folds": 5}):
         with pytest.raises(ConfigError, match="extrapolated_loss"):
             load_config(None, ["method.kind=oneshot", "method.rung_score=extrapolated_loss"]
@@ -308,7 +314,7 @@ def test_budget_plan_and_config_bounds(exp):
     assert plan["supernet_epochs"] == 5 and plan["supernet_epoch_images"] == 128
     with pytest.raises(PfnasError, match="cannot train the one-shot plan"):
         oneshot_plan(cfg, exp.data, 400)
-    for bad in ({"rungs": [3, 2]}, {"rungs": []}, {"top_k": 0}, {"select_folds": 1}, {"tau_supernets": ["fair", "fair"]},
+    for bad in ({"rungs": [3, 2]}, {"rungs": []}, {"top_k": 0}, {"select_folds": 1}, {"eta": 0}, {"tau_supernets": ["fair", "fair"]},
                 {"mutation_prob": 0}, {"supernet": "darts"}):
         with pytest.raises(ConfigError):
             load_config(None, ["method.kind=oneshot"] + [f"method.{k}={json.dumps(v)}" for k, v in bad.items()])
