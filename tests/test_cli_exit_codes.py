@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -780,3 +781,39 @@ def test_mutated_config_yaml_is_a_config_or_one_error(config_bases, tmp_path_fac
 
     check()
     assert False in outcomes
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_study_does_what_ctrl_c_does(tmp_path: Path) -> None:
+    """``ray.init`` replaces the SIGTERM handler with ``sys.exit(15)`` (no resume line, Tune's loop unwound
+    mid-step). While pfnas holds its Ray session, SIGTERM does what Ctrl-C would do at that moment (Tune's graceful
+    stop, or KeyboardInterrupt in the main thread of several side-by-side studies); the caller's handler (the CLI's)
+    comes back after."""
+    script = tmp_path / "probe.py"
+    script.write_text(textwrap.dedent('''
+        import os, signal, sys
+        from pfnas.tune.study import _ray_session
+
+        def mine(signum, frame):
+            pass
+
+        signal.signal(signal.SIGTERM, mine)
+        seen = []
+        with _ray_session(None, verbose=False):
+            assert signal.getsignal(signal.SIGTERM) is not mine
+            signal.signal(signal.SIGINT, lambda s, f: seen.append(s))  # as Tune's graceful stop during a fit
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert seen == [signal.SIGINT], seen
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # several studies: the main thread's own
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise AssertionError("no KeyboardInterrupt")
+            except KeyboardInterrupt:
+                pass
+        assert signal.getsignal(signal.SIGTERM) is mine
+        print("ok")
+    '''))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=180, check=False)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.stdout + r.stderr)[-3000:]

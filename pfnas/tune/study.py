@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import threading
 import time
 from contextlib import ExitStack, contextmanager
@@ -919,6 +920,17 @@ def _hold_studies(held: ExitStack, space: SpaceConfig, plans: list[StudyPlan], s
     return existing
 
 
+def _sigterm_as_ctrl_c(signum, frame) -> None:
+    """SIGTERM while a study holds Ray: what Ctrl-C would do now (Tune's graceful stop during a fit in this thread;
+    KeyboardInterrupt in the main thread of side-by-side studies), so the study saves its state and the command
+    ends with the line naming ``--resume``."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
 @contextmanager
 def _ray_session(address: str | None, verbose: bool):
     """Ray connected (started locally when ``address`` is None and none is up; shut down afterwards), Ray/Tune/Optuna
@@ -932,13 +944,19 @@ def _ray_session(address: str | None, verbose: bool):
         os.environ.setdefault(k, v)
     strict = os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # the study metric only appears once it is real
+    main = threading.current_thread() is threading.main_thread()
+    caller_sigterm = signal.getsignal(signal.SIGTERM) if main else None
     try:
         if not ray.is_initialized():
             check_ray_address(address)
             ray.init(address=address, ignore_reinit_error=True, **quiet.init_kwargs())
             started = True
+            if main:  # ray.init made SIGTERM sys.exit(15): Tune's loop unwound mid-step, no resume line
+                signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
         yield
     finally:
+        if started and main and caller_sigterm is not None:
+            signal.signal(signal.SIGTERM, caller_sigterm)
         quiet.restore()
         if strict is None:
             os.environ.pop("TUNE_DISABLE_STRICT_METRIC_CHECKING", None)
