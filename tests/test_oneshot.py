@@ -130,6 +130,21 @@ def test_inherited_evolution_respects_the_val_image_budget(exp, tmp_path, monkey
     assert st["evolution_done"] and "pending" not in st and st["inherited"] == recs
 
 
+def _scripted_alone(monkeypatch, scores: dict) -> list:
+    """Verification runs replaced by a table: (op of layer 0, epochs) -> (val_acc, val_loss); returns the list of
+    the (op, epochs) runs asked for, in order."""
+    trained = []
+
+    def alone(exp_, out, st, policy, epochs, fold=None, supernet=None):
+        trained.append((policy[0], epochs))
+        acc, loss = scores[(policy[0], epochs)]
+        return {"name": f"{policy[0]}-{epochs}", "val_acc": acc, "val_loss": loss, "images": 1, "time_s": 0.0,
+                "n_val": 9}, True
+
+    monkeypatch.setattr(osm, "_alone", alone)
+    return trained
+
+
 def test_successive_halving_keeps_the_best_by_val_acc_then_lower_val_loss(exp, tmp_path, monkeypatch):
     assert halving_schedule(5, [1, 2, 3], 2) == [5, 3, 2] and halving_schedule(5, [1, 2, 3], 3) == [5, 2, 1]
     assert halving_schedule(4, [1, 2, 3], 2) == [4, 2, 1] and halving_schedule(1, [1, 2], 2) == [1]
@@ -140,15 +155,7 @@ def test_successive_halving_keeps_the_best_by_val_acc_then_lower_val_loss(exp, t
     scores = {  # (op of layer 0, epochs) -> (val_acc, val_loss): ties on acc at rung 0 decided by the loss
         ("prepend", 1): (0.6, 1.0), ("add", 1): (0.6, 0.5), ("affine", 1): (0.4, 0.1), ("cross_attn", 1): (0.6, 0.7),
         ("add", 2): (0.5, 0.3), ("cross_attn", 2): (0.5, 0.2)}
-    trained = []
-
-    def fake_alone(exp_, out, st, policy, epochs, fold=None, supernet=None):
-        trained.append((policy[0], epochs))
-        acc, loss = scores[(policy[0], epochs)]
-        return {"name": f"{policy[0]}-{epochs}", "val_acc": acc, "val_loss": loss, "images": 1, "time_s": 0.0,
-                "n_val": 9}, True
-
-    monkeypatch.setattr(osm, "_alone", fake_alone)
+    trained = _scripted_alone(monkeypatch, scores)
     cands = [{0: op, 1: op} for op in OPS]
     hist = osm._verify(_exp(exp), tmp_path, {}, cands, [1, 2], None, 0, 100)
     assert trained == [(op, 1) for op in OPS] + [("add", 2), ("cross_attn", 2)]  # 4 -> ceil(4/2) = 2
@@ -166,15 +173,7 @@ def test_extrapolated_loss_ranks_by_the_val_loss_predicted_at_train_epochs(exp, 
     scores = {  # (op, epochs) -> (val_acc, val_loss): prepend leads on acc at both rungs, affine improves fastest
         ("prepend", 1): (0.7, 0.9), ("add", 1): (0.6, 1.2), ("affine", 1): (0.5, 1.1), ("cross_attn", 1): (0.6, 1.5),
         ("prepend", 2): (0.8, 0.8), ("affine", 2): (0.75, 0.85)}
-    trained = []
-
-    def fake_alone(exp_, out, st, policy, epochs, fold=None, supernet=None):
-        trained.append((policy[0], epochs))
-        acc, loss = scores[(policy[0], epochs)]
-        return {"name": f"{policy[0]}-{epochs}", "val_acc": acc, "val_loss": loss, "images": 1, "time_s": 0.0,
-                "n_val": 9}, True
-
-    monkeypatch.setattr(osm, "_alone", fake_alone)
+    trained = _scripted_alone(monkeypatch, scores)
     e = Experiment(tiny_config(method={"kind": "oneshot", "rung_score": "extrapolated_loss", "rungs": [1, 2]},
                                train={"stage": "select", "epochs": 8}), exp.backbone, exp.data, exp.device)
     hist = osm._verify(e, tmp_path, {}, [{0: op, 1: op} for op in OPS], [1, 2], None, 0, 100)
