@@ -924,11 +924,10 @@ def _sigterm_as_ctrl_c(signum, frame) -> None:
     """SIGTERM while a study holds Ray: what Ctrl-C would do now (Tune's graceful stop during a fit in this thread;
     KeyboardInterrupt in the main thread of side-by-side studies), so the study saves its state and the command
     ends with the line naming ``--resume``."""
-    handler = signal.getsignal(signal.SIGINT)
-    if callable(handler) and handler is not signal.default_int_handler:
-        handler(signal.SIGINT, frame)
-    else:
+    handler = signal.getsignal(signal.SIGINT)  # Python's default one raises KeyboardInterrupt itself
+    if not callable(handler):  # SIG_IGN (a background job) or SIG_DFL: still stop
         raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
 
 
 @contextmanager
