@@ -205,6 +205,9 @@ class TrainConfig(_Strict):
     stage: Literal["final", "select"] = "final"
     eval_every: int = Field(1, ge=1)  # select stage: val evaluation every N epochs (and after the last)
     test_every: int | None = Field(None, ge=1)  # final stage: opt-in test curve every N epochs (never selects)
+    # final stage: fail the run (before test is scored) when its last epoch predicts one minority class for 95% of
+    # its training images: a diverged model that grad clipping kept finite
+    collapse_check: bool = True
     optim: OptimConfig = Field(default_factory=OptimConfig)
 
 
@@ -447,7 +450,7 @@ def result_fields(cfg: ExperimentConfig, include_seed: bool = True) -> dict[str,
         d.pop(k, None)
     kind = cfg.method.kind
     d["method"] = {"kind": kind, **{f: d["method"][f] for f in _METHOD_FIELDS[kind]}}
-    for k in ("eval_every", "test_every"):
+    for k in ("eval_every", "test_every", "collapse_check"):  # how a run is watched, not what it computes
         d["train"].pop(k, None)
     if kind in ("fixed", "probe"):
         d.pop("search", None)

@@ -43,7 +43,8 @@ def tiny_config(**sections):
            "data": {"kind": "synthetic", "batch_size": 16, "synthetic_classes": 3, "synthetic_per_class": 16},
            "prompts": {"length": 4, "dropout": 0.0, "fusion_dim": 4},
            "search": {"epochs": 2, "optim": {"lr": 1.0, "warmup_epochs": 0}},
-           "train": {"epochs": 2, "optim": {"lr": 1.0, "warmup_epochs": 0}}}
+           "train": {"epochs": 2, "optim": {"lr": 1.0, "warmup_epochs": 0},
+                     "collapse_check": False}}  # a 2-epoch random 32-dim ViT often predicts one class: not a bug
     for k, v in sections.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
     return ExperimentConfig.model_validate(raw)
@@ -176,6 +177,14 @@ def image_folder(root: Path, classes: int = 3, per_class: int = 10) -> None:
     for c in range(classes):
         for i in range(per_class):
             png(root / f"class_{c}" / f"{i}.png", (c * 50, i, 0))
+
+
+def blank_image_folder(root: Path, classes: int = 3, per_class: int = 20) -> Path:
+    """A flat ImageFolder whose images are all one grey: labels with no signal, so every model predicts one class."""
+    for c in range(classes):
+        for i in range(per_class):
+            png(root / f"class_{c}" / f"{i}.png", (128, 128, 128))
+    return root
 
 
 def expect_data_error(cfg, *fragments: str) -> str:

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import DIVERGING_BACKBONE, pfnas_process, tiny_config
+from conftest import DIVERGING_BACKBONE, blank_image_folder, pfnas_process, tiny_config
 from pfnas.config import (ConfigError, OptimConfig, TemperatureConfig, TrainingError, load_config, merge_dotted,
                           search_hash)
 from pfnas.engine import (Experiment, SearchPhase, lr_at, run_experiment, run_retrain, run_search, shared_search,
@@ -229,6 +229,35 @@ def test_nan_loss_raises_training_error(tmp_path):
     exp = Experiment.build(cfg)
     with pytest.raises(TrainingError, match="non-finite loss"):
         run_retrain(exp, ["add", "add"], tmp_path)
+
+
+def test_a_final_that_collapses_to_one_class_fails_before_test_is_scored(tmp_path):
+    """Identical images: the model can only predict one class, a third of the labels. The final's last epoch
+    sees it and raises (deterministic, so a study fails the trial instead of retrying), and no test score exists;
+    the select stage of the same run still scores val (a real, if poor, score that selection ranks)."""
+    data = {"kind": "imagefolder", "root": str(blank_image_folder(tmp_path / "blank"))}
+    final = tiny_config(data=data, train={"stage": "final", "collapse_check": True})
+    with pytest.raises(TrainingError, match=r"collapsed: after epoch 2 the model predicts class \d for 100% of its "
+                                            r"training images \(3\d% of their labels\)") as ei:
+        run_retrain(Experiment.build(final), ["add", "add"], tmp_path / "final")
+    assert ei.value.deterministic and "\n" not in str(ei.value)
+    log = [json.loads(line) for line in (tmp_path / "final" / "log.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in log] == [1] and not any("test_acc" in m for m in log)
+    phase = run_retrain(Experiment.build(tiny_config(data=data, train={"stage": "select"})), ["add", "add"],
+                        tmp_path / "select")
+    assert phase.epoch == 2 and 0.0 <= phase.history[-1]["val_acc"] <= 1.0
+
+
+def test_collapse_is_one_minority_class_nearly_always():
+    from pfnas.engine.phases import collapse_error
+
+    def counts(pred, true):
+        return torch.tensor([pred, true])
+
+    assert collapse_error(counts([96, 2, 2], [34, 33, 33]), 30) is not None
+    assert collapse_error(counts([94, 3, 3], [34, 33, 33]), 30) is None  # under the share
+    assert collapse_error(counts([100, 0, 0], [60, 20, 20]), 30) is None  # the majority label: a fit, not a collapse
+    assert collapse_error(counts([0, 0, 0], [0, 0, 0]), 30) is None
 
 
 def test_config_errors_name_the_field(tmp_path):

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import (OVERFLOW, PARAMS, REPO, MlflowServer, free_port, kill_tree, tiny_config, tune_state,
-                      write_space)
+from conftest import (OVERFLOW, PARAMS, REPO, MlflowServer, blank_image_folder, free_port, kill_tree, tiny_config,
+                      tune_state, write_space)
 
 from pfnas.config import ConfigError, ExperimentConfig, PfnasError
 from pfnas.tracking import compare_runs, get_experiment_id, make_client
@@ -460,6 +460,33 @@ def test_grid_points_spread_the_trials_that_share_a_search(tmp_path):
     _, (plan,) = load_space(write_space(tmp_path, "order2", algorithm="grid", num_samples=2,
                                         params={"search.arch_lr": {"type": "choice", "values": [0.1, 0.2]}}))
     assert [p["search.arch_lr"] for p in plan.grid_points(2)] == [0.1, 0.2, 0.1, 0.2]
+
+
+@pytest.mark.slow
+def test_a_final_that_diverges_hands_the_finals_to_the_next_config_by_val(ray_session, tmp_path, tracking):
+    """Blank images: every model predicts one class, so every final collapses. Variant 0 (collapse_check on) and
+    variant 1 (off) train the same runs, so they tie on val and the earlier trial is selected; its final fails
+    before test is scored, and the study finalises the next trial by val instead, in a second finals round."""
+    base = tiny_config(data={"kind": "imagefolder", "root": str(blank_image_folder(tmp_path / "blank"))})
+    space = write_space(tmp_path, "fallback", algorithm="grid", num_samples=None, startup_trials=0,
+                        base=base.model_dump(mode="json"), params={},
+                        variants=[{"train.collapse_check": True}, {"train.collapse_check": False}], final={"seeds": 1})
+    s = run_tune(space, storage=str(tmp_path / "ray"), tracking_uri=tracking).studies[0]
+    first, second = sorted(s.trials, key=lambda t: t.index)
+    assert [t.status for t in (first, second)] == ["TERMINATED"] * 2 and first.value == second.value
+    assert s.best.trial_id == second.trial_id and s.finals.trial_id == second.trial_id
+    assert len(s.finals.test_accs) == 1 and s.finals.replaced == [first.name]
+    assert [n for n in s.notes if n.startswith(f"finals of trial {first.name} diverged on train+val (seed 0: "
+                                               "TrainingError: training collapsed") and f"finalised {second.name}" in n]
+    rounds = [tmp_path / "ray" / name for name in ("fallback-final", "fallback-final2")]
+    assert [len([p for p in r.iterdir() if p.is_dir() and p.name[:4].isdigit()]) for r in rounds] == [1, 1]
+    client = make_client(tracking)
+    finals = [r for r in client.search_runs([client.get_experiment_by_name("fallback").experiment_id])
+              if r.data.tags.get("pfnas.kind") == "final"]
+    status = {r.data.tags["pfnas.selected_trial"]: r.info.status for r in finals}
+    assert status == {first.trial_id: "FAILED", second.trial_id: "FINISHED"}
+    assert "test_acc" not in next(r for r in finals if r.info.status == "FAILED").data.metrics
+    assert f"# (the better-by-val {first.name} diverged" in (tmp_path / "ray" / "fallback" / "best_config.yaml").read_text()
 
 
 @pytest.mark.slow

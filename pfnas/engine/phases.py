@@ -373,6 +373,35 @@ class SearchPhase(Phase):
 
 
 RETRAIN_SPLITS = {"select": ("train", "val"), "final": ("trainval", "test")}  # stage -> (train, score)
+COLLAPSE_SHARE = 0.95  # a trained model that predicts one (minority) class this often has collapsed
+
+
+@torch.no_grad()
+def class_counts(model: nn.Module, data: TaskData, split: str, batch_size: int, device: torch.device,
+                 precision: str = "auto") -> torch.Tensor:
+    """``(2, classes)``: how often ``model`` (eval mode) predicts each class on ``split``, and the labels' counts."""
+    c = data.num_classes
+    counts = torch.zeros(2, c, dtype=torch.long, device=device)
+    for logits, y in eval_logits(model, data, split, batch_size, device, precision):
+        counts += torch.stack([torch.bincount(logits.argmax(-1), minlength=c)[:c], torch.bincount(y, minlength=c)[:c]])
+    return counts.cpu()
+
+
+def collapse_error(counts: torch.Tensor, epoch: int) -> TrainingError | None:
+    """A :class:`TrainingError` when ``counts`` (:func:`class_counts` on the training images) show a collapsed
+    model: one class predicted for at least :data:`COLLAPSE_SHARE` of the images while under half of them carry
+    it. Grad clipping can keep a diverged run's loss finite; this is what is left of it."""
+    pred, true = counts[0].double(), counts[1].double()
+    n = float(pred.sum())
+    if n <= 0:
+        return None
+    k = int(pred.argmax())
+    share, label_share = float(pred[k]) / n, float(true[k]) / n
+    if share < COLLAPSE_SHARE or label_share >= 0.5:
+        return None
+    return TrainingError(f"training collapsed: after epoch {epoch} the model predicts class {k} for {share:.0%} of "
+                         f"its training images ({label_share:.0%} of their labels); lower train.optim.lr",
+                         deterministic=True)
 
 
 class RetrainPhase(Phase):
@@ -396,6 +425,11 @@ class RetrainPhase(Phase):
 
     def run_epoch(self) -> dict[str, Any]:
         m = self._weight_epoch()
+        if self.epoch == self.epochs and self.cfg.train.stage == "final" and self.cfg.train.collapse_check:
+            counts = class_counts(self.model, self.data, self.train_split, self.cfg.data.eval_batch_size, self.device,
+                                  self.cfg.precision)  # the model to be tested, on its own training images
+            if (err := collapse_error(counts, self.epoch)) is not None:
+                raise err  # before test is scored: a collapsed final has no test number
         if self.epoch == self.epochs or (self.eval_every and self.epoch % self.eval_every == 0):
             ev = evaluate(self.model, self.data, self.eval_split, self.cfg.data.eval_batch_size, self.device,
                           self.cfg.precision)

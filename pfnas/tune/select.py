@@ -41,6 +41,8 @@ class FinalsRecord:
     errors: list[tuple[int, str]] = field(default_factory=list)
     label: str = ""  # per-variant finals: the variant's overrides
     name: str = ""  # the finalised trial's name (``t03``)
+    diverged: list[int] = field(default_factory=list)  # seeds whose training diverged on train+val (NaN, collapse)
+    replaced: list[str] = field(default_factory=list)  # names of the better-by-val trials whose finals diverged
 
     def mean_std(self) -> tuple[float, float]:
         return mean_std(self.test_accs)
@@ -87,14 +89,17 @@ def finished(recs: list[TrialRecord]) -> list[TrialRecord]:
     return [r for r in recs if r.status == "TERMINATED" and r.value is not None]
 
 
-def best_trial(recs: list[TrialRecord], mode: str, metric: str = "val_acc") -> TrialRecord | None:
-    """The selected trial: best ``metric``. An accuracy on a small val split ties often (val200 moves in steps of
-    half a point); ties on ``val_acc`` go to the lower val loss of the same split, then to the earliest trial."""
-    done = finished(recs)
-    if not done:
-        return None
+def ranked(recs: list[TrialRecord], mode: str, metric: str = "val_acc") -> list[TrialRecord]:
+    """Finished trials, best ``metric`` first. An accuracy on a small val split ties often (val200 moves in steps
+    of half a point); ties on ``val_acc`` go to the lower val loss of the same split, then to the earliest trial."""
     sign = 1 if mode == "max" else -1
-    return max(done, key=lambda r: (sign * r.value, -tie_loss(r, metric), -r.index))
+    return sorted(finished(recs), key=lambda r: (-sign * r.value, tie_loss(r, metric), r.index))
+
+
+def best_trial(recs: list[TrialRecord], mode: str, metric: str = "val_acc") -> TrialRecord | None:
+    """The selected trial: the first of :func:`ranked`."""
+    order = ranked(recs, mode, metric)
+    return order[0] if order else None
 
 
 def tie_loss(r: TrialRecord, metric: str) -> float:

@@ -48,7 +48,7 @@ from ..tracking import (
 from .space import SpaceConfig, StudyPlan, load_space
 from .cluster import Quiet, check_data_on_nodes, check_ray_address, check_trial_fits, data_configs
 from .display import DISPLAY, FailedStudy, LiveTable, Progress, StudySummary, TaskBoard, TuneSummary
-from .select import FinalsRecord, TrialRecord, best_trial, pareto_trials, records
+from .select import FinalsRecord, TrialRecord, pareto_trials, ranked, records
 from .trial import TrialContext, error_line, pfnas_trial, trial_dirname, trial_name
 
 log = logging.getLogger(__name__)
@@ -482,6 +482,7 @@ class StudyOutcome:
     best: TrialRecord | None = None
     front: list[TrialRecord] = field(default_factory=list)
     groups: list[tuple[str, TrialRecord]] = field(default_factory=list)  # (label, pick): grid variants, front
+    orders: list[list[TrialRecord]] = field(default_factory=list)  # the best's, then each group's: val order
     best_cfg: dict[str, Any] | None = None
     best_path: Path | None = None
     finals: FinalsRecord | None = None
@@ -564,16 +565,21 @@ def _select(run: StudyRun, space: SpaceConfig, results) -> StudyOutcome:
     if interrupted:  # an interrupted study selects nothing yet
         return out
     primary, mode = space.metrics[0], space.modes[0]
-    out.best = best_trial(recs, mode, primary)
+    order = ranked(recs, mode, primary)
+    if not order:
+        return out
+    out.best, out.orders = order[0], [order]
     out.front = pareto_trials(recs, space.modes) if len(space.metrics) > 1 else []
     if space.final.per_variant:
         for i, overrides in enumerate(run.plan.variants):
-            vbest = best_trial([r for r in recs if r.params.get("variant") == i], mode, primary)
-            if vbest is not None:
-                out.groups.append((" ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()), vbest))
-    for point in out.front:
+            vorder = ranked([r for r in recs if r.params.get("variant") == i], mode, primary)
+            if vorder:
+                out.groups.append((" ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()), vorder[0]))
+                out.orders.append(vorder)
+    for point in out.front:  # a front point has no next trial to fall back to
         out.groups.append(("front " + " ".join(f"{m}={format_value(v)}" for m, v in zip(space.metrics, point.values)),
                            point))
+        out.orders.append([point])
     return out
 
 
@@ -583,23 +589,66 @@ def _finalise(run: StudyRun, space: SpaceConfig, out: StudyOutcome, storage: str
     if out.best is None:
         return
     primary = space.metrics[0]
+    if space.final.seeds:  # the selected trial and every group's pick: one Tune run, every slot kept busy
+        _run_final_rounds(run, space, out, storage, verbose)
     final_cfg, _ = _final_context(run.ctx, run.plan, out.best, primary)
     out.best_cfg = final_cfg.model_dump(mode="json")
-    if space.final.seeds:  # the selected trial and every group's pick: one Tune run, every slot kept busy
-        chosen = list({r.trial_id: r for r in [out.best] + [g for _, g in out.groups]}.values())
-        done, out.interrupted = _run_finals(run.ctx, run.plan, chosen, space, storage,
-                                            trainable_resources=run.resources, verbose=verbose)
-        if not out.interrupted:
-            out.finals = done[out.best.trial_id]
-            out.group_finals = [replace(done[g.trial_id], label=label) for label, g in out.groups]
     if run.local:
         out.best_path = Path(run.exp_path) / "best_config.yaml"
         head = (f"# selected: trial {out.best.trial_id} of study {run.plan.name}, {primary}={out.best.value:.6g} "
                 "(validation)\n")
+        if out.finals is not None and out.finals.replaced:
+            head += (f"# (the better-by-val {', '.join(out.finals.replaced)} diverged when retrained on train+val: "
+                     "see the study's notes)\n")
         if out.finals is not None and out.finals.test_accs:
             head += f"# final: {out.finals.describe()}\n"
         _write_file(out.best_path, head + "# rerun the final: pfnas run -c best_config.yaml --set seed=N\n"
                     + yaml.safe_dump(out.best_cfg, sort_keys=False))
+
+
+FINAL_FALLBACKS = 2  # per finalised slot: how many next-by-val configs replace one whose finals diverged
+
+
+def _run_final_rounds(run: StudyRun, space: SpaceConfig, out: StudyOutcome, storage: str, verbose: bool) -> None:
+    """The finals of the selected trial and of each group's pick; a config whose training diverges on train+val
+    in any seed (a non-finite loss, or a collapse to one class: ``TrainingError``, decided before test is scored)
+    is replaced by the next trial of its val order, up to :data:`FINAL_FALLBACKS` times. Test never decides: the
+    next config is the next by val, and only train+val's own training rules one out. Each round is its own Tune
+    grid (``<study>-final``, then ``-final2``, ...), so ``--resume`` replays the same rounds."""
+    picks = [order[0] for order in out.orders]
+    done: dict[str, FinalsRecord] = {}
+    replaced: list[list[str]] = [[] for _ in picks]
+    for rnd in range(FINAL_FALLBACKS + 1):
+        chosen = list({r.trial_id: r for r in picks if r.trial_id not in done}.values())
+        if chosen:
+            got, out.interrupted = _run_finals(run.ctx, run.plan, chosen, space, storage, rnd,
+                                               trainable_resources=run.resources, verbose=verbose)
+            if out.interrupted:
+                return
+            done.update(got)
+        moved = False
+        for j, order in enumerate(out.orders):
+            rec = done[picks[j].trial_id]
+            if not rec.diverged or rnd == FINAL_FALLBACKS:
+                continue
+            later = order[order.index(picks[j]) + 1:]
+            nxt = next((r for r in later if not (r.trial_id in done and done[r.trial_id].diverged)), None)
+            if nxt is None:
+                continue
+            seeds = ", ".join(f"seed {seed}: {err}" for seed, err in rec.errors if seed in rec.diverged)
+            note = (f"finals of trial {picks[j].name} diverged on train+val ({seeds}); finalised {nxt.name}, "
+                    f"the next by {space.metrics[0]}")
+            if note not in run.notes:
+                run.notes.append(note)
+            replaced[j].append(picks[j].name)
+            picks[j], moved = nxt, True
+        if not moved:
+            break
+    out.best = picks[0]
+    out.finals = replace(done[picks[0].trial_id], replaced=replaced[0])
+    out.groups = [(label, pick) for (label, _), pick in zip(out.groups, picks[1:])]
+    out.group_finals = [replace(done[pick.trial_id], label=label, replaced=rep)
+                        for (label, _), pick, rep in zip(out.groups, picks[1:], replaced[1:])]
 
 
 def _study_notes(run: StudyRun, space: SpaceConfig, out: StudyOutcome) -> None:
@@ -798,16 +847,23 @@ def _final_context(ctx: TrialContext, plan: StudyPlan, best: TrialRecord,
     return final, fctx
 
 
+def finals_name(study: str, rnd: int = 0) -> str:
+    """The Tune experiment of a study's finals: ``<study>-final``, a fallback round's ``<study>-final2``, ..."""
+    return f"{study}-final" + (str(rnd + 1) if rnd else "")
+
+
 def _run_finals(ctx: TrialContext, plan: StudyPlan, chosen: list[TrialRecord], space: SpaceConfig, storage: str,
-                trainable_resources: dict[str, float], verbose: bool = False) -> tuple[dict[str, FinalsRecord], bool]:
+                rnd: int = 0, *, trainable_resources: dict[str, float],
+                verbose: bool = False) -> tuple[dict[str, FinalsRecord], bool]:
     """Retrain each chosen trial's config on train+val and test it once per seed; returns each one's record and
     whether the run was interrupted (then the records are incomplete).
 
-    All (config, seed) pairs are one Tune grid in ``<storage>/<study>-final``, so a slot that finishes one
-    config's seeds starts the next config's instead of idling. A resumed study continues them when the chosen
-    trials are unchanged and starts them afresh otherwise.
+    All (config, seed) pairs are one Tune grid in ``<storage>/<study>-final`` (round ``rnd`` of
+    :func:`_run_final_rounds`: :func:`finals_name`), so a slot that finishes one config's seeds starts the next
+    config's instead of idling. A resumed study continues them when the chosen trials are unchanged and starts
+    them afresh otherwise.
     """
-    name = f"{plan.name}-final"
+    name = finals_name(plan.name, rnd)
     path = f"{storage.rstrip('/')}/{name}"
     contexts, runs = [], []
     for i, rec in enumerate(chosen):
@@ -856,6 +912,8 @@ def _run_finals(ctx: TrialContext, plan: StudyPlan, chosen: list[TrialRecord], s
         else:
             why = r.error if r.error is not None else (r.metrics or {}).get("error")
             rec.errors.append((seed, error_line(why) if why else "no test_acc reported"))
+            if r.error is None and (r.metrics or {}).get("diverged"):
+                rec.diverged.append(seed)
     return out, _interrupted(grid, _saved_trials(grid))
 
 
@@ -908,7 +966,8 @@ def _hold_studies(held: ExitStack, space: SpaceConfig, plans: list[StudyPlan], s
         for p in plans:
             held.enter_context(_study_lock(stores.root, p.name))
             if space.final.seeds:  # never replace a finals folder pfnas did not make
-                _check_replaceable(Path(stores.root) / f"{p.name}-final")
+                for rnd in range(FINAL_FALLBACKS + 1):
+                    _check_replaceable(Path(stores.root) / finals_name(p.name, rnd))
     existing = {p.name for p in plans if tune.Tuner.can_restore(stores.study_path(p.name))}
     if resume and not existing:
         raise ConfigError("nothing to resume: no Tune study at "

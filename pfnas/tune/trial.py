@@ -221,7 +221,7 @@ class _TrialReporter:
         from ray import tune
 
         tune.report({"phase": "failed", "error": f"{type(err).__name__}: {err}"[:2000], "complete": 0,
-                     "restored": self.restored})
+                     "diverged": int(isinstance(err, TrainingError)), "restored": self.restored})
 
 
 def error_line(err: BaseException | str | None) -> str:
