@@ -83,9 +83,13 @@ SLOW_FIXTURES = {"ray_session", "cli_study"}  # a Ray study: every test that use
 def pytest_collection_modifyitems(config, items):
     """Studies are slow: a test that needs the Ray session gets the ``slow`` mark, so ``-m "not slow"`` is the fast
     loop (docs/architecture.md); the others that take seconds (subprocesses, servers) carry it explicitly."""
+    grouped = config.pluginmanager.hasplugin("xdist")
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & names:
             item.add_marker(pytest.mark.slow)
+        if grouped and "cli_study" in names:  # -n 2: the session's CLI study runs once, on one worker
+            item.add_marker(pytest.mark.xdist_group("cli_study"))
 
 
 @pytest.fixture(scope="session")

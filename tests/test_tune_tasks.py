@@ -271,3 +271,12 @@ def test_a_restored_optuna_search_adopts_the_trial_asked_after_its_last_save(tmp
     trials = optuna.load_study(study_name="s", storage=url).trials
     assert len(trials) == 3 and [t.params for t in trials[:2]] == [a, orphan]
     assert [t.state for t in trials[:2]] == [optuna.trial.TrialState.COMPLETE] * 2 and trials[1].value == 0.7
+    # killed inside the ask itself: the trial exists, its params were never written (seen under load in CI, where
+    # the study then ended with num_samples + 1 trials); adopted too, its params drawn by the sampler now
+    restored.save(str(tmp_path / "searcher.pkl"))
+    optuna.load_study(study_name="s", storage=url).ask()
+    again = searcher()
+    again.restore(str(tmp_path / "searcher.pkl"))
+    params = again.suggest("e")
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert len(trials) == 4 and trials[3].params == params and 1e-3 <= params["lr"] <= 1.0

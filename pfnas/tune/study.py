@@ -114,19 +114,33 @@ def _study_lock(storage_root: str, study: str):
         os.close(fd)  # releases the flock
 
 
+def _suggest(trial: optuna.trial.Trial, name: str, dist: optuna.distributions.BaseDistribution) -> None:
+    """``trial``'s value of ``name`` under ``dist``, sampled unless already stored (Optuna's public suggest API)."""
+    if isinstance(dist, optuna.distributions.FloatDistribution):
+        trial.suggest_float(name, dist.low, dist.high, log=dist.log, step=dist.step)
+    elif isinstance(dist, optuna.distributions.IntDistribution):
+        trial.suggest_int(name, dist.low, dist.high, log=dist.log, step=dist.step)
+    else:
+        trial.suggest_categorical(name, dist.choices)
+
+
 class PfnasOptunaSearch(OptunaSearch):
     """OptunaSearch that skips intermediate results which do not carry the metric yet (search epochs), and that after
     a restore adopts the trials its study asked after the last save (see :meth:`suggest`)."""
 
     def suggest(self, trial_id: str) -> dict | None:
         """Tune's next config. A process killed between Optuna's ask and Tune's next save leaves a RUNNING trial in
-        the RDB study that the restored searcher never heard of; the next Tune trial runs it (its sampled params)
-        instead of asking again, so a resumed study keeps exactly num_samples trials."""
+        the RDB study that the restored searcher never heard of; the next Tune trial runs it (its sampled params,
+        and any the kill left unwritten drawn now) instead of asking again, so a resumed study keeps exactly
+        num_samples trials."""
         if trial_id not in self._ot_trials and self._ot_study is not None and isinstance(self._space, dict):
             held = {t.number for t in self._ot_trials.values()}
             for frozen in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-                if frozen.number not in held and set(frozen.params) == set(self._space):
-                    self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, frozen._trial_id)
+                if frozen.number not in held and set(frozen.params) <= set(self._space):
+                    trial = optuna.trial.Trial(self._ot_study, frozen._trial_id)
+                    for name, dist in self._space.items():  # a stored param comes back as it is
+                        _suggest(trial, name, dist)
+                    self._ot_trials[trial_id] = trial
                     break
         return super().suggest(trial_id)
 
